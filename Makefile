@@ -1,0 +1,59 @@
+# pyllama-ssm: `make build`, then `import pyllama_ssm`.  `make help` lists targets.
+PYTHON ?= python3
+CUDA   ?= auto
+export PYLLAMA_SSM_CACHE ?= $(HOME)/.cache/pyllama-ssm
+
+.PHONY: help deps vendor patches patches-edit patches-refresh build models test demo bench clean distclean
+
+help:
+	@echo "make build            pin + patches + both libllama builds + cffi bindings (CUDA=1 to force CUDA)"
+	@echo "make test             build, generate the model zoo, run the test suite"
+	@echo "make demo             build and serve several sequences at once on one model"
+	@echo "make bench            run the benchmarks under bench/ (results in bench/results/)"
+	@echo "make vendor           fetch + verify the pinned llama.cpp into vendor/llama.cpp"
+	@echo "make patches          check that patches/series applies to the pin"
+	@echo "make patches-edit     git work tree (build/patch-work) with one commit per patch"
+	@echo "make patches-refresh  rewrite patches/ from that work tree"
+	@echo "make clean            remove build outputs (the cache in $$PYLLAMA_SSM_CACHE stays)"
+
+# Python dependencies, installed once per pyproject.toml change.
+build/.deps: pyproject.toml
+	@mkdir -p build
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	@touch $@
+deps: build/.deps
+
+vendor: vendor/llama.cpp/.pyllama-ssm-pin
+vendor/llama.cpp/.pyllama-ssm-pin: vendor/llama.cpp.lock tools/vendor.py
+	$(PYTHON) tools/vendor.py
+
+patches: vendor
+	$(PYTHON) tools/patches.py check
+
+patches-edit: vendor
+	$(PYTHON) tools/patches.py edit
+
+patches-refresh:
+	$(PYTHON) tools/patches.py refresh
+
+build: deps vendor
+	$(PYTHON) tools/build.py --cuda $(CUDA)
+	$(PYTHON) tools/build_ffi.py
+
+models: build
+	$(PYTHON) tests/models/generate.py
+
+test: build models
+	$(PYTHON) -m pytest -q tests
+
+demo: build models
+	$(PYTHON) -m pyllama_ssm.demo
+
+bench: build models
+	$(PYTHON) bench/run_all.py
+
+clean:
+	rm -rf build pyllama_ssm/_llama_* pyllama_ssm/_cdef_*.h .pytest_cache
+
+distclean: clean
+	rm -rf vendor/llama.cpp

@@ -1,0 +1,196 @@
+"""A llama_context: the memory (KV cache and/or recurrent states) of N sequences."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from . import _runtime, memory
+from .batch import Batch
+from .bindings import ffi, lib
+from .errors import ContextError, DecodeError, MemoryFullError, StateError
+from .model import Model
+
+MAX_SEQ = 256  # LLAMA_MAX_SEQ in src/llama-cparams.h
+
+_FLASH_ATTN = {"auto": lib.LLAMA_FLASH_ATTN_TYPE_AUTO, True: lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+               False: lib.LLAMA_FLASH_ATTN_TYPE_DISABLED}
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+class Context:
+    """An inference context over a Model.
+
+    Sequences 0..n_seq_max-1 share the context's memory.  Use as a context
+    manager or call close(); the model must outlive the context.
+    """
+
+    def __init__(self, model: Model, *, n_ctx: int = 0, n_batch: int = 512, n_ubatch: int = 512,
+                 n_seq_max: int = 1, n_rs_seq: int = 0, n_threads: int | None = None,
+                 n_threads_batch: int | None = None, kv_unified: bool = True,
+                 flash_attn: bool | str = "auto", embeddings: bool = False, swa_full: bool = True):
+        if not 1 <= n_seq_max <= MAX_SEQ:
+            raise ContextError(f"n_seq_max={n_seq_max}: must be in 1..{MAX_SEQ}")
+        if n_ctx < 0 or n_batch < 1 or n_ubatch < 1:
+            raise ContextError(f"n_ctx={n_ctx}, n_batch={n_batch}, n_ubatch={n_ubatch}: "
+                               f"n_ctx must be >= 0 (0 = from model), batch sizes >= 1")
+        if flash_attn not in _FLASH_ATTN:
+            raise ContextError(f"flash_attn={flash_attn!r}: expected 'auto', True or False")
+        self.model = model
+        p = lib.llama_context_default_params()
+        p.n_ctx = n_ctx
+        p.n_batch = n_batch
+        p.n_ubatch = min(n_ubatch, n_batch)
+        p.n_seq_max = n_seq_max
+        p.n_rs_seq = n_rs_seq
+        p.n_threads = n_threads or default_threads()
+        p.n_threads_batch = n_threads_batch or p.n_threads
+        p.kv_unified = kv_unified
+        p.flash_attn_type = _FLASH_ATTN[flash_attn]
+        p.embeddings = embeddings
+        p.swa_full = swa_full
+        self.params = p
+        _runtime.clear_errors()
+        ptr = lib.llama_init_from_model(model.ptr, p)
+        if ptr == ffi.NULL:
+            raise ContextError(f"context for {model.path.name} (n_ctx={n_ctx}, n_seq_max={n_seq_max}) "
+                               f"could not be created: {_runtime.take_errors() or 'no reason given'}")
+        self._ptr = ptr
+        self._mem = lib.llama_get_memory(ptr)
+        self.n_ctx = lib.llama_n_ctx(ptr)
+        self.n_batch = lib.llama_n_batch(ptr)
+        self.n_seq_max = lib.llama_n_seq_max(ptr)
+        self.n_vocab = model.n_vocab
+
+    # -- lifetime ---------------------------------------------------------------
+    @property
+    def ptr(self):
+        if self._ptr is None:
+            raise ValueError("context is closed")
+        return self._ptr
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None) is not None:
+            lib.llama_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    # -- decoding -------------------------------------------------------------------
+    def check_seq(self, seq_id: int) -> int:
+        if not 0 <= seq_id < self.n_seq_max:
+            raise ContextError(f"seq_id {seq_id} out of range: this context holds sequences 0..{self.n_seq_max - 1}")
+        return seq_id
+
+    def decode(self, batch: Batch) -> None:
+        """llama_decode with its return codes turned into exceptions."""
+        for i in range(batch.n_tokens):
+            t = batch.raw.token[i]
+            if not 0 <= t < self.n_vocab:
+                raise DecodeError(f"batch token {i}: id {t} out of range (vocabulary of {self.n_vocab})")
+        _runtime.clear_errors()
+        rc = lib.llama_decode(self.ptr, batch.raw)
+        if rc == 0:
+            return
+        why = _runtime.take_errors()
+        if rc == 1:
+            raise MemoryFullError(f"no memory slot for a batch of {batch.n_tokens} tokens "
+                                  f"(n_ctx={self.n_ctx}, n_seq_max={self.n_seq_max}): {why}")
+        if rc == 2:
+            raise DecodeError(f"decode aborted: {why}")
+        if rc == -1:
+            raise DecodeError(f"invalid batch of {batch.n_tokens} tokens: {why}")
+        raise DecodeError(f"llama_decode failed with code {rc}: {why}")
+
+    def decode_tokens(self, tokens: list[int], seq_id: int = 0, pos0: int | None = None) -> np.ndarray:
+        """Decode tokens of one sequence in n_batch chunks; returns the last token's logits."""
+        self.check_seq(seq_id)
+        if not tokens:
+            raise ValueError("decode_tokens: empty token list")
+        for t in tokens:
+            self.model.check_token(t)
+        pos = self.seq_pos_max(seq_id) + 1 if pos0 is None else pos0
+        if pos + len(tokens) > self.n_ctx:
+            raise MemoryFullError(f"sequence {seq_id}: {pos} + {len(tokens)} tokens exceed the context of {self.n_ctx}")
+        with Batch(min(self.n_batch, len(tokens))) as batch:
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start:start + self.n_batch]
+                batch.clear()
+                last = batch.add_sequence(chunk, pos + start, seq_id, logits_last=start + len(chunk) == len(tokens))
+                self.decode(batch)
+        return self.logits(last)
+
+    def logits(self, i: int = -1) -> np.ndarray:
+        """A copy of the logits of batch output i (-1: the last output)."""
+        p = lib.llama_get_logits_ith(self.ptr, i)
+        if p == ffi.NULL:
+            raise DecodeError(f"no logits for batch index {i} (was logits=True set for it?)")
+        return np.frombuffer(ffi.buffer(p, self.n_vocab * 4), dtype=np.float32).copy()
+
+    # -- memory -------------------------------------------------------------------
+    def clear(self, data: bool = True) -> None:
+        lib.llama_memory_clear(self._mem, data)
+
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        """Remove positions [p0, p1) of a sequence (-1: all); False if the memory cannot do it."""
+        if seq_id != -1:
+            self.check_seq(seq_id)
+        return bool(lib.llama_memory_seq_rm(self._mem, seq_id, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        self.check_seq(src)
+        self.check_seq(dst)
+        lib.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+
+    def seq_keep(self, seq_id: int) -> None:
+        lib.llama_memory_seq_keep(self._mem, self.check_seq(seq_id))
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        return lib.llama_memory_seq_pos_min(self._mem, self.check_seq(seq_id))
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        return lib.llama_memory_seq_pos_max(self._mem, self.check_seq(seq_id))
+
+    def memory_report(self) -> memory.MemoryReport:
+        return memory.read(self.ptr)
+
+    # -- state ------------------------------------------------------------------------
+    def seq_state(self, seq_id: int) -> bytes:
+        """The serialized memory of one sequence (KV cells and/or recurrent state)."""
+        self.check_seq(seq_id)
+        size = lib.llama_state_seq_get_size(self.ptr, seq_id)
+        buf = ffi.new("uint8_t[]", size)
+        n = lib.llama_state_seq_get_data(self.ptr, buf, size, seq_id)
+        return ffi.buffer(buf, n)[:]
+
+    def set_seq_state(self, seq_id: int, data: bytes) -> None:
+        """Restore a sequence from seq_state() output; the sequence's old memory is replaced."""
+        self.check_seq(seq_id)
+        if not data:
+            raise StateError(f"sequence {seq_id}: empty state")
+        n = lib.llama_state_seq_set_data(self.ptr, data, len(data), seq_id)
+        if n == 0:
+            raise StateError(f"sequence {seq_id}: state of {len(data)} bytes does not fit this context "
+                             f"or model: {_runtime.take_errors()}")
+
+    def state(self) -> bytes:
+        size = lib.llama_state_get_size(self.ptr)
+        buf = ffi.new("uint8_t[]", size)
+        n = lib.llama_state_get_data(self.ptr, buf, size)
+        return ffi.buffer(buf, n)[:]
+
+    def set_state(self, data: bytes) -> None:
+        n = lib.llama_state_set_data(self.ptr, data, len(data))
+        if n == 0:
+            raise StateError(f"state of {len(data)} bytes does not fit this context: {_runtime.take_errors()}")

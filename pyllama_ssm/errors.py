@@ -1,0 +1,35 @@
+"""Exceptions: each names the input at fault and the reason."""
+
+from __future__ import annotations
+
+
+class PyllamaError(Exception):
+    """Base class of every error pyllama-ssm raises on purpose."""
+
+
+class BuildMissingError(PyllamaError, ImportError):
+    """The compiled bindings or libraries are missing."""
+
+
+class ModelLoadError(PyllamaError, ValueError):
+    """A model file could not be loaded (missing, not GGUF, corrupt, unsupported)."""
+
+
+class ContextError(PyllamaError, ValueError):
+    """A context could not be created with the requested parameters."""
+
+
+class DecodeError(PyllamaError, RuntimeError):
+    """llama_decode failed; the message carries its return code and meaning."""
+
+
+class MemoryFullError(DecodeError):
+    """The memory (KV cells or recurrent slots) cannot hold the request."""
+
+
+class TokenError(PyllamaError, ValueError):
+    """A token id outside the vocabulary, or text that cannot be tokenized."""
+
+
+class StateError(PyllamaError, ValueError):
+    """A saved state that cannot be restored into this context."""

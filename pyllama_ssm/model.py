@@ -1,0 +1,203 @@
+"""A loaded GGUF model: weights, vocabulary, metadata."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+from . import _runtime
+from .bindings import ffi, lib
+from .errors import ModelLoadError, TokenError
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_header(path: Path) -> None:
+    """Reject what is plainly not a GGUF file before handing it to llama.cpp."""
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a regular file")
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24:
+        raise ModelLoadError(f"{path}: too short for a GGUF header ({len(head)} bytes)")
+    if head[:4] != GGUF_MAGIC:
+        raise ModelLoadError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected {GGUF_MAGIC!r})")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    if version not in (2, 3):
+        raise ModelLoadError(f"{path}: unsupported GGUF version {version}")
+
+
+class Model:
+    """A model loaded from a GGUF file.  Use as a context manager or call close()."""
+
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
+                 vocab_only: bool = False, check_tensors: bool = False):
+        _runtime.init()
+        self.path = Path(path)
+        check_gguf_header(self.path)
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        if not use_mmap:  # else keep upstream's default (auto-detected)
+            params.load_mode = lib.LLAMA_LOAD_MODE_NONE
+        params.vocab_only = vocab_only
+        params.check_tensors = check_tensors
+        _runtime.clear_errors()
+        ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        if ptr == ffi.NULL:
+            raise ModelLoadError(f"{self.path}: llama.cpp could not load the model: "
+                                 f"{_runtime.take_errors() or 'no reason given'}")
+        self._init_from_ptr(ptr)
+
+    @classmethod
+    def _from_ptr(cls, ptr, path: str | os.PathLike) -> "Model":
+        self = cls.__new__(cls)
+        self.path = Path(path)
+        self._init_from_ptr(ptr)
+        return self
+
+    def _init_from_ptr(self, ptr) -> None:
+        self._ptr = ptr
+        self._vocab = lib.llama_model_get_vocab(ptr)
+        self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
+
+    # -- lifetime ------------------------------------------------------------
+    @property
+    def ptr(self):
+        if self._ptr is None:
+            raise ValueError(f"model {self.path} is closed")
+        return self._ptr
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None) is not None:
+            lib.llama_model_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    # -- facts ----------------------------------------------------------------
+    @property
+    def arch(self) -> str:
+        return self.meta("general.architecture") or "?"
+
+    @property
+    def n_ctx_train(self) -> int:
+        return lib.llama_model_n_ctx_train(self.ptr)
+
+    @property
+    def n_embd(self) -> int:
+        return lib.llama_model_n_embd(self.ptr)
+
+    @property
+    def n_layer(self) -> int:
+        return lib.llama_model_n_layer(self.ptr)
+
+    @property
+    def n_params(self) -> int:
+        return lib.llama_model_n_params(self.ptr)
+
+    @property
+    def size_bytes(self) -> int:
+        return lib.llama_model_size(self.ptr)
+
+    @property
+    def is_recurrent(self) -> bool:
+        return bool(lib.llama_model_is_recurrent(self.ptr))
+
+    @property
+    def is_hybrid(self) -> bool:
+        return bool(lib.llama_model_is_hybrid(self.ptr))
+
+    def description(self) -> str:
+        buf = ffi.new("char[256]")
+        lib.llama_model_desc(self.ptr, buf, 256)
+        return ffi.string(buf).decode("utf-8", "replace")
+
+    def meta(self, key: str) -> str | None:
+        buf = ffi.new("char[4096]")
+        n = lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, 4096)
+        return None if n < 0 else ffi.string(buf).decode("utf-8", "replace")
+
+    def metadata(self) -> dict[str, str]:
+        out = {}
+        key, val = ffi.new("char[256]"), ffi.new("char[65536]")
+        for i in range(lib.llama_model_meta_count(self.ptr)):
+            if lib.llama_model_meta_key_by_index(self.ptr, i, key, 256) < 0:
+                continue
+            if lib.llama_model_meta_val_str_by_index(self.ptr, i, val, 65536) < 0:
+                continue
+            out[ffi.string(key).decode()] = ffi.string(val).decode("utf-8", "replace")
+        return out
+
+    def chat_template(self, name: str | None = None) -> str | None:
+        p = lib.llama_model_chat_template(self.ptr, name.encode() if name else ffi.NULL)
+        return None if p == ffi.NULL else ffi.string(p).decode("utf-8", "replace")
+
+    # -- vocabulary -------------------------------------------------------------
+    @property
+    def token_bos(self) -> int:
+        return lib.llama_vocab_bos(self._vocab)
+
+    @property
+    def token_eos(self) -> int:
+        return lib.llama_vocab_eos(self._vocab)
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lib.llama_vocab_is_eog(self._vocab, token))
+
+    def check_token(self, token: int) -> int:
+        if not isinstance(token, int) or isinstance(token, bool):
+            raise TokenError(f"token {token!r}: not an int")
+        if not 0 <= token < self.n_vocab:
+            raise TokenError(f"token id {token} out of range: the vocabulary has {self.n_vocab} tokens")
+        return token
+
+    def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        cap = len(data) + 8
+        buf = ffi.new("llama_token[]", cap)
+        n = lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = ffi.new("llama_token[]", cap)
+            n = lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:
+            raise TokenError(f"text of {len(data)} bytes could not be tokenized (code {n})")
+        return list(ffi.unpack(buf, n))
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        self.check_token(token)
+        buf = ffi.new("char[64]")
+        n = lib.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ffi.new("char[]", -n)
+            n = lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+        return ffi.buffer(buf, n)[:]
+
+    def detokenize(self, tokens: list[int], *, special: bool = False) -> bytes:
+        for t in tokens:
+            self.check_token(t)
+        if not tokens:
+            return b""
+        arr = ffi.new("llama_token[]", tokens)
+        cap = max(64, len(tokens) * 8)
+        buf = ffi.new("char[]", cap)
+        n = lib.llama_detokenize(self._vocab, arr, len(tokens), buf, cap, False, special)
+        if n < 0:
+            cap = -n
+            buf = ffi.new("char[]", cap)
+            n = lib.llama_detokenize(self._vocab, arr, len(tokens), buf, cap, False, special)
+        return ffi.buffer(buf, n)[:]
+
+    def __repr__(self) -> str:
+        state = "closed" if self._ptr is None else self.description()
+        return f"<Model {self.path.name} {state}>"

@@ -1,0 +1,49 @@
+"""Shared fixtures: the repo paths and the generated model zoo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT / "tests" / "models"))
+
+ZOO = ROOT / "build" / "models"
+
+
+def zoo_index() -> dict:
+    index = ZOO / "index.json"
+    if not index.exists():
+        pytest.skip("model zoo missing: run `make models`")
+    return json.loads(index.read_text())
+
+
+def zoo_path(name: str, size: str = "tiny") -> Path:
+    entry = zoo_index()["models"].get(f"{name}-{size}")
+    if entry is None:
+        pytest.skip(f"model {name}-{size} is not in the zoo")
+    return ZOO / entry["file"]
+
+
+def run_with_build(build: str, code: str, *args: str, timeout: float = 600) -> str:
+    """Run python code in a subprocess with PYLLAMA_SSM_BUILD=build; returns stdout.
+
+    One process holds one libllama, so comparing the builds needs two processes.
+    """
+    env = {**os.environ, "PYLLAMA_SSM_BUILD": build}
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        raise AssertionError(f"{build} subprocess failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT

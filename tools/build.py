@@ -1,0 +1,228 @@
+"""Build libllama + ggml twice from the pinned source: pristine and patched.
+
+    python tools/build.py [--cuda {auto,on,off}] [--jobs N]
+
+Results (shared libraries with $ORIGIN rpaths, headers, and for the pristine
+build llama-server and ggml-rpc-server):
+
+    build/upstream/{lib,include,bin}    pristine upstream
+    build/patched/{lib,include}         upstream + patches/series
+
+Both builds share one CMake object tree kept in a cache outside the repository
+($PYLLAMA_SSM_CACHE, default ~/.cache/pyllama-ssm), keyed by the pin and the
+build options.  The pristine build runs first; the patches are then applied in
+place and Ninja recompiles only the files they touch (and their dependents), so
+every other object of the patched build is the upstream object.  Finished
+builds are kept as artifacts keyed by pin + options (+ patch series), so a
+fresh clone with the same inputs copies them instead of compiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import patches as series_mod  # noqa: E402
+import vendor  # noqa: E402
+
+ROOT = vendor.ROOT
+BUILD = ROOT / "build"
+# Bump when the configuration below changes in a way the key cannot see.
+CONFIG_VERSION = "1"
+LIB_TARGETS = ["llama", "ggml"]
+TOOL_TARGETS = ["llama-server", "ggml-rpc-server"]
+
+
+def cuda_wanted(mode: str) -> bool:
+    if mode in ("on", "1"):
+        return True
+    if mode in ("off", "0"):
+        return False
+    # auto: both a compiler and a visible NVIDIA GPU, or the build cannot be tested.
+    if not shutil.which("nvcc") or not shutil.which("nvidia-smi"):
+        return False
+    probe = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return probe.returncode == 0 and "GPU" in probe.stdout
+
+
+def cmake_args(cuda: bool) -> list[str]:
+    args = [
+        "-G", "Ninja",
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DBUILD_SHARED_LIBS=ON",
+        "-DGGML_NATIVE=ON",
+        "-DGGML_CCACHE=ON",
+        "-DGGML_RPC=ON",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_TOOLS=ON",
+        "-DLLAMA_BUILD_SERVER=ON",
+        "-DLLAMA_BUILD_APP=OFF",
+        "-DLLAMA_BUILD_UI=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+        "-DCMAKE_INSTALL_RPATH=$ORIGIN;$ORIGIN/../lib",
+    ]
+    if cuda:
+        args += ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=native"]
+    return args
+
+
+def digest(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+class Builder:
+    def __init__(self, cuda: bool, jobs: int):
+        self.cuda = cuda
+        self.jobs = jobs
+        pin = vendor.read_lock()
+        self.args = cmake_args(cuda)
+        self.upstream_key = digest(pin["sha256"], CONFIG_VERSION, *self.args, os.uname().machine)
+        self.patched_key = digest(self.upstream_key, series_mod.series_digest())
+        cache = vendor.cache_root()
+        self.work = cache / "work" / self.upstream_key
+        self.src = self.work / "src"
+        self.obj = self.work / "obj"
+        self.state_file = self.work / "state.json"
+        self.artifacts = cache / "artifacts"
+
+    # -- the shared work tree -------------------------------------------------
+    def _state(self) -> dict:
+        if self.state_file.exists():
+            return json.loads(self.state_file.read_text())
+        return {"applied": "", "touched": []}
+
+    def _save_state(self, state: dict) -> None:
+        self.state_file.write_text(json.dumps(state, indent=1))
+
+    def _sync_pristine(self) -> None:
+        """Bring the work tree back to the pin, rewriting only what patches touched."""
+        if not (self.src / "CMakeLists.txt").exists():
+            series_mod.copy_pristine(self.src)
+            self._save_state({"applied": "", "touched": []})
+            return
+        state = self._state()
+        for rel in state["touched"]:
+            orig, cur = series_mod.PRISTINE / rel, self.src / rel
+            if orig.exists():
+                # copyfile, not copy2: a fresh mtime makes Ninja rebuild the file.
+                cur.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(orig, cur)
+            elif cur.exists():
+                cur.unlink()
+        self._save_state({"applied": "", "touched": []})
+
+    def _apply(self) -> None:
+        state = self._state()
+        if state["applied"] == self.patched_key:
+            return
+        self._sync_pristine()
+        touched = series_mod.apply_series(self.src)
+        self._save_state({"applied": self.patched_key, "touched": touched})
+
+    def _compile(self, targets: list[str]) -> None:
+        if not (self.obj / "build.ninja").exists():
+            run(["cmake", "-S", str(self.src), "-B", str(self.obj), *self.args])
+        run(["cmake", "--build", str(self.obj), "-j", str(self.jobs), "--target", *targets])
+
+    def _install(self, dest: Path, key: str, tools: bool) -> None:
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "lib").mkdir(parents=True)
+        (tmp / "include").mkdir()
+        for so in sorted((self.obj / "bin").glob("lib*.so*")):
+            target = tmp / "lib" / so.name
+            if so.is_symlink():
+                target.symlink_to(os.readlink(so))
+            else:
+                shutil.copy2(so, target)
+        for h in [*sorted((self.src / "include").glob("llama*.h")), *sorted((self.src / "ggml" / "include").glob("*.h"))]:
+            shutil.copy2(h, tmp / "include" / h.name)
+        if tools:
+            (tmp / "bin").mkdir()
+            for exe in TOOL_TARGETS:
+                shutil.copy2(self.obj / "bin" / exe, tmp / "bin" / exe)
+        (tmp / "BUILD_KEY").write_text(key + "\n")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+
+    def _objects(self) -> dict[str, int]:
+        return {str(o.relative_to(self.obj)): o.stat().st_mtime_ns for o in self.obj.rglob("*.o")}
+
+    # -- the two builds --------------------------------------------------------
+    def artifact(self, flavour: str) -> Path:
+        key = self.upstream_key if flavour == "upstream" else self.patched_key
+        return self.artifacts / f"{flavour}-{key}"
+
+    def build(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        with open(self.work / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (self.artifact("upstream") / "BUILD_KEY").exists():
+                step("building pristine upstream")
+                self._sync_pristine()
+                self._compile(LIB_TARGETS + TOOL_TARGETS)
+                self._install(self.artifact("upstream"), self.upstream_key, tools=True)
+            if not (self.artifact("patched") / "BUILD_KEY").exists():
+                step(f"building patched ({len(series_mod.series())} patch(es))")
+                self._apply()
+                before = self._objects()
+                self._compile(LIB_TARGETS)
+                after = self._objects()
+                self._install(self.artifact("patched"), self.patched_key, tools=False)
+                # What the patches cost: objects recompiled vs. reused from the pristine build.
+                rebuilt = sorted(o for o, m in after.items() if before.get(o) != m)
+                (self.artifact("patched") / "RECOMPILED").write_text("".join(o + "\n" for o in rebuilt))
+                step(f"patched build recompiled {len(rebuilt)} of {len(after)} objects")
+        for flavour in ("upstream", "patched"):
+            publish(self.artifact(flavour), BUILD / flavour)
+        cfg = {"cuda": self.cuda, "upstream_key": self.upstream_key, "patched_key": self.patched_key}
+        (BUILD / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+
+
+def publish(artifact: Path, dest: Path) -> None:
+    key = (artifact / "BUILD_KEY").read_text()
+    if (dest / "BUILD_KEY").exists() and (dest / "BUILD_KEY").read_text() == key:
+        return
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(artifact, dest, symlinks=True)
+
+
+def step(msg: str) -> None:
+    print(f"build: {msg}", flush=True)
+
+
+def run(cmd: list[str]) -> None:
+    t0 = time.time()
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        raise SystemExit(f"build: command failed ({proc.returncode}): {' '.join(cmd)}")
+    step(f"{' '.join(cmd[:3])} ... done in {time.time() - t0:.0f}s")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cuda", default=os.environ.get("CUDA", "auto"), help="auto (default), on/1 or off/0")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    args = ap.parse_args()
+    try:
+        Builder(cuda_wanted(args.cuda), args.jobs).build()
+    except (series_mod.PatchError, vendor.VendorError) as e:
+        print(f"build: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The patch series over the pinned llama.cpp.
+
+    python tools/patches.py check  [--tree DIR]   # every patch applies, in order
+    python tools/patches.py apply  DIR            # apply the series to DIR (pristine copy)
+    python tools/patches.py edit   [DIR]          # git work tree: upstream commit + one commit per patch
+    python tools/patches.py refresh [DIR]         # regenerate patches/ from that work tree
+
+patches/series lists the files in order; each is a `git format-patch` file
+whose message says what it changes in upstream behaviour and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import vendor  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PATCHES = ROOT / "patches"
+PRISTINE = ROOT / "vendor" / "llama.cpp"
+EDIT_TREE = ROOT / "build" / "patch-work"
+UPSTREAM_TAG = "upstream"
+
+
+class PatchError(RuntimeError):
+    pass
+
+
+def series(patch_dir: Path = PATCHES) -> list[Path]:
+    listed = patch_dir / "series"
+    if not listed.exists():
+        return []
+    names = [ln.split("#", 1)[0].strip() for ln in listed.read_text().splitlines()]
+    paths = [patch_dir / n for n in names if n]
+    for p in paths:
+        if not p.exists():
+            raise PatchError(f"{listed}: lists {p.name}, which does not exist")
+    return paths
+
+
+def series_digest(patch_dir: Path = PATCHES) -> str:
+    h = hashlib.sha256()
+    for p in series(patch_dir):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def touched_files(patch: Path) -> list[str]:
+    """Paths (relative to the tree) a patch modifies, adds or deletes."""
+    out = subprocess.run(["git", "apply", "--numstat", str(patch)], capture_output=True, text=True,
+                         cwd=tempfile.gettempdir())
+    if out.returncode != 0:
+        raise PatchError(f"{patch.name}: not a valid patch: {out.stderr.strip()}")
+    return [ln.split("\t", 2)[2] for ln in out.stdout.splitlines() if ln.count("\t") >= 2]
+
+
+def _failing_file(stderr: str) -> str:
+    m = re.search(r"patch failed: ([^:\n]+):\d+", stderr) or re.search(r"error: ([^:\n]+): ", stderr)
+    return m.group(1) if m else "?"
+
+
+def _apply_env(tree: Path) -> dict[str, str]:
+    # git apply inside some enclosing repository would apply relative to that
+    # repository's root and skip our paths; keep git from looking above tree.
+    return {**os.environ, "GIT_CEILING_DIRECTORIES": str(tree.resolve().parent)}
+
+
+def apply_series(tree: Path, patch_dir: Path = PATCHES) -> list[str]:
+    """Check then apply each patch in order to tree; returns every touched path."""
+    touched: list[str] = []
+    env = _apply_env(tree)
+    for p in series(patch_dir):
+        check = subprocess.run(["git", "apply", "--check", "-p1", str(p)], cwd=tree, capture_output=True,
+                               text=True, env=env)
+        if check.returncode != 0:
+            raise PatchError(
+                f"patch {p.name} does not apply: failing file {_failing_file(check.stderr)}\n"
+                f"{check.stderr.strip()}\n"
+                f"Fix it in a work tree (`make patches-edit`, edit, commit, `make patches-refresh`).")
+        subprocess.run(["git", "apply", "-p1", str(p)], cwd=tree, check=True, env=env)
+        touched += touched_files(p)
+    return sorted(set(touched))
+
+
+def copy_pristine(dest: Path) -> None:
+    if not (PRISTINE / "CMakeLists.txt").exists():
+        raise PatchError(f"{PRISTINE} is missing: run `make vendor` first")
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(PRISTINE, dest, symlinks=True, ignore=shutil.ignore_patterns(".git", vendor.STAMP))
+
+
+def check(patch_dir: Path = PATCHES) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "llama.cpp"
+        copy_pristine(tree)
+        apply_series(tree, patch_dir)
+    print(f"patches: {len(series(patch_dir))} patch(es) apply cleanly to the pin")
+
+
+def _git(tree: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    env_args = ["-c", "user.name=pyllama-ssm", "-c", "user.email=dev@pyllama-ssm.invalid",
+                "-c", "commit.gpgsign=false", "-c", "core.autocrlf=false"]
+    return subprocess.run(["git", *env_args, *args], cwd=tree, check=True, text=True, **kw)
+
+
+def edit(tree: Path = EDIT_TREE, patch_dir: Path = PATCHES) -> None:
+    """A git work tree holding the pin as one commit and each patch as a commit on top."""
+    copy_pristine(tree)
+    _git(tree, "init", "-q")
+    _git(tree, "add", "-A", "-f")
+    _git(tree, "commit", "-q", "-m", "upstream pin")
+    _git(tree, "tag", UPSTREAM_TAG)
+    for p in series(patch_dir):
+        _git(tree, "am", "-q", "--keep-cr", str(p))
+    print(f"patches: work tree ready in {tree}; commit one change per patch, then `make patches-refresh`")
+
+
+def _topic(patch: Path) -> str:
+    """'topic' of a 'Subject: [PATCH] topic: what it does' line."""
+    m = re.search(r"^Subject: (?:\[PATCH[^\]]*\] )?([^\n]*)", patch.read_text(), re.M)
+    subject = m.group(1) if m else patch.stem
+    topic = subject.split(":", 1)[0] if ":" in subject else subject
+    return re.sub(r"[^a-z0-9]+", "-", topic.lower()).strip("-")[:48] or "patch"
+
+
+def refresh(tree: Path = EDIT_TREE, patch_dir: Path = PATCHES) -> None:
+    """Rewrite patches/ from the commits above the upstream tag of the work tree."""
+    if not (tree / ".git").exists():
+        raise PatchError(f"{tree} is not a patch work tree: run `make patches-edit` first")
+    with tempfile.TemporaryDirectory() as tmp:
+        _git(tree, "format-patch", "-q", "--zero-commit", "--no-signature", "--no-numbered",
+             "--full-index", "-o", tmp, f"{UPSTREAM_TAG}..HEAD")
+        new = sorted(Path(tmp).glob("*.patch"))
+        for old in patch_dir.glob("[0-9][0-9][0-9][0-9]-*.patch"):
+            old.unlink()
+        names = []
+        for n, p in enumerate(new, 1):
+            name = f"{n:04d}-{_topic(p)}.patch"
+            shutil.copy(p, patch_dir / name)
+            names.append(name)
+    (patch_dir / "series").write_text("".join(n + "\n" for n in names))
+    print(f"patches: wrote {len(names)} patch(es) and patches/series")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check")
+    c.add_argument("--patch-dir", type=Path, default=PATCHES)
+    a = sub.add_parser("apply")
+    a.add_argument("tree", type=Path)
+    e = sub.add_parser("edit")
+    e.add_argument("tree", type=Path, nargs="?", default=EDIT_TREE)
+    r = sub.add_parser("refresh")
+    r.add_argument("tree", type=Path, nargs="?", default=EDIT_TREE)
+    args = ap.parse_args()
+    try:
+        if args.cmd == "check":
+            check(args.patch_dir)
+        elif args.cmd == "apply":
+            apply_series(args.tree)
+        elif args.cmd == "edit":
+            edit(args.tree)
+        else:
+            refresh(args.tree)
+    except PatchError as e:
+        print(f"patches: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

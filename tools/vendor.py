@@ -1,0 +1,137 @@
+"""Fetch, verify and extract the pinned upstream llama.cpp source.
+
+    python tools/vendor.py            # -> vendor/llama.cpp/
+
+The archive named in vendor/llama.cpp.lock is downloaded with pip into a cache
+outside the repository, checked against the locked sha256 and only its
+vendor/llama.cpp tree is extracted.  A second run uses the cache and needs no
+network.  Any mismatch stops with the file, the expected and the actual hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCK = ROOT / "vendor" / "llama.cpp.lock"
+DEST = ROOT / "vendor" / "llama.cpp"
+STAMP = ".pyllama-ssm-pin"
+
+
+class VendorError(RuntimeError):
+    pass
+
+
+def cache_root() -> Path:
+    base = os.environ.get("PYLLAMA_SSM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pyllama-ssm")
+    return Path(base)
+
+
+def read_lock(path: Path = LOCK) -> dict[str, str]:
+    pin: dict[str, str] = {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        key, sep, value = line.partition("=")
+        if not sep:
+            raise VendorError(f"{path}:{n}: expected 'key = value', got {line!r}")
+        pin[key.strip()] = value.strip()
+    for key in ("package", "version", "filename", "sha256", "subdir", "upstream_commit"):
+        if key not in pin:
+            raise VendorError(f"{path}: missing '{key}'")
+    return pin
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify(path: Path, expected: str) -> None:
+    actual = sha256_of(path)
+    if actual != expected:
+        raise VendorError(
+            f"sha256 mismatch for {path}\n  expected {expected}\n  actual   {actual}\n"
+            f"The file is corrupt, truncated or not the pinned release; delete it and rerun.")
+
+
+def download(pin: dict[str, str], cache: Path) -> Path:
+    """The verified archive, from the cache or else from PyPI through pip."""
+    archive = cache / "sdist" / pin["filename"]
+    if archive.exists():
+        verify(archive, pin["sha256"])
+        return archive
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=archive.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--dest", tmp, f"{pin['package']}=={pin['version']}"]
+        print("vendor: downloading", f"{pin['package']}=={pin['version']}", "with pip", flush=True)
+        # pip prepares the sdist's metadata; without build isolation that takes
+        # seconds instead of installing a build backend, so try that first.
+        proc = subprocess.run(cmd + ["--no-build-isolation"], capture_output=True, text=True)
+        got = Path(tmp) / pin["filename"]
+        if not got.exists():
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not got.exists():
+            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+            raise VendorError(
+                f"could not download {pin['filename']} with pip (no network, or PyPI unreachable?)\n"
+                f"  expected sha256 {pin['sha256']}\n  pip said:\n{tail}")
+        verify(got, pin["sha256"])
+        os.replace(got, archive)
+    return archive
+
+
+def extract(archive: Path, pin: dict[str, str], dest: Path = DEST) -> None:
+    if (dest / STAMP).exists() and (dest / STAMP).read_text().strip() == pin["sha256"]:
+        return
+    prefix = f"{archive.name.removesuffix('.tar.gz')}/{pin['subdir']}/"
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            members = []
+            for m in tar.getmembers():
+                if not m.name.startswith(prefix) or not (m.isfile() or m.isdir() or m.issym()):
+                    continue
+                m.name = m.name[len(prefix):]
+                if m.name.split("/", 1)[0] == ".git":
+                    continue  # a submodule gitfile pointing into the sdist's build repo
+                members.append(m)
+            if not members:
+                raise VendorError(f"{archive}: no '{pin['subdir']}' tree inside the archive")
+            tar.extractall(tmp, members=members, filter="data")
+    except (tarfile.TarError, EOFError, OSError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise VendorError(f"{archive}: cannot extract ({e}); the archive is damaged, delete it and rerun")
+    (tmp / STAMP).write_text(pin["sha256"] + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+
+
+def main() -> int:
+    try:
+        pin = read_lock()
+        archive = download(pin, cache_root())
+        extract(archive, pin)
+    except VendorError as e:
+        print(f"vendor: error: {e}", file=sys.stderr)
+        return 1
+    print(f"vendor: llama.cpp {pin['upstream_commit']} ({pin['package']} {pin['version']}) in {DEST.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
