@@ -3,8 +3,8 @@
 from .batch import Batch
 from .bindings import BUILD, ffi, lib
 from .context import Context
-from .errors import (ContextError, DecodeError, MemoryFullError, ModelLoadError, PyllamaError,
-                     StateError, TokenError)
+from .errors import (ContextError, DecodeError, MemoryFullError, ModelLoadError, PoolExhaustedError,
+                     PyllamaError, SnapshotError, StateError, TokenError)
 from .memory import MemoryReport
 from .model import Model
 
@@ -12,5 +12,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BUILD", "Batch", "Context", "ContextError", "DecodeError", "MemoryFullError", "MemoryReport",
-    "Model", "ModelLoadError", "PyllamaError", "StateError", "TokenError", "ffi", "lib",
+    "Model", "ModelLoadError", "PoolExhaustedError", "PyllamaError", "SnapshotError", "StateError",
+    "TokenError", "ffi", "lib",
 ]

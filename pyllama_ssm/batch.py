@@ -10,6 +10,8 @@ from .bindings import lib
 class Batch:
     """Fixed-capacity llama_batch.  Use as a context manager or call close()."""
 
+    _free = lib.llama_batch_free  # kept on the class: __del__ may run after module teardown
+
     def __init__(self, capacity: int, n_seq_max: int = 1):
         if capacity < 1:
             raise ValueError(f"batch capacity {capacity}: must be at least 1")
@@ -62,7 +64,7 @@ class Batch:
 
     def close(self) -> None:
         if self._open:
-            lib.llama_batch_free(self._b)
+            self._free(self._b)
             self._open = False
 
     def __enter__(self) -> "Batch":

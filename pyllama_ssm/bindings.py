@@ -17,6 +17,13 @@ import os
 
 from .errors import BuildMissingError
 
+# ggml's CPU backend runs on OpenMP. Spinning worker threads (the default wait
+# policy) collapse by 100x when another process shares the cores, which is the
+# normal case on a shared host or beside a Python server thread; sleeping
+# workers cost microseconds per graph. Set before libgomp loads; export
+# OMP_WAIT_POLICY=active to choose otherwise on dedicated cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 BUILDS = ("patched", "upstream")
 BUILD = os.environ.get("PYLLAMA_SSM_BUILD", "patched")
 if BUILD not in BUILDS:

@@ -8,11 +8,23 @@ import numpy as np
 
 from . import _runtime, memory
 from .batch import Batch
-from .bindings import ffi, lib
-from .errors import ContextError, DecodeError, MemoryFullError, StateError
+from .bindings import ffi, has, lib
+from .errors import (ContextError, DecodeError, MemoryFullError, PoolExhaustedError, SnapshotError,
+                     StateError)
 from .model import Model
 
 MAX_SEQ = 256  # LLAMA_MAX_SEQ in src/llama-cparams.h
+
+# llama_rs_error codes of the snapshot pool (include/llama-ssm.h)
+_RS_ERRORS = {
+    -1: (SnapshotError, "the model has no recurrent state"),
+    -2: (PoolExhaustedError, "the shared recurrent pool is full: raise n_rs_pool or release snapshots"),
+    -3: (SnapshotError, "sequence id out of range"),
+    -4: (SnapshotError, "unknown or released snapshot handle"),
+    -5: (SnapshotError, "the sequence holds no state yet"),
+    -6: (SnapshotError, "unsupported here (hybrid with kv_unified=False, indexer cache, or pending n_rs_seq rollback)"),
+    -7: (SnapshotError, "no sequence id left to hold the snapshot's attention cells"),
+}
 
 _FLASH_ATTN = {"auto": lib.LLAMA_FLASH_ATTN_TYPE_AUTO, True: lib.LLAMA_FLASH_ATTN_TYPE_ENABLED,
                False: lib.LLAMA_FLASH_ATTN_TYPE_DISABLED}
@@ -29,8 +41,10 @@ class Context:
     manager or call close(); the model must outlive the context.
     """
 
+    _free = lib.llama_free  # kept on the class: __del__ may run after module teardown
+
     def __init__(self, model: Model, *, n_ctx: int = 0, n_batch: int = 512, n_ubatch: int = 512,
-                 n_seq_max: int = 1, n_rs_seq: int = 0, n_threads: int | None = None,
+                 n_seq_max: int = 1, n_rs_seq: int = 0, n_rs_pool: int = 0, n_threads: int | None = None,
                  n_threads_batch: int | None = None, kv_unified: bool = True,
                  flash_attn: bool | str = "auto", embeddings: bool = False, swa_full: bool = True):
         if not 1 <= n_seq_max <= MAX_SEQ:
@@ -38,6 +52,10 @@ class Context:
         if n_ctx < 0 or n_batch < 1 or n_ubatch < 1:
             raise ContextError(f"n_ctx={n_ctx}, n_batch={n_batch}, n_ubatch={n_ubatch}: "
                                f"n_ctx must be >= 0 (0 = from model), batch sizes >= 1")
+        if n_rs_pool < 0:
+            raise ContextError(f"n_rs_pool={n_rs_pool}: must be >= 0")
+        if n_rs_pool and not has("llama_memory_rs_snapshot"):
+            raise ContextError(f"n_rs_pool={n_rs_pool}: the snapshot pool needs the patched build")
         if flash_attn not in _FLASH_ATTN:
             raise ContextError(f"flash_attn={flash_attn!r}: expected 'auto', True or False")
         self.model = model
@@ -47,6 +65,8 @@ class Context:
         p.n_ubatch = min(n_ubatch, n_batch)
         p.n_seq_max = n_seq_max
         p.n_rs_seq = n_rs_seq
+        if n_rs_pool:
+            p.n_rs_pool = n_rs_pool
         p.n_threads = n_threads or default_threads()
         p.n_threads_batch = n_threads_batch or p.n_threads
         p.kv_unified = kv_unified
@@ -75,7 +95,7 @@ class Context:
 
     def close(self) -> None:
         if getattr(self, "_ptr", None) is not None:
-            lib.llama_free(self._ptr)
+            self._free(self._ptr)
             self._ptr = None
 
     def __enter__(self) -> "Context":
@@ -164,6 +184,37 @@ class Context:
 
     def memory_report(self) -> memory.MemoryReport:
         return memory.read(self.ptr)
+
+    # -- recurrent snapshots (patched build) --------------------------------------------
+    def _rs_check(self, rc: int, what: str) -> int:
+        if rc >= 0:
+            return rc
+        cls, why = _RS_ERRORS.get(rc, (SnapshotError, f"error code {rc}"))
+        raise cls(f"{what}: {why}")
+
+    def snapshot(self, seq_id: int) -> int:
+        """Pin seq_id's current state (and, for hybrids, its attention prefix); returns a handle."""
+        self.check_seq(seq_id)
+        return self._rs_check(lib.llama_memory_rs_snapshot(self._mem, seq_id), f"snapshot of sequence {seq_id}")
+
+    def restore(self, handle: int, seq_id: int) -> None:
+        """seq_id continues from the snapshot; its previous state is dropped."""
+        self.check_seq(seq_id)
+        self._rs_check(lib.llama_memory_rs_restore(self._mem, handle, seq_id),
+                       f"restore of snapshot {handle} into sequence {seq_id}")
+
+    def release(self, handle: int) -> None:
+        self._rs_check(lib.llama_memory_rs_release(self._mem, handle), f"release of snapshot {handle}")
+
+    def snapshot_pos(self, handle: int) -> int:
+        """Position of the last token in the snapshot's state."""
+        pos = lib.llama_memory_rs_snapshot_pos(self._mem, handle)
+        if pos < 0:
+            raise SnapshotError(f"snapshot {handle}: unknown or released handle")
+        return pos
+
+    def pool_stats(self) -> memory.PoolStats:
+        return memory.pool_stats(self._mem)
 
     # -- state ------------------------------------------------------------------------
     def seq_state(self, seq_id: int) -> bytes:

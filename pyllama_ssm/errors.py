@@ -27,6 +27,14 @@ class MemoryFullError(DecodeError):
     """The memory (KV cells or recurrent slots) cannot hold the request."""
 
 
+class PoolExhaustedError(MemoryFullError):
+    """The shared recurrent pool has no free cell for a snapshot or restore."""
+
+
+class SnapshotError(PyllamaError, ValueError):
+    """A snapshot request that cannot be served (no state yet, bad handle, unsupported memory)."""
+
+
 class TokenError(PyllamaError, ValueError):
     """A token id outside the vocabulary, or text that cannot be tokenized."""
 

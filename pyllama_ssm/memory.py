@@ -35,6 +35,9 @@ class MemoryReport:
     rs_cells_live: int
     rs_n_rs_seq: int
     rs_snapshot_slots: int
+    rs_n_pool: int
+    rs_snapshots: int
+    rs_cells_snapshot: int
     rs_bytes: int
     rs_bytes_per_cell: int
     buffer_types: tuple[BufferTypeUsage, ...] = field(default=())
@@ -48,6 +51,19 @@ class MemoryReport:
                 f"({self.kv_cells_used}/{self.kv_cells_total} cells, {self.kv_cells_shared} shared), "
                 f"recurrent {self.rs_bytes / MiB:.2f} MiB ({self.rs_cells_live}/{self.rs_cells_total} live), "
                 f"compute {self.compute_bytes / MiB:.2f} MiB, output {self.output_bytes / MiB:.2f} MiB")
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """The shared recurrent state pool (llama_memory_rs_pool_stats)."""
+
+    n_cells: int
+    n_pool: int
+    n_cells_live: int
+    n_cells_snapshot: int
+    n_cells_free: int
+    n_snapshots: int
+    n_demand: int
 
 
 SCALARS = [f.name for f in MemoryReport.__dataclass_fields__.values() if f.name != "buffer_types"]
@@ -67,3 +83,11 @@ def read(ctx_ptr) -> MemoryReport:
         BufferTypeUsage(ffi.string(b.name).decode(), b.weights, b.memory, b.compute)
         for b in (r.buft[i] for i in range(r.n_buft)))
     return MemoryReport(**{name: getattr(r, name) for name in SCALARS}, buffer_types=bufts)
+
+
+def pool_stats(mem) -> PoolStats:
+    if not has("llama_memory_rs_pool_stats"):
+        raise NotImplementedError("the snapshot pool needs the patched build (PYLLAMA_SSM_BUILD=patched)")
+    st = ffi.new("struct llama_rs_pool_stats *")
+    lib.llama_memory_rs_pool_stats(mem, st)
+    return PoolStats(**{name: getattr(st, name) for name in PoolStats.__dataclass_fields__})

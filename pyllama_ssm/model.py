@@ -33,6 +33,8 @@ def check_gguf_header(path: Path) -> None:
 class Model:
     """A model loaded from a GGUF file.  Use as a context manager or call close()."""
 
+    _free = lib.llama_model_free  # kept on the class: __del__ may run after module teardown
+
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
                  vocab_only: bool = False, check_tensors: bool = False):
         _runtime.init()
@@ -72,7 +74,7 @@ class Model:
 
     def close(self) -> None:
         if getattr(self, "_ptr", None) is not None:
-            lib.llama_model_free(self._ptr)
+            self._free(self._ptr)
             self._ptr = None
 
     def __enter__(self) -> "Model":

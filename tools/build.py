@@ -164,7 +164,7 @@ class Builder:
         key = self.upstream_key if flavour == "upstream" else self.patched_key
         return self.artifacts / f"{flavour}-{key}"
 
-    def build(self) -> None:
+    def build(self, publish_to_repo: bool = True) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         self.artifacts.mkdir(parents=True, exist_ok=True)
         with open(self.work / ".lock", "w") as lock:
@@ -185,6 +185,8 @@ class Builder:
                 rebuilt = sorted(o for o, m in after.items() if before.get(o) != m)
                 (self.artifact("patched") / "RECOMPILED").write_text("".join(o + "\n" for o in rebuilt))
                 step(f"patched build recompiled {len(rebuilt)} of {len(after)} objects")
+        if not publish_to_repo:
+            return
         for flavour in ("upstream", "patched"):
             publish(self.artifact(flavour), BUILD / flavour)
         cfg = {"cuda": self.cuda, "upstream_key": self.upstream_key, "patched_key": self.patched_key}
@@ -215,9 +217,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cuda", default=os.environ.get("CUDA", "auto"), help="auto (default), on/1 or off/0")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--cache-only", action="store_true",
+                    help="build into the cache without replacing build/ (while build/ is in use)")
     args = ap.parse_args()
     try:
-        Builder(cuda_wanted(args.cuda), args.jobs).build()
+        Builder(cuda_wanted(args.cuda), args.jobs).build(publish_to_repo=not args.cache_only)
     except (series_mod.PatchError, vendor.VendorError) as e:
         print(f"build: error: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,487 @@
+"""The Engine: one model, one context, N sequences served at once.
+
+Each step packs one decode token of every running sequence plus chunks of
+pending prompts (chunked prefill under the n_batch token budget) into a single
+llama_decode.  Requests join and leave between steps.  Prompt prefixes are
+served from the prefix cache (snapshots of the shared recurrent pool; for
+hybrids the prefix's attention cells are shared too).  When the memory cannot
+hold a step, cached prefixes are dropped first, then the newest sequence is
+preempted to host memory and resumed later, bit-identical.
+
+All llama.cpp calls happen on the engine's own thread; submit() and cancel()
+are safe from any thread, and requests stream through sync or async iterators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+from . import memory as memory_mod
+from .batch import Batch
+from .bindings import has
+from .context import Context
+from .errors import MemoryFullError, PyllamaError, StateError
+from .model import Model
+from .prefix_cache import PrefixCache
+from .sampling import Sampler, SamplingParams
+
+CHECKPOINT_INTERVAL = 64  # prefill chunks end on multiples of this, each a prefix-cache entry
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One generated token and the text it completes (may be empty while a stop string is possible)."""
+
+    token: int
+    text: str
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    usage: Usage
+
+
+class Request:
+    """A submitted generation: iterate for Chunks, or wait for result()."""
+
+    _ids = itertools.count()
+
+    def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams, max_tokens: int,
+                 stop: list[str]):
+        self.id = next(self._ids)
+        self.engine = engine
+        self.prompt = prompt
+        self.params = params
+        self.max_tokens = max_tokens
+        self.stop = [s for s in stop if s]
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.usage = Usage(prompt_tokens=len(prompt))
+        self._chunks: collections.deque[Chunk] = collections.deque()
+        self._cond = threading.Condition()
+        self.cancelled = False
+
+    # -- engine side ----------------------------------------------------------------
+    def _push(self, chunk: Chunk) -> None:
+        with self._cond:
+            self._chunks.append(chunk)
+            self._cond.notify_all()
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        with self._cond:
+            if self.finish_reason is None:
+                self.finish_reason = reason
+                self.error = error
+            self._cond.notify_all()
+
+    # -- user side --------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Stop generating; the sequence's memory is freed at the next step."""
+        self.cancelled = True
+        self.engine._wake()
+
+    def _next(self, timeout: float | None) -> Chunk | None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._chunks or self.finish_reason is not None, timeout):
+                raise TimeoutError(f"request {self.id}: no token within {timeout}s")
+            if self._chunks:
+                return self._chunks.popleft()
+            if self.error is not None:
+                raise self.error
+            return None
+
+    def drain(self) -> list[Chunk]:
+        """The chunks that arrived since the last call, without waiting."""
+        with self._cond:
+            out = list(self._chunks)
+            self._chunks.clear()
+            return out
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while (chunk := self._next(None)) is not None:
+            yield chunk
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        loop = asyncio.get_running_loop()
+        while (chunk := await loop.run_in_executor(None, self._next, None)) is not None:
+            yield chunk
+
+    def result(self, timeout: float | None = None) -> Completion:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.finish_reason is not None, timeout):
+                raise TimeoutError(f"request {self.id}: not finished within {timeout}s")
+        if self.error is not None:
+            raise self.error
+        return Completion(self.text, list(self.tokens), self.finish_reason, self.usage)
+
+
+@dataclass
+class _Slot:
+    """A request bound to a sequence id of the context."""
+
+    req: Request
+    seq: int
+    sampler: Sampler
+    cursor: int = 0          # prompt tokens already in memory
+    pos: int = 0             # next position
+    next_token: int | None = None
+    pending_bytes: bytes = b""
+    emitted: int = 0         # characters of req.text already streamed
+    admitted: int = 0
+
+
+@dataclass
+class EngineStats:
+    queued: int
+    running: int
+    preempted: int
+    steps: int
+    tokens_decoded: int
+    tokens_generated: int
+    tokens_per_second: float
+    decode_seconds: float
+    step_seconds: float
+    prefix_hits: int
+    prefix_misses: int
+    cached_prefixes: int
+
+    @property
+    def python_overhead(self) -> float:
+        """Share of step time spent outside llama_decode."""
+        return 0.0 if self.step_seconds == 0 else 1.0 - self.decode_seconds / self.step_seconds
+
+
+@dataclass
+class EngineMemory:
+    report: memory_mod.MemoryReport | None
+    swapped_bytes: int
+    cached_prefixes: int
+    pool: memory_mod.PoolStats | None = field(default=None)
+
+
+class Engine:
+    """Serve `parallel` sequences at once from one model and one context."""
+
+    def __init__(self, model: Model | str, *, n_ctx: int = 4096, parallel: int = 4, n_batch: int = 512,
+                 n_threads: int | None = None, prefix_cache: int = 8, flash_attn: bool | str = "auto"):
+        self._own_model = not isinstance(model, Model)
+        self.model = Model(model) if self._own_model else model
+        if parallel < 1:
+            raise ValueError(f"parallel={parallel}: must be >= 1")
+        stateful = self.model.is_recurrent or self.model.is_hybrid
+        snapshots = stateful and has("llama_memory_rs_snapshot")
+        self.n_cache = prefix_cache if snapshots else 0
+        # one state cell per sequence + the prefix cache + one copy-on-write cell per sequence
+        n_rs_pool = self.n_cache + parallel if snapshots else 0
+        self.ctx = Context(self.model, n_ctx=n_ctx, n_seq_max=parallel, n_rs_pool=n_rs_pool,
+                           n_batch=n_batch, n_ubatch=n_batch, n_threads=n_threads, kv_unified=True,
+                           flash_attn=flash_attn)
+        self.parallel = parallel
+        self.n_ctx = self.ctx.n_ctx
+        self.n_batch = self.ctx.n_batch
+        self.cache = PrefixCache(self.ctx, self.n_cache)
+        self._batch = Batch(self.n_batch, 1)
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._pending: collections.deque[Request] = collections.deque()
+        self._running: dict[int, _Slot] = {}
+        self._preempted: collections.deque[tuple[_Slot, bytes]] = collections.deque()
+        self._free = list(range(parallel - 1, -1, -1))
+        self._closing = False
+        self._resume_blocked = False
+        self._admissions = itertools.count()
+        self._counters = collections.Counter()
+        self._t_decode = 0.0
+        self._t_step = 0.0
+        self._t_start = time.perf_counter()
+        self._thread = threading.Thread(target=self._loop, name="pyllama-ssm-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API ------------------------------------------------------------------------
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None, *, max_tokens: int = 128,
+               stop: list[str] | str | None = None, add_special: bool = True) -> Request:
+        if self._closing:
+            raise RuntimeError("engine is closed")
+        tokens = self.model.tokenize(prompt, add_special=add_special) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise ValueError("prompt: empty (no tokens)")
+        for t in tokens:
+            self.model.check_token(t)
+        if len(tokens) >= self.n_ctx:
+            raise ValueError(f"prompt of {len(tokens)} tokens does not fit the context of {self.n_ctx} "
+                             f"(one position must remain for generation)")
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens={max_tokens}: must be >= 0")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        req = Request(self, tokens, params or SamplingParams(), max_tokens, stops)
+        if max_tokens == 0:
+            req._finish("length")
+            return req
+        with self._lock:
+            self._pending.append(req)
+            self._wakeup.notify()
+        return req
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None, **kw) -> Completion:
+        return self.submit(prompt, params, **kw).result()
+
+    def stats(self) -> EngineStats:
+        c = self._counters
+        elapsed = max(time.perf_counter() - self._t_start, 1e-9)
+        return EngineStats(
+            queued=len(self._pending), running=len(self._running), preempted=len(self._preempted),
+            steps=c["steps"], tokens_decoded=c["decoded"], tokens_generated=c["generated"],
+            tokens_per_second=c["generated"] / elapsed, decode_seconds=self._t_decode, step_seconds=self._t_step,
+            prefix_hits=self.cache.hits, prefix_misses=self.cache.misses, cached_prefixes=len(self.cache.entries))
+
+    def memory(self) -> EngineMemory:
+        report = pool = None
+        if memory_mod.available():
+            report = self._call(self.ctx.memory_report)
+            if self.n_cache:
+                pool = self._call(self.ctx.pool_stats)
+        swapped = sum(len(state) for _, state in list(self._preempted))
+        return EngineMemory(report, swapped, len(self.cache.entries), pool)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._wakeup.notify()
+        self._thread.join()
+        self.cache.clear()
+        self._batch.close()
+        self.ctx.close()
+        if self._own_model:
+            self.model.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- engine thread ---------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._lock:
+            self._wakeup.notify()
+
+    def _call(self, fn):
+        """Run fn on the engine thread's lock (reads of the context between steps)."""
+        with self._lock:
+            return fn()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._wakeup.wait_for(lambda: self._closing or self._pending or self._running
+                                      or self._preempted, timeout=0.5)
+                if self._closing:
+                    break
+                try:
+                    self._step()
+                except Exception as e:  # a bug must not hang clients: fail what is running
+                    for slot in list(self._running.values()):
+                        self._release(slot, "error", e)
+        for req in list(self._pending):
+            req._finish("cancelled", RuntimeError("engine closed"))
+        for slot in list(self._running.values()):
+            self._release(slot, "cancelled", RuntimeError("engine closed"))
+        for slot, _ in self._preempted:
+            slot.req._finish("cancelled", RuntimeError("engine closed"))
+
+    def _admit(self) -> None:
+        # resume swapped-out sequences only once memory was freed since they left,
+        # else the next step would preempt them again (thrashing)
+        while self._free and self._preempted and not self._resume_blocked:
+            slot, state = self._preempted[0]
+            seq = self._free.pop()
+            try:
+                self.ctx.set_seq_state(seq, state)
+            except StateError:  # still no room: wait for running sequences to finish
+                self.ctx.seq_rm(seq)
+                self._free.append(seq)
+                self._resume_blocked = True
+                return
+            self._preempted.popleft()
+            slot.seq = seq
+            self._running[seq] = slot
+        if self._preempted:
+            return  # preempted sequences go first
+        while self._free and self._pending:
+            req = self._pending.popleft()
+            if req.cancelled:
+                req._finish("cancelled")
+                continue
+            try:
+                sampler = Sampler(self.model, req.params)
+            except (ValueError, PyllamaError) as e:
+                req._finish("error", e)
+                continue
+            slot = _Slot(req, self._free.pop(), sampler, admitted=next(self._admissions))
+            hit = self.cache.lookup(req.prompt) if self.n_cache else None
+            if hit is not None:
+                self.ctx.restore(hit.handle, slot.seq)
+                slot.cursor = slot.pos = len(hit.tokens)
+                req.usage.cached_tokens = slot.cursor
+            self._running[slot.seq] = slot
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        for slot in [s for s in self._running.values() if s.req.cancelled]:
+            self._release(slot, "cancelled")
+        self._admit()
+        if not self._running:
+            return
+        batch = self._batch
+        batch.clear()
+        outputs: list[tuple[_Slot, int]] = []
+        prefill: list[tuple[_Slot, int]] = []
+        for slot in self._running.values():
+            if slot.next_token is not None:
+                outputs.append((slot, batch.add(slot.next_token, slot.pos, slot.seq, logits=True)))
+        budget = self.n_batch - batch.n_tokens
+        for slot in sorted(self._running.values(), key=lambda s: s.admitted):
+            remaining = len(slot.req.prompt) - slot.cursor
+            if slot.next_token is not None or remaining <= 0 or budget <= 0:
+                continue
+            n = min(budget, remaining)
+            boundary = (slot.cursor // CHECKPOINT_INTERVAL + 1) * CHECKPOINT_INTERVAL
+            if self.n_cache and slot.cursor + n > boundary and boundary < len(slot.req.prompt):
+                n = boundary - slot.cursor  # end the chunk on a checkpoint
+            chunk = slot.req.prompt[slot.cursor:slot.cursor + n]
+            last = batch.add_sequence(chunk, slot.pos, slot.seq, logits_last=slot.cursor + n == len(slot.req.prompt))
+            prefill.append((slot, n))
+            if slot.cursor + n == len(slot.req.prompt):
+                outputs.append((slot, last))
+            budget -= n
+        if batch.n_tokens == 0:
+            return
+        t1 = time.perf_counter()
+        try:
+            self.ctx.decode(batch)
+        except MemoryFullError:
+            self._relieve_memory()
+            self._t_step += time.perf_counter() - t0
+            return
+        self._t_decode += time.perf_counter() - t1
+        self._counters["steps"] += 1
+        self._counters["decoded"] += batch.n_tokens
+        for slot, n in prefill:
+            slot.cursor += n
+            slot.pos += n
+            if self.n_cache and slot.cursor % CHECKPOINT_INTERVAL == 0 and slot.cursor < len(slot.req.prompt):
+                self.cache.add(slot.seq, slot.req.prompt[:slot.cursor])
+        for slot, idx in outputs:
+            if slot.next_token is not None:
+                slot.pos += 1
+            self._sample(slot, idx)
+        self._t_step += time.perf_counter() - t0
+
+    def _sample(self, slot: _Slot, idx: int) -> None:
+        req = slot.req
+        tok = slot.sampler.sample(self.ctx.ptr, idx)
+        self._counters["generated"] += 1
+        req.tokens.append(tok)
+        req.usage.completion_tokens += 1
+        if self.model.is_eog(tok):
+            self._finish(slot, "stop")
+            return
+        slot.pending_bytes += self.model.token_to_piece(tok)
+        text = slot.pending_bytes.decode("utf-8", "ignore") if _complete_utf8(slot.pending_bytes) else None
+        if text is not None:
+            slot.pending_bytes = b""
+            req.text += text
+        for s in req.stop:
+            at = req.text.find(s, max(0, slot.emitted - len(s)))
+            if at >= 0:
+                req.text = req.text[:at]
+                self._emit(slot, tok, final=True)
+                self._finish(slot, "stop")
+                return
+        self._emit(slot, tok)
+        if len(req.tokens) >= req.max_tokens:
+            self._finish(slot, "length")
+        elif slot.pos + 1 >= self.n_ctx:
+            self._finish(slot, "length")
+        else:
+            slot.next_token = tok
+
+    def _emit(self, slot: _Slot, tok: int, final: bool = False) -> None:
+        """Stream new text, holding back a tail that could still become a stop string."""
+        text = slot.req.text
+        hold = 0 if final else max((len(s) - 1 for s in slot.req.stop), default=0)
+        upto = max(slot.emitted, len(text) - hold)
+        slot.req._push(Chunk(tok, text[slot.emitted:upto]))
+        slot.emitted = upto
+
+    def _finish(self, slot: _Slot, reason: str) -> None:
+        req = slot.req
+        if slot.emitted < len(req.text):
+            req._push(Chunk(req.tokens[-1] if req.tokens else -1, req.text[slot.emitted:]))
+            slot.emitted = len(req.text)
+        # the memory holds prompt + all generated tokens but the last: a prefix for the next turn
+        if self.n_cache:
+            self.cache.add(slot.seq, req.prompt + req.tokens[:-1])
+        self._release(slot, reason)
+
+    def _release(self, slot: _Slot, reason: str, error: BaseException | None = None) -> None:
+        self.ctx.seq_rm(slot.seq)
+        slot.sampler.close()
+        del self._running[slot.seq]
+        self._free.append(slot.seq)
+        self._resume_blocked = False
+        slot.req._finish(reason, error)
+
+    def _relieve_memory(self) -> None:
+        """The step did not fit: drop cached prefixes, else swap the newest sequence out."""
+        if self.cache.entries:
+            self.cache.clear()
+            return
+        if len(self._running) > 1:
+            slot = max(self._running.values(), key=lambda s: s.admitted)
+            state = self.ctx.seq_state(slot.seq)
+            self.ctx.seq_rm(slot.seq)
+            del self._running[slot.seq]
+            self._free.append(slot.seq)
+            self._preempted.append((slot, state))
+            self._resume_blocked = True
+            self._counters["preemptions"] += 1
+            return
+        slot = next(iter(self._running.values()))
+        self._release(slot, "error", MemoryFullError(
+            f"request {slot.req.id}: {slot.pos} tokens do not fit the memory of this context (n_ctx={self.n_ctx})"))
+
+
+def _complete_utf8(data: bytes) -> bool:
+    """False while data ends inside a multi-byte UTF-8 character."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b & 0xC0 == 0x80:  # continuation byte: look further back
+            continue
+        need = 1 if b < 0x80 else 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
+        return back >= need
+    return True

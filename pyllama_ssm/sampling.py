@@ -1,0 +1,113 @@
+"""Sampling parameters and llama.cpp sampler chains built from them.
+
+The chain order follows llama-cpp-python (logit bias, penalties, grammar, then
+top-k, typical, top-p, min-p, temperature and the seeded distribution, or
+mirostat, or greedy at temperature 0) so the same parameters pick the same
+tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .bindings import ffi, lib
+from .model import Model
+
+DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    typical_p: float = 1.0
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_last_n: int = 64
+    mirostat_mode: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str | None = None
+    seed: int | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.temperature == self.temperature, "temperature must be a number"),  # <= 0: greedy
+            (self.top_k >= 0, "top_k must be >= 0"),
+            (0.0 <= self.top_p <= 1.0, "top_p must be in [0, 1]"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
+            (0.0 < self.typical_p <= 1.0, "typical_p must be in (0, 1]"),
+            (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
+            (self.penalty_last_n >= -1, "penalty_last_n must be >= -1"),
+            (self.mirostat_mode in (0, 1, 2), "mirostat_mode must be 0, 1 or 2"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise ValueError(f"sampling parameter: {what}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0 and self.mirostat_mode == 0
+
+
+class Sampler:
+    """One llama_sampler chain (per sequence: penalties and grammar keep state)."""
+
+    _free = lib.llama_sampler_free  # kept on the class: __del__ may run after module teardown
+
+    def __init__(self, model: Model, params: SamplingParams):
+        self.params = params
+        p = params
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        self._chain = chain
+        add = lambda s: lib.llama_sampler_chain_add(chain, s)  # noqa: E731 - the chain owns s
+        n_vocab = model.n_vocab
+        if p.logit_bias:
+            for tok in p.logit_bias:
+                model.check_token(tok)
+            biases = ffi.new("llama_logit_bias[]", [(t, b) for t, b in p.logit_bias.items()])
+            add(lib.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), biases))
+        if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            add(lib.llama_sampler_init_penalties(n_vocab, p.penalty_last_n, p.repeat_penalty,
+                                                 p.frequency_penalty, p.presence_penalty))
+        if p.grammar:
+            g = lib.llama_sampler_init_grammar(model._vocab, p.grammar.encode(), b"root")
+            if g == ffi.NULL:
+                self.close()
+                raise ValueError("grammar: llama.cpp could not parse the GBNF grammar")
+            add(g)
+        seed = DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF
+        if p.temperature <= 0 and p.mirostat_mode == 0:
+            add(lib.llama_sampler_init_greedy())
+        elif p.mirostat_mode == 1:
+            add(lib.llama_sampler_init_temp(p.temperature))
+            add(lib.llama_sampler_init_mirostat(n_vocab, seed, p.mirostat_tau, p.mirostat_eta, 100))
+        elif p.mirostat_mode == 2:
+            add(lib.llama_sampler_init_temp(p.temperature))
+            add(lib.llama_sampler_init_mirostat_v2(seed, p.mirostat_tau, p.mirostat_eta))
+        else:
+            add(lib.llama_sampler_init_top_k(p.top_k))
+            add(lib.llama_sampler_init_typical(p.typical_p, 1))
+            add(lib.llama_sampler_init_top_p(p.top_p, 1))
+            add(lib.llama_sampler_init_min_p(p.min_p, 1))
+            add(lib.llama_sampler_init_temp(p.temperature))
+            add(lib.llama_sampler_init_dist(seed))
+
+    def sample(self, ctx_ptr, idx: int) -> int:
+        """Sample from batch output idx and accept the token into the chain's state."""
+        return lib.llama_sampler_sample(self._chain, ctx_ptr, idx)
+
+    def accept(self, token: int) -> None:
+        lib.llama_sampler_accept(self._chain, token)
+
+    def close(self) -> None:
+        if self._chain is not None:
+            self._free(self._chain)
+            self._chain = None
+
+    def __del__(self) -> None:
+        self.close()

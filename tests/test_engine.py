@@ -1,0 +1,194 @@
+"""The Engine: concurrent requests give what each gives alone, memory comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+import pyllama_ssm as ps
+from conftest import zoo_model, zoo_names
+from pyllama_ssm.engine import Engine
+from pyllama_ssm.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0)
+SYSTEM = "System: you are a helpful assistant that answers briefly. "
+PROMPTS = [SYSTEM + "User: hi", SYSTEM + "User: tell me a story about a fox", "Hello",
+           "The quick brown fox jumps over the lazy dog and keeps running far away"]
+N_GEN = 16
+
+
+_alone: dict[tuple[str, str], list[int]] = {}
+
+
+def alone(name: str, prompt: str, n: int = N_GEN) -> list[int]:
+    """Greedy tokens of the prompt run by itself on a fresh context."""
+    key = (name, prompt, n)
+    if key not in _alone:
+        with Engine(zoo_model(name), n_ctx=512, parallel=1, prefix_cache=0) as e:
+            _alone[key] = e.generate(prompt, GREEDY, max_tokens=n).tokens
+    return _alone[key]
+
+
+@pytest.mark.parametrize("name", zoo_names())
+def test_concurrent_requests_match_each_alone(name):
+    with Engine(zoo_model(name), n_ctx=2048, parallel=4) as e:
+        first = [e.submit(p, GREEDY, max_tokens=N_GEN) for p in PROMPTS[:2]]
+        next(iter(first[0]))  # the others join mid-run
+        later = [e.submit(p, GREEDY, max_tokens=N_GEN) for p in PROMPTS[2:]]
+        got = [r.result(timeout=120) for r in first + later]
+    for p, c in zip(PROMPTS, got):
+        assert c.tokens == alone(name, p), f"{name}: {p!r}"
+        assert c.finish_reason in ("length", "stop") and c.usage.completion_tokens == len(c.tokens)
+
+
+@pytest.mark.parametrize("name", [n for n in zoo_names() if n in ("mamba2", "qwen35", "jamba", "rwkv7")])
+def test_shared_prefix_is_served_from_the_cache(name):
+    long_system = SYSTEM * 6  # > one checkpoint interval of tokens
+    with Engine(zoo_model(name), n_ctx=2048, parallel=2) as e:
+        a = e.generate(long_system + "User: first question", GREEDY, max_tokens=N_GEN)
+        b = e.generate(long_system + "User: second question", GREEDY, max_tokens=N_GEN)
+        stats = e.stats()
+    assert a.usage.cached_tokens == 0
+    assert b.usage.cached_tokens >= 64, "the common system prompt must not be prefilled again"
+    assert stats.prefix_hits >= 1
+    assert b.tokens == alone(name, long_system + "User: second question")
+
+
+@pytest.mark.parametrize("name", [n for n in zoo_names() if n in ("llama", "qwen35", "jamba")])
+def test_preemption_under_memory_pressure_resumes_bit_identical(name):
+    prompts = [PROMPTS[3] + f" number {i}" for i in range(4)]
+    with Engine(zoo_model(name), n_ctx=256, parallel=4, prefix_cache=0) as e:
+        assert e.n_ctx == 256
+        reqs = [e.submit(p, GREEDY, max_tokens=80) for p in prompts]
+        got = [r.result(timeout=120) for r in reqs]
+        assert e._counters["preemptions"] >= 1, "4 x ~100 tokens cannot fit 256 cells at once"
+    for p, c in zip(prompts, got):
+        assert c.tokens == alone(name, p, 80)
+
+
+def test_cancel_frees_memory_and_stops_stream():
+    name = "qwen35" if "qwen35" in zoo_names() else zoo_names()[0]
+    with Engine(zoo_model(name), n_ctx=1024, parallel=2, prefix_cache=0) as e:
+        r = e.submit(PROMPTS[1], GREEDY, max_tokens=10_000)
+        it = iter(r)
+        next(it)
+        r.cancel()
+        with pytest.raises(StopIteration):
+            while True:
+                next(it)
+        assert r.finish_reason == "cancelled"
+        if e.memory().report is not None:
+            rep = e.memory().report
+            assert rep.kv_cells_used == 0 and rep.rs_cells_live == 0
+
+
+def test_stop_strings_max_tokens_and_streaming_text():
+    name = zoo_names()[0]
+    with Engine(zoo_model(name), n_ctx=1024, parallel=2) as e:
+        full = e.generate("Hello", GREEDY, max_tokens=12)
+        assert full.finish_reason == "length" and len(full.tokens) == 12
+        streamed = "".join(c.text for c in e.submit("Hello", GREEDY, max_tokens=12))
+        assert streamed == full.text
+        if len(full.text) > 4:
+            stop = full.text[2:4]
+            cut = e.generate("Hello", GREEDY, max_tokens=12, stop=[stop])
+            assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.find(stop)]
+
+
+def test_async_streaming():
+    name = zoo_names()[0]
+
+    async def collect(e):
+        return [c.token async for c in e.submit("Hello", GREEDY, max_tokens=6)]
+
+    with Engine(zoo_model(name), n_ctx=512, parallel=1) as e:
+        tokens = asyncio.run(collect(e))
+    assert tokens == alone(name, "Hello", 6)
+
+
+def test_bad_requests_are_refused_at_submit():
+    name = zoo_names()[0]
+    with Engine(zoo_model(name), n_ctx=256, parallel=1) as e:
+        with pytest.raises(ValueError, match=f"does not fit the context of {e.n_ctx}"):
+            e.submit("word " * (e.n_ctx + 10))
+        with pytest.raises(ps.TokenError, match="out of range"):
+            e.submit([1, 10**9])
+        with pytest.raises(ValueError, match="empty"):
+            e.submit([])
+        with pytest.raises(ValueError, match="top_p"):
+            e.submit("hi", SamplingParams(top_p=2.0))
+        assert e.generate("hi", GREEDY, max_tokens=3).finish_reason in ("length", "stop")
+
+
+def test_many_threads_submit_at_once():
+    name = zoo_names()[0]
+    results = {}
+    with Engine(zoo_model(name), n_ctx=2048, parallel=4) as e:
+        def worker(i):
+            results[i] = e.generate(PROMPTS[i % 4], GREEDY, max_tokens=8).tokens
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    for i in range(8):
+        assert results[i] == alone(name, PROMPTS[i % 4], 8)
+
+
+class EngineMachine(RuleBasedStateMachine):
+    """Random submit / cancel / wait never leak cells, mix tokens or deadlock."""
+
+    name = "qwen35"
+
+    def __init__(self):
+        super().__init__()
+        self.engine = Engine(zoo_model(self.name), n_ctx=384, parallel=3, prefix_cache=2)
+        self.requests: list[tuple[str, int, object]] = []
+
+    @rule(prompt=st.sampled_from(PROMPTS), n=st.integers(1, 12))
+    def submit(self, prompt, n):
+        self.requests.append((prompt, n, self.engine.submit(prompt, GREEDY, max_tokens=n)))
+
+    @rule(i=st.integers(0, 20))
+    def cancel(self, i):
+        if self.requests:
+            self.requests[i % len(self.requests)][2].cancel()
+
+    @rule()
+    def wait_all(self):
+        for prompt, n, r in self.requests:
+            c = None
+            try:
+                c = r.result(timeout=120)
+            except Exception as e:  # noqa: BLE001 - the only allowed failure is none
+                raise AssertionError(f"request failed: {e!r}")
+            if c.finish_reason != "cancelled":
+                assert c.tokens == alone(self.name, prompt, n), "tokens of one request leaked into another"
+            else:
+                assert c.tokens == alone(self.name, prompt, n)[:len(c.tokens)]
+        self.requests.clear()
+
+    @invariant()
+    def engine_alive(self):
+        assert self.engine._thread.is_alive()
+
+    def teardown(self):
+        self.wait_all()
+        self.engine.cache.clear()
+        mem = self.engine.memory()
+        self.engine.close()
+        if mem.report is not None:
+            assert mem.report.kv_cells_used == 0 and mem.report.rs_cells_live == 0, "cells leaked"
+            assert mem.report.rs_snapshots == 0
+
+
+@pytest.mark.skipif("qwen35" not in zoo_names(), reason="needs the qwen35 zoo model")
+def test_engine_state_machine():
+    EngineMachine.TestCase.settings = settings(max_examples=6, stateful_step_count=8, deadline=None,
+                                               suppress_health_check=list(HealthCheck))
+    EngineMachine.TestCase().runTest()
