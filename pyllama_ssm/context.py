@@ -80,6 +80,7 @@ class Context:
             raise ContextError(f"context for {model.path.name} (n_ctx={n_ctx}, n_seq_max={n_seq_max}) "
                                f"could not be created: {_runtime.take_errors() or 'no reason given'}")
         self._ptr = ptr
+        model._contexts.add(self)
         self._mem = lib.llama_get_memory(ptr)
         self.n_ctx = lib.llama_n_ctx(ptr)
         self.n_batch = lib.llama_n_batch(ptr)
@@ -92,6 +93,12 @@ class Context:
         if self._ptr is None:
             raise ValueError("context is closed")
         return self._ptr
+
+    @property
+    def mem(self):
+        """The context's llama_memory_t (checked: raises once the context is closed)."""
+        self.ptr
+        return self._mem
 
     def close(self) -> None:
         if getattr(self, "_ptr", None) is not None:
@@ -160,27 +167,27 @@ class Context:
 
     # -- memory -------------------------------------------------------------------
     def clear(self, data: bool = True) -> None:
-        lib.llama_memory_clear(self._mem, data)
+        lib.llama_memory_clear(self.mem, data)
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """Remove positions [p0, p1) of a sequence (-1: all); False if the memory cannot do it."""
         if seq_id != -1:
             self.check_seq(seq_id)
-        return bool(lib.llama_memory_seq_rm(self._mem, seq_id, p0, p1))
+        return bool(lib.llama_memory_seq_rm(self.mem, seq_id, p0, p1))
 
     def seq_cp(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         self.check_seq(src)
         self.check_seq(dst)
-        lib.llama_memory_seq_cp(self._mem, src, dst, p0, p1)
+        lib.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
 
     def seq_keep(self, seq_id: int) -> None:
-        lib.llama_memory_seq_keep(self._mem, self.check_seq(seq_id))
+        lib.llama_memory_seq_keep(self.mem, self.check_seq(seq_id))
 
     def seq_pos_min(self, seq_id: int) -> int:
-        return lib.llama_memory_seq_pos_min(self._mem, self.check_seq(seq_id))
+        return lib.llama_memory_seq_pos_min(self.mem, self.check_seq(seq_id))
 
     def seq_pos_max(self, seq_id: int) -> int:
-        return lib.llama_memory_seq_pos_max(self._mem, self.check_seq(seq_id))
+        return lib.llama_memory_seq_pos_max(self.mem, self.check_seq(seq_id))
 
     def memory_report(self) -> memory.MemoryReport:
         return memory.read(self.ptr)
@@ -195,26 +202,26 @@ class Context:
     def snapshot(self, seq_id: int) -> int:
         """Pin seq_id's current state (and, for hybrids, its attention prefix); returns a handle."""
         self.check_seq(seq_id)
-        return self._rs_check(lib.llama_memory_rs_snapshot(self._mem, seq_id), f"snapshot of sequence {seq_id}")
+        return self._rs_check(lib.llama_memory_rs_snapshot(self.mem, seq_id), f"snapshot of sequence {seq_id}")
 
     def restore(self, handle: int, seq_id: int) -> None:
         """seq_id continues from the snapshot; its previous state is dropped."""
         self.check_seq(seq_id)
-        self._rs_check(lib.llama_memory_rs_restore(self._mem, handle, seq_id),
+        self._rs_check(lib.llama_memory_rs_restore(self.mem, handle, seq_id),
                        f"restore of snapshot {handle} into sequence {seq_id}")
 
     def release(self, handle: int) -> None:
-        self._rs_check(lib.llama_memory_rs_release(self._mem, handle), f"release of snapshot {handle}")
+        self._rs_check(lib.llama_memory_rs_release(self.mem, handle), f"release of snapshot {handle}")
 
     def snapshot_pos(self, handle: int) -> int:
         """Position of the last token in the snapshot's state."""
-        pos = lib.llama_memory_rs_snapshot_pos(self._mem, handle)
+        pos = lib.llama_memory_rs_snapshot_pos(self.mem, handle)
         if pos < 0:
             raise SnapshotError(f"snapshot {handle}: unknown or released handle")
         return pos
 
     def pool_stats(self) -> memory.PoolStats:
-        return memory.pool_stats(self._mem)
+        return memory.pool_stats(self.mem)
 
     # -- state ------------------------------------------------------------------------
     def seq_state(self, seq_id: int) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import weakref
 from pathlib import Path
 
 from . import _runtime
@@ -62,6 +63,7 @@ class Model:
 
     def _init_from_ptr(self, ptr) -> None:
         self._ptr = ptr
+        self._contexts: weakref.WeakSet = weakref.WeakSet()  # closed before the weights go
         self._vocab = lib.llama_model_get_vocab(ptr)
         self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
 
@@ -74,6 +76,8 @@ class Model:
 
     def close(self) -> None:
         if getattr(self, "_ptr", None) is not None:
+            for ctx in list(self._contexts):
+                ctx.close()
             self._free(self._ptr)
             self._ptr = None
 

@@ -1,0 +1,98 @@
+"""The low-level layer and the thin wrappers: lifetimes, state, memory ops, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pyllama_ssm as ps
+from conftest import run_with_build, zoo_model, zoo_names, zoo_path
+from pyllama_ssm.bindings import ffi, lib
+
+
+def test_ffi_and_lib_use_llama_h_names():
+    params = lib.llama_context_default_params()
+    assert params.n_seq_max == 1 and ffi.sizeof("struct llama_context_params") > 0
+    assert lib.LLAMA_TOKEN_NULL == -1
+    assert ps.BUILD == "patched"
+
+
+def test_upstream_build_through_the_same_code():
+    out = run_with_build("upstream", "import pyllama_ssm as ps, pyllama_ssm.bindings as b;"
+                                     "print(ps.BUILD, b.has('llama_memory_report_get'), b.has('llama_decode'))")
+    assert out.split() == ["upstream", "False", "True"]
+
+
+@pytest.mark.parametrize("name", zoo_names("stateful")[:2] + ["llama"] if zoo_names() else [])
+def test_sequence_state_round_trip_is_bit_identical(name):
+    model = zoo_model(name)
+    prompt, more = model.tokenize("Save me and bring me back"), model.tokenize(" later", add_special=False)
+    with ps.Context(model, n_ctx=256, n_seq_max=2) as ctx:
+        ctx.decode_tokens(prompt, seq_id=0)
+        saved = ctx.seq_state(0)
+        want = ctx.decode_tokens(more, seq_id=0)
+        ctx.seq_rm(0)
+        assert ctx.seq_pos_max(0) == -1
+        ctx.set_seq_state(1, saved)  # into another sequence
+        assert ctx.seq_pos_max(1) == len(prompt) - 1
+        got = ctx.decode_tokens(more, seq_id=1)
+    assert np.array_equal(got, want)
+
+
+def test_memory_ops_and_clear():
+    model = zoo_model("llama")
+    with ps.Context(model, n_ctx=256, n_seq_max=2) as ctx:
+        toks = model.tokenize("one two three four")
+        ctx.decode_tokens(toks, seq_id=0)
+        ctx.seq_cp(0, 1)
+        assert ctx.seq_pos_max(1) == len(toks) - 1
+        assert ctx.seq_rm(1, 2, -1)
+        assert ctx.seq_pos_max(1) == 1 and ctx.seq_pos_max(0) == len(toks) - 1
+        ctx.seq_keep(0)
+        assert ctx.seq_pos_max(1) == -1
+        ctx.clear()
+        assert ctx.seq_pos_max(0) == -1
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    with pytest.raises(ps.ModelLoadError, match="no such file"):
+        ps.Model(tmp_path / "missing.gguf")
+    bad = tmp_path / "not.gguf"
+    bad.write_bytes(b"PK\x03\x04" + b"\0" * 64)
+    with pytest.raises(ps.ModelLoadError, match="not a GGUF file"):
+        ps.Model(bad)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(zoo_path("llama").read_bytes()[:5000])
+    with pytest.raises(ps.ModelLoadError, match="could not load"):
+        ps.Model(cut)
+    model = zoo_model("llama")
+    with pytest.raises(ps.TokenError, match="out of range"):
+        model.detokenize([model.n_vocab])
+    with pytest.raises(ps.ContextError, match="n_seq_max=300"):
+        ps.Context(model, n_seq_max=300)
+    with ps.Context(model, n_ctx=256) as ctx:
+        with pytest.raises(ps.ContextError, match="seq_id 3 out of range"):
+            ctx.decode_tokens([1, 2], seq_id=3)
+        with pytest.raises(ps.TokenError, match="out of range"):
+            ctx.decode_tokens([1, -5])
+        with pytest.raises(ps.MemoryFullError, match="exceed the context"):
+            ctx.decode_tokens([1] * (ctx.n_ctx + 1))
+        with pytest.raises(ps.StateError):
+            ctx.set_seq_state(0, b"\x01\x02\x03")
+        assert ctx.decode_tokens([1, 2]).shape == (model.n_vocab,), "the context still works"
+    with pytest.raises(TypeError):
+        ps.Context(model, no_such_param=1)
+
+
+def test_closed_objects_refuse_use():
+    model = ps.Model(zoo_path("llama"))
+    ctx = ps.Context(model, n_ctx=256)
+    ctx.close()
+    with pytest.raises(ValueError, match="closed"):
+        ctx.decode_tokens([1])
+    orphan = ps.Context(model, n_ctx=256)
+    model.close()  # closes its contexts first: no context outlives the weights
+    with pytest.raises(ValueError, match="closed"):
+        orphan.seq_pos_max(0)
+    with pytest.raises(ValueError, match="closed"):
+        model.n_layer
