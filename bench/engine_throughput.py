@@ -23,7 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import logging  # noqa: E402
+
 from pyllama_ssm import Model  # noqa: E402
+
+logging.getLogger("pyllama_ssm.llama").setLevel(logging.ERROR)
 from pyllama_ssm.engine import Engine  # noqa: E402
 from pyllama_ssm.sampling import SamplingParams  # noqa: E402
 

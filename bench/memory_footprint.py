@@ -20,7 +20,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import logging  # noqa: E402
+
 from pyllama_ssm import Context, Model  # noqa: E402
+
+logging.getLogger("pyllama_ssm.llama").setLevel(logging.ERROR)  # n_ctx > n_ctx_train warnings: intended
 
 ZOO = ROOT / "build" / "models"
 MiB = 1024 * 1024
@@ -41,7 +45,9 @@ def main() -> int:
     args = ap.parse_args()
     index = json.loads((ZOO / "index.json").read_text())["models"]
     rows = []
-    print(f"{'model':<16}{'N':>4}{'pool MiB':>12}{'rollback MiB':>14}{'separate MiB':>14}{'KV pool':>10}{'RS pool':>10}")
+    print("state = attention KV + recurrent states; total adds compute and output buffers (MiB)")
+    print(f"{'model':<16}{'N':>4}{'pool state':>12}{'rollback state':>16}{'separate state':>16}"
+          f"{'pool total':>12}{'separate total':>16}")
     for name in args.models.split(","):
         if name not in index:
             continue
@@ -52,8 +58,10 @@ def main() -> int:
                 one = ctx_bytes(model, n_ctx=max(256, args.n_ctx // n), n_seq_max=1, n_batch=512)
                 separate = {k: v * n for k, v in one.items()}
                 rows.append({"model": name, "n": n, "pool": pool, "rollback": rollback, "separate": separate})
-                print(f"{name:<16}{n:>4}{pool['total'] / MiB:>12.2f}{rollback['total'] / MiB:>14.2f}"
-                      f"{separate['total'] / MiB:>14.2f}{pool['kv'] / MiB:>10.2f}{pool['rs'] / MiB:>10.2f}")
+                state = {k: (v["kv"] + v["rs"]) / MiB for k, v in (("pool", pool), ("rollback", rollback),
+                                                                  ("separate", separate))}
+                print(f"{name:<16}{n:>4}{state['pool']:>12.2f}{state['rollback']:>16.2f}{state['separate']:>16.2f}"
+                      f"{pool['total'] / MiB:>12.2f}{separate['total'] / MiB:>16.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"n_ctx": args.n_ctx, "rows": rows}, indent=1) + "\n")
     try:
