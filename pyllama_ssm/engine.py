@@ -22,6 +22,8 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from . import memory as memory_mod
 from .batch import Batch
 from .bindings import has
@@ -40,6 +42,8 @@ class Chunk:
 
     token: int
     text: str
+    logprob: float | None = None                   # log-probability of token (when requested)
+    top_logprobs: dict[int, float] | None = None   # the most likely alternatives
 
 
 @dataclass
@@ -55,6 +59,8 @@ class Completion:
     tokens: list[int]
     finish_reason: str
     usage: Usage
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
 
 
 class Request:
@@ -63,13 +69,16 @@ class Request:
     _ids = itertools.count()
 
     def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams, max_tokens: int,
-                 stop: list[str]):
+                 stop: list[str], logprobs: int | None = None):
         self.id = next(self._ids)
         self.engine = engine
         self.prompt = prompt
         self.params = params
         self.max_tokens = max_tokens
         self.stop = [s for s in stop if s]
+        self.n_logprobs = logprobs
+        self.logprobs: list[float] | None = [] if logprobs is not None else None
+        self.top_logprobs: list[dict[int, float]] | None = [] if logprobs is not None else None
         self.tokens: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
@@ -134,7 +143,8 @@ class Request:
                 raise TimeoutError(f"request {self.id}: not finished within {timeout}s")
         if self.error is not None:
             raise self.error
-        return Completion(self.text, list(self.tokens), self.finish_reason, self.usage)
+        return Completion(self.text, list(self.tokens), self.finish_reason, self.usage,
+                          self.logprobs, self.top_logprobs)
 
 
 @dataclass
@@ -221,7 +231,10 @@ class Engine:
 
     # -- public API ------------------------------------------------------------------------
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None, *, max_tokens: int = 128,
-               stop: list[str] | str | None = None, add_special: bool = True) -> Request:
+               stop: list[str] | str | None = None, add_special: bool = True,
+               logprobs: int | None = None) -> Request:
+        """Queue a generation.  logprobs=k reports each token's log-probability and the k most
+        likely alternatives (from the model's raw logits, as llama-cpp-python does)."""
         if self._closing:
             raise RuntimeError("engine is closed")
         tokens = self.model.tokenize(prompt, add_special=add_special) if isinstance(prompt, str) else list(prompt)
@@ -234,8 +247,10 @@ class Engine:
                              f"(one position must remain for generation)")
         if max_tokens < 0:
             raise ValueError(f"max_tokens={max_tokens}: must be >= 0")
+        if logprobs is not None and not 0 <= logprobs <= self.model.n_vocab:
+            raise ValueError(f"logprobs={logprobs}: must be in 0..{self.model.n_vocab}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        req = Request(self, tokens, params or SamplingParams(), max_tokens, stops)
+        req = Request(self, tokens, params or SamplingParams(), max_tokens, stops, logprobs)
         if max_tokens == 0:
             req._finish("length")
             return req
@@ -405,6 +420,8 @@ class Engine:
         req = slot.req
         tok = slot.sampler.sample(self.ctx.ptr, idx)
         self._counters["generated"] += 1
+        if req.n_logprobs is not None:
+            self._record_logprobs(req, idx, tok)
         req.tokens.append(tok)
         req.usage.completion_tokens += 1
         if self.model.is_eog(tok):
@@ -430,12 +447,23 @@ class Engine:
         else:
             slot.next_token = tok
 
+    def _record_logprobs(self, req: Request, idx: int, tok: int) -> None:
+        logits = self.ctx.logits(idx).astype(np.float64)
+        m = logits.max()
+        logp = logits - (m + np.log(np.exp(logits - m).sum()))
+        k = req.n_logprobs
+        top = np.argpartition(-logp, k - 1)[:k] if k else []
+        req.logprobs.append(float(logp[tok]))
+        req.top_logprobs.append({int(t): float(logp[t]) for t in sorted(top, key=lambda t: -logp[t])})
+
     def _emit(self, slot: _Slot, tok: int, final: bool = False) -> None:
         """Stream new text, holding back a tail that could still become a stop string."""
-        text = slot.req.text
-        hold = 0 if final else max((len(s) - 1 for s in slot.req.stop), default=0)
+        req = slot.req
+        text = req.text
+        hold = 0 if final else max((len(s) - 1 for s in req.stop), default=0)
         upto = max(slot.emitted, len(text) - hold)
-        slot.req._push(Chunk(tok, text[slot.emitted:upto]))
+        lp = (req.logprobs[-1], req.top_logprobs[-1]) if req.logprobs else (None, None)
+        req._push(Chunk(tok, text[slot.emitted:upto], *lp))
         slot.emitted = upto
 
     def _finish(self, slot: _Slot, reason: str) -> None:

@@ -192,3 +192,17 @@ def test_engine_state_machine():
     EngineMachine.TestCase.settings = settings(max_examples=6, stateful_step_count=8, deadline=None,
                                                suppress_health_check=list(HealthCheck))
     EngineMachine.TestCase().runTest()
+
+
+def test_logprobs_match_the_models_distribution():
+    name = zoo_names()[0]
+    with Engine(zoo_model(name), n_ctx=512, parallel=1) as e:
+        c = e.generate("Hello", GREEDY, max_tokens=5, logprobs=3)
+        with pytest.raises(ValueError, match="logprobs"):
+            e.submit("Hello", logprobs=-1)
+    assert c.tokens == alone(name, "Hello", 5)
+    assert len(c.logprobs) == len(c.top_logprobs) == 5
+    for tok, lp, top in zip(c.tokens, c.logprobs, c.top_logprobs):
+        assert lp <= 0 and len(top) == 3
+        assert max(top, key=top.get) == tok, "greedy picks the most likely token"
+        assert abs(top[tok] - lp) < 1e-9
