@@ -47,9 +47,11 @@ test: build models
 	$(PYTHON) -m pytest -q tests
 
 demo: build models
+	$(PYTHON) tests/models/generate.py --size small --arch qwen35
 	$(PYTHON) -m pyllama_ssm.demo
 
 bench: build models
+	$(PYTHON) tests/models/generate.py --size small --arch qwen35,jamba
 	$(PYTHON) bench/run_all.py
 
 clean:

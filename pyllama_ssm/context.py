@@ -158,12 +158,20 @@ class Context:
                 self.decode(batch)
         return self.logits(last)
 
-    def logits(self, i: int = -1) -> np.ndarray:
-        """A copy of the logits of batch output i (-1: the last output)."""
+    def logits(self, i: int = -1, copy: bool = True) -> np.ndarray:
+        """The logits of batch output i (-1: the last output).
+
+        copy=False returns a read-only view of the context's buffer, without a
+        copy; it is valid until the next decode on this context.
+        """
         p = lib.llama_get_logits_ith(self.ptr, i)
         if p == ffi.NULL:
             raise DecodeError(f"no logits for batch index {i} (was logits=True set for it?)")
-        return np.frombuffer(ffi.buffer(p, self.n_vocab * 4), dtype=np.float32).copy()
+        view = np.frombuffer(ffi.buffer(p, self.n_vocab * 4), dtype=np.float32)
+        if copy:
+            return view.copy()
+        view.flags.writeable = False
+        return view
 
     # -- memory -------------------------------------------------------------------
     def clear(self, data: bool = True) -> None:

@@ -96,3 +96,13 @@ def test_closed_objects_refuse_use():
         orphan.seq_pos_max(0)
     with pytest.raises(ValueError, match="closed"):
         model.n_layer
+
+
+def test_logits_view_shares_the_context_buffer():
+    model = zoo_model("llama")
+    with ps.Context(model, n_ctx=256) as ctx:
+        copied = ctx.decode_tokens(model.tokenize("Hello"))
+        view = ctx.logits(-1, copy=False)
+        assert np.array_equal(view, copied) and not view.flags.owndata and not view.flags.writeable
+        ctx.decode_tokens(model.tokenize(" world", add_special=False))
+        assert not np.array_equal(view, copied), "the view follows the buffer: valid until the next decode"

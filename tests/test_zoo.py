@@ -176,3 +176,28 @@ def test_generation_is_deterministic_and_cached(tmp_path):
     again = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert "up to date" in again.stdout
     assert fresh.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("arch", sorted(EXPECTED))
+def test_chat_template_renders_a_conversation(arch):
+    """0004-saver-chat-template: the saved model keeps its family's chat template."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    import pyllama_ssm as ps
+
+    with ps.Model(zoo_path(arch), vocab_only=True) as model:
+        template = model.chat_template()
+        assert template, f"{arch}: no tokenizer.chat_template in the saved model"
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+
+        def raise_exception(msg):
+            raise ValueError(msg)
+
+        env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: "26 Nov 2026")
+        messages = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "What is a state space model?"}]
+        text = env.from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                bos_token="<s>", eos_token="</s>")
+        assert "What is a state space model?" in text
+        assert len(model.tokenize(text, parse_special=True)) > 8

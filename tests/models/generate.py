@@ -103,6 +103,21 @@ DEFAULT_ARCHS = list(ARCHS)
 # GPT-NeoX pre-tokenizes like GPT-2 (byte-level BPE, same split regex).
 VOCAB_PRE = {"gpt-neox": "gpt-2"}
 
+# The vocab-only files carry no chat template: each arch gets its family's from
+# vendor/llama.cpp/models/templates (ChatML where the family ships none), so
+# chat prompts work end to end.
+TEMPLATE_DIR = ROOT / "vendor" / "llama.cpp" / "models" / "templates"
+CHATML = "Qwen-Qwen2.5-7B-Instruct.jinja"
+CHAT_TEMPLATES = {
+    "llama": "meta-llama-Llama-3.1-8B-Instruct.jinja",
+    "qwen35": "Qwen3.5-4B.jinja", "qwen3next": "Qwen3.5-4B.jinja",
+    "rwkv6": "llama-cpp-rwkv-world.jinja", "rwkv7": "llama-cpp-rwkv-world.jinja",
+    "granitehybrid": "ibm-granite-granite-4.0.jinja",
+    "nemotron_h": "NVIDIA-Nemotron-Nano-v2.jinja",
+    "kimi-linear": "moonshotai-Kimi-K2.jinja",
+    "lfm2": "LFM2.5-Instruct.jinja",
+}
+
 
 # -- hyperparameters (GGUF KVs without the "<arch>." prefix) ----------------------------
 
@@ -479,6 +494,9 @@ def generate(arch: str, size: str, path: Path, seed: int = SEED) -> dict:
         n_vocab = _copy_tokenizer(ctx, vocab_path(vocab))
         if vocab in VOCAB_PRE:
             _set_kv(ctx, "tokenizer.ggml.pre", VOCAB_PRE[vocab])
+        if lib.gguf_find_key(ctx, b"tokenizer.chat_template") < 0:
+            template = TEMPLATE_DIR / CHAT_TEMPLATES.get(arch, CHATML)
+            _set_kv(ctx, "tokenizer.chat_template", template.read_text())
         _set_kv(ctx, "general.architecture", arch)
         _set_kv(ctx, "general.name", name)
         kv = hparams(arch, size, n_vocab)
