@@ -12,7 +12,8 @@ Both builds share one CMake object tree kept in a cache outside the repository
 ($PYLLAMA_SSM_CACHE, default ~/.cache/pyllama-ssm), keyed by the pin and the
 build options.  The pristine build runs first; the patches are then applied in
 place and Ninja recompiles only the files they touch (and their dependents), so
-every other object of the patched build is the upstream object.  Finished
+every other object of the patched build is the upstream object.  When the
+series changes, only files whose patched text changes are rewritten.  Finished
 builds are kept as artifacts keyed by pin + options (+ patch series), so a
 fresh clone with the same inputs copies them instead of compiling.
 """
@@ -27,6 +28,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -123,12 +125,36 @@ class Builder:
         self._save_state({"applied": "", "touched": []})
 
     def _apply(self) -> None:
+        """Bring the work tree to pin + series, rewriting only files whose content changes.
+
+        The series is applied to a staging copy of the files it touches; a file
+        keeps its mtime (and Ninja its object) unless its patched text differs
+        from what the tree holds, so editing one patch rebuilds only its files.
+        """
         state = self._state()
         if state["applied"] == self.patched_key:
             return
-        self._sync_pristine()
-        touched = series_mod.apply_series(self.src)
-        self._save_state({"applied": self.patched_key, "touched": touched})
+        if not (self.src / "CMakeLists.txt").exists():
+            self._sync_pristine()
+            state = self._state()
+        touched = {rel for p in series_mod.series() for rel in series_mod.touched_files(p)}
+        with tempfile.TemporaryDirectory() as tmp:
+            stage = Path(tmp) / "tree"
+            for rel in touched:
+                if (series_mod.PRISTINE / rel).exists():
+                    (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(series_mod.PRISTINE / rel, stage / rel)
+            stage.mkdir(parents=True, exist_ok=True)
+            series_mod.apply_series(stage)
+            for rel in touched | set(state["touched"]):
+                want = stage / rel if rel in touched else series_mod.PRISTINE / rel
+                cur = self.src / rel
+                if not want.exists():
+                    cur.unlink(missing_ok=True)
+                elif not cur.exists() or cur.read_bytes() != want.read_bytes():
+                    cur.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(want, cur)
+        self._save_state({"applied": self.patched_key, "touched": sorted(touched)})
 
     def _compile(self, targets: list[str]) -> None:
         if not (self.obj / "build.ninja").exists():
@@ -159,6 +185,13 @@ class Builder:
     def _objects(self) -> dict[str, int]:
         return {str(o.relative_to(self.obj)): o.stat().st_mtime_ns for o in self.obj.rglob("*.o")}
 
+    def _prune_artifacts(self, keep: int) -> None:
+        """Keep the current patched build and the few most recent others (each is tens of MiB)."""
+        others = sorted((a for a in self.artifacts.glob("patched-*") if a != self.artifact("patched")),
+                        key=lambda a: a.stat().st_mtime, reverse=True)
+        for old in others[keep - 1:]:
+            shutil.rmtree(old, ignore_errors=True)
+
     # -- the two builds --------------------------------------------------------
     def artifact(self, flavour: str) -> Path:
         key = self.upstream_key if flavour == "upstream" else self.patched_key
@@ -185,6 +218,7 @@ class Builder:
                 rebuilt = sorted(o for o, m in after.items() if before.get(o) != m)
                 (self.artifact("patched") / "RECOMPILED").write_text("".join(o + "\n" for o in rebuilt))
                 step(f"patched build recompiled {len(rebuilt)} of {len(after)} objects")
+        self._prune_artifacts(keep=3)
         if not publish_to_repo:
             return
         for flavour in ("upstream", "patched"):
