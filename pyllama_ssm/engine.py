@@ -186,8 +186,9 @@ class EngineStats:
 @dataclass
 class EngineMemory:
     report: memory_mod.MemoryReport | None
-    swapped_bytes: int
+    swapped_bytes: int              # preempted sequences' states, in host memory
     cached_prefixes: int
+    cached_bytes: int = 0            # what the prefix cache keeps alive (recurrent cells + attention prefixes)
     pool: memory_mod.PoolStats | None = field(default=None)
 
 
@@ -195,7 +196,8 @@ class Engine:
     """Serve `parallel` sequences at once from one model and one context."""
 
     def __init__(self, model: Model | str, *, n_ctx: int = 4096, parallel: int = 4, n_batch: int = 512,
-                 n_threads: int | None = None, prefix_cache: int = 8, flash_attn: bool | str = "auto"):
+                 n_threads: int | None = None, prefix_cache: int = 8, prefix_cache_bytes: int | None = 256 << 20,
+                 flash_attn: bool | str = "auto"):
         self._own_model = not isinstance(model, Model)
         self.model = Model(model) if self._own_model else model
         if parallel < 1:
@@ -211,7 +213,7 @@ class Engine:
         self.parallel = parallel
         self.n_ctx = self.ctx.n_ctx
         self.n_batch = self.ctx.n_batch
-        self.cache = PrefixCache(self.ctx, self.n_cache)
+        self.cache = PrefixCache(self.ctx, self.n_cache, prefix_cache_bytes)
         self._batch = Batch(self.n_batch, 1)
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -278,7 +280,8 @@ class Engine:
             if self.n_cache:
                 pool = self._call(self.ctx.pool_stats)
         swapped = sum(len(state) for _, state in list(self._preempted))
-        return EngineMemory(report, swapped, len(self.cache.entries), pool)
+        cached = self._call(lambda: self.cache.bytes) if self.n_cache else 0
+        return EngineMemory(report, swapped, len(self.cache.entries), cached, pool)
 
     def close(self) -> None:
         with self._lock:

@@ -5,7 +5,9 @@ the exact tokens whose state it holds.  For hybrids the snapshot also keeps the
 prefix's attention cells referenced, so a hit restores both memories without
 recomputing or copying.  A hit on any entry at or before the common prefix
 resumes from there; entries are evicted least-recently-used first, weighed by
-how many tokens they would cost to recompute.
+how many tokens they would cost to recompute, to stay within a count and a
+byte budget.  An entry's bytes are what it can keep alive on its own: one
+recurrent state cell plus, for hybrids, the attention cells of its prefix.
 """
 
 from __future__ import annotations
@@ -29,10 +31,25 @@ class Entry:
 class PrefixCache:
     ctx: Context
     max_entries: int
+    max_bytes: int | None = None
     entries: dict[tuple[int, ...], Entry] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
     _clock: itertools.count = field(default_factory=itertools.count)
+
+    def entry_bytes(self, n_tokens: int) -> int:
+        r = self._per_cell()
+        return r[0] + n_tokens * r[1]
+
+    def _per_cell(self) -> tuple[int, int]:
+        if not hasattr(self, "_cell_bytes"):
+            rep = self.ctx.memory_report()
+            self._cell_bytes = (rep.rs_bytes_per_cell, rep.kv_bytes_per_cell)
+        return self._cell_bytes
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.entry_bytes(len(k)) for k in self.entries)
 
     def lookup(self, prompt: list[int]) -> Entry | None:
         """The longest entry that is a proper prefix of prompt (one token must remain to decode)."""
@@ -56,7 +73,11 @@ class PrefixCache:
             if key in self.entries:
                 self.entries[key].last_used = next(self._clock)
             return False
-        while len(self.entries) >= self.max_entries:
+        if self.max_bytes is not None and self.entry_bytes(len(key)) > self.max_bytes:
+            return False
+        while len(self.entries) >= self.max_entries or (
+                self.max_bytes is not None and self.entries
+                and self.bytes + self.entry_bytes(len(key)) > self.max_bytes):
             self.evict_one()
         for _ in range(2):
             try:

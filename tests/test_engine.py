@@ -206,3 +206,21 @@ def test_logprobs_match_the_models_distribution():
         assert lp <= 0 and len(top) == 3
         assert max(top, key=top.get) == tok, "greedy picks the most likely token"
         assert abs(top[tok] - lp) < 1e-9
+
+
+def test_prefix_cache_stays_within_its_byte_budget():
+    name = "qwen35" if "qwen35" in zoo_names() else zoo_names()[0]
+    long_system = SYSTEM * 6
+    with Engine(zoo_model(name), n_ctx=2048, parallel=2, prefix_cache=8, prefix_cache_bytes=None) as e:
+        for q in ("one", "two", "three"):
+            e.generate(long_system + f"User: question {q}", GREEDY, max_tokens=4)
+        unbounded = e.cache.bytes
+        assert len(e.cache.entries) >= 3
+    budget = unbounded // 2
+    with Engine(zoo_model(name), n_ctx=2048, parallel=2, prefix_cache=8, prefix_cache_bytes=budget) as e:
+        for q in ("one", "two", "three"):
+            e.generate(long_system + f"User: question {q}", GREEDY, max_tokens=4)
+        assert 0 < e.cache.bytes <= budget
+        assert e.memory().cached_bytes == e.cache.bytes
+        b = e.generate(long_system + "User: question four", GREEDY, max_tokens=4)
+        assert b.usage.cached_tokens >= 64, "the most recent entries survive eviction"
