@@ -371,6 +371,10 @@ class Engine:
         t0 = time.perf_counter()
         for slot in [s for s in self._running.values() if s.req.cancelled]:
             self._release(slot, "cancelled")
+        for entry in [e for e in self._preempted if e[0].req.cancelled]:  # swapped out: nothing to free
+            self._preempted.remove(entry)
+            entry[0].sampler.close()
+            entry[0].req._finish("cancelled")
         self._admit()
         if not self._running:
             return
@@ -443,15 +447,13 @@ class Engine:
                 self._finish(slot, "stop")
                 return
         self._emit(slot, tok)
-        if len(req.tokens) >= req.max_tokens:
-            self._finish(slot, "length")
-        elif slot.pos + 1 >= self.n_ctx:
+        if len(req.tokens) >= req.max_tokens or slot.pos + 1 >= self.n_ctx:
             self._finish(slot, "length")
         else:
             slot.next_token = tok
 
     def _record_logprobs(self, req: Request, idx: int, tok: int) -> None:
-        logits = self.ctx.logits(idx).astype(np.float64)
+        logits = self.ctx.logits(idx, copy=False).astype(np.float64)  # one copy, in float64
         m = logits.max()
         logp = logits - (m + np.log(np.exp(logits - m).sum()))
         k = req.n_logprobs

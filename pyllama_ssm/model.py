@@ -52,16 +52,6 @@ class Model:
         if ptr == ffi.NULL:
             raise ModelLoadError(f"{self.path}: llama.cpp could not load the model: "
                                  f"{_runtime.take_errors() or 'no reason given'}")
-        self._init_from_ptr(ptr)
-
-    @classmethod
-    def _from_ptr(cls, ptr, path: str | os.PathLike) -> "Model":
-        self = cls.__new__(cls)
-        self.path = Path(path)
-        self._init_from_ptr(ptr)
-        return self
-
-    def _init_from_ptr(self, ptr) -> None:
         self._ptr = ptr
         self._contexts: weakref.WeakSet = weakref.WeakSet()  # closed before the weights go
         self._vocab = lib.llama_model_get_vocab(ptr)

@@ -36,16 +36,14 @@ class PrefixCache:
     hits: int = 0
     misses: int = 0
     _clock: itertools.count = field(default_factory=itertools.count)
+    _cell_bytes: tuple[int, int] | None = field(default=None, init=False, repr=False)
 
     def entry_bytes(self, n_tokens: int) -> int:
-        r = self._per_cell()
-        return r[0] + n_tokens * r[1]
-
-    def _per_cell(self) -> tuple[int, int]:
-        if not hasattr(self, "_cell_bytes"):
+        if self._cell_bytes is None:  # fixed by the context's shapes: read once
             rep = self.ctx.memory_report()
             self._cell_bytes = (rep.rs_bytes_per_cell, rep.kv_bytes_per_cell)
-        return self._cell_bytes
+        rs, kv = self._cell_bytes
+        return rs + n_tokens * kv
 
     @property
     def bytes(self) -> int:

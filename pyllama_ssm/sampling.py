@@ -49,10 +49,6 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"sampling parameter: {what}")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0 and self.mirostat_mode == 0
-
 
 class Sampler:
     """One llama_sampler chain (per sequence: penalties and grammar keep state)."""

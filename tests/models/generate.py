@@ -38,6 +38,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
+from vendor import sha256_of  # noqa: E402
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -471,14 +473,6 @@ def _copy_tokenizer(dst, path: Path) -> int:
         lib.gguf_free(src)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def generate(arch: str, size: str, path: Path, seed: int = SEED) -> dict:
     """Write the model <arch>-<size> to path (atomically); returns its index entry."""
     from pyllama_ssm import _runtime
@@ -548,7 +542,7 @@ def generate(arch: str, size: str, path: Path, seed: int = SEED) -> dict:
         "n_vocab": n_vocab,
         "n_params": n_params,
         "bytes": path.stat().st_size,
-        "sha256": sha256_file(path),
+        "sha256": sha256_of(path),
         "recurrent": spec.recurrent,
         "hybrid": spec.hybrid,
     }
