@@ -1,0 +1,110 @@
+"""OpenAI-style error bodies: {"error": {"message", "type", "param", "code"}}.
+
+Every refusal names the field at fault in `param` and in the message, so the
+official openai client raises BadRequestError & co. with a useful text.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import MemoryFullError, PyllamaError
+
+logger = logging.getLogger("pyllama_ssm.server")
+
+RETRY_AFTER_S = 1  # what 429/503 answers tell clients to wait
+
+
+class ApiError(Exception):
+    """A refusal with its HTTP status, raised anywhere below a route."""
+
+    def __init__(self, status: int, message: str, *, param: Optional[str] = None, code: Optional[str] = None,
+                 type: str = "invalid_request_error", retry_after: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def bad_request(param: str, message: str, code: Optional[str] = None) -> ApiError:
+    return ApiError(400, f"{param}: {message}", param=param, code=code)
+
+
+def unavailable(message: str, status: int = 503) -> ApiError:
+    kind = "rate_limit_error" if status == 429 else "server_error"
+    return ApiError(status, message, type=kind, code="unavailable" if status == 503 else "queue_full",
+                    retry_after=RETRY_AFTER_S)
+
+
+# "Requested tokens (N) exceed context window of M" (llama-cpp-python's wording)
+_CONTEXT_EXCEEDED = re.compile(r"Requested tokens \((\d+)\) exceed context window of (\d+)")
+_LEADING_NAME = re.compile(r"^([a-z_][a-z0-9_]*)\s*(?:[:=]|\b)")
+
+
+def from_exception(error: BaseException, fields: set[str]) -> ApiError:
+    """What a model call raised, as an API error: bad input is a 400 naming the field, the rest a 500.
+
+    `fields` are the request's field names; a message that starts with one
+    ("max_tokens=-1: must be >= 0", "grammar: ...") names it.
+    """
+    message = str(error) or type(error).__name__
+    if _CONTEXT_EXCEEDED.search(message) or isinstance(error, MemoryFullError):
+        param = "messages" if "messages" in fields else "prompt"
+        return ApiError(400, f"{param}: {message}", param=param, code="context_length_exceeded")
+    if isinstance(error, (ValueError, TypeError, PyllamaError)) and not isinstance(error, RuntimeError):
+        match = _LEADING_NAME.match(message)
+        param = match.group(1) if match and match.group(1) in fields else None
+        return ApiError(400, message, param=param)
+    logger.error("request failed", exc_info=error)
+    return ApiError(500, f"internal error: {type(error).__name__}: {message}", type="server_error")
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    """The first invalid field of a body, e.g. 'max_tokens: Input should be greater than or equal to 0'."""
+    first = exc.errors()[0]
+    loc = [str(p) for p in first["loc"] if p != "body"]
+    if first["type"] == "json_invalid":
+        return ApiError(400, f"body: invalid JSON ({first.get('ctx', {}).get('error', first['msg'])})", param="body")
+    if first["type"] == "missing" and not loc:
+        return ApiError(400, "body: a JSON object is required", param="body")
+    # drop the union branch names pydantic adds ("stop.str", "prompt.list[int]")
+    path = [p for p in loc if not re.fullmatch(r"[a-z]+\[.*\]|str|int|float|bool|function-after\[.*\]", p)]
+    param = path[0] if path else "body"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    return ApiError(400, f"{'.'.join(path) or 'body'}: {msg}", param=param)
+
+
+def install(app: FastAPI) -> None:
+    """Answer every error of the app in the OpenAI shape."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return ApiError(exc.status_code, str(exc.detail), type=kind).response()
