@@ -12,21 +12,22 @@ import sys
 
 import uvicorn
 
-from ..errors import ModelLoadError
-from ..model import check_gguf_header
+from ..errors import PyllamaError
 from .app import create_app
+from .registry import ModelRegistry
 from .settings import ModelSettings, ServerSettings, Settings, add_arguments, settings_from_args
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, telling the app at the first signal so that new requests get 503 at once."""
+    """uvicorn's server, telling the models at the first signal: 503 to new requests, a grace period to the rest."""
 
-    def __init__(self, config: uvicorn.Config, on_exit):
+    def __init__(self, config: uvicorn.Config, registry: ModelRegistry, grace_s: float):
         super().__init__(config)
-        self._on_exit = on_exit
+        self._registry = registry
+        self._grace_s = grace_s
 
     def handle_exit(self, sig, frame) -> None:
-        self._on_exit()
+        self._registry.begin_shutdown(self._grace_s)
         super().handle_exit(sig, frame)
 
 
@@ -38,25 +39,15 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_models(models: list[ModelSettings]) -> None:
-    """Fail before serving when a model file is missing or not GGUF (the message names the path)."""
-    for m in models:
-        if m.hf_model_repo_id is None:
-            check_gguf_header(m.model)
-
-
 def serve(server: ServerSettings, models: list[ModelSettings]) -> bool:
-    """Serve until SIGINT/SIGTERM; False when the models could not be loaded."""
+    """Load the models, then serve until SIGINT/SIGTERM; False when uvicorn could not start."""
     app = create_app(server, models)
+    app.state.registry.load()  # before listening: a bad model file is an error message, not a server
+    # uvicorn waits a little longer than the grace period: closing the models answers what is left
     config = uvicorn.Config(app, host=server.host, port=server.port, ssl_keyfile=server.ssl_keyfile,
-                            ssl_certfile=server.ssl_certfile, timeout_graceful_shutdown=server.shutdown_timeout + 1,
+                            ssl_certfile=server.ssl_certfile, timeout_graceful_shutdown=server.shutdown_timeout + 3,
                             log_level="info")
-    registry = app.state.registry
-
-    def begin_shutdown() -> None:
-        registry.closing = True
-
-    uv = _Server(config, begin_shutdown)
+    uv = _Server(config, app.state.registry, server.shutdown_timeout)
     uv.run()
     return uv.started
 
@@ -66,14 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         server, models = settings_from_args(args)
-        check_models(models)
-    except (ValueError, ModelLoadError) as e:
-        p.print_usage(sys.stderr)
-        print(f"{p.prog}: error: {e}", file=sys.stderr)
+    except ValueError as e:
+        print(f"{p.prog}: error: {e} (--help lists the flags)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     try:
         return 0 if serve(server, models) else 3  # 3: uvicorn's "startup failed"
+    except (ValueError, PyllamaError) as e:  # a model that cannot be loaded: the message names it
+        print(f"{p.prog}: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled, after a clean shutdown
         return 0
 

@@ -155,7 +155,7 @@ async def _generate(request: Request, served: ServedModel, body: Any, call: Call
         raise
     settings = _settings(request)
     return EventSourceResponse(stream.events(), sep="\n", ping=0 if settings.disable_ping_events else None,
-                               shutdown_grace_period=settings.shutdown_timeout, background=BackgroundTask(stream.close))
+                               shutdown_grace_period=settings.shutdown_timeout + 2, background=BackgroundTask(stream.close))
 
 
 class _Stream:

@@ -78,19 +78,25 @@ def from_exception(error: BaseException, fields: set[str]) -> ApiError:
 
 def _validation_error(exc: RequestValidationError) -> ApiError:
     """The first invalid field of a body, e.g. 'max_tokens: Input should be greater than or equal to 0'."""
-    first = exc.errors()[0]
-    loc = [str(p) for p in first["loc"] if p != "body"]
+    problems = exc.errors()
+    first = problems[0]
     if first["type"] == "json_invalid":
         return ApiError(400, f"body: invalid JSON ({first.get('ctx', {}).get('error', first['msg'])})", param="body")
-    if first["type"] == "missing" and not loc:
-        return ApiError(400, "body: a JSON object is required", param="body")
-    # drop the union branch names pydantic adds ("stop.str", "prompt.list[int]")
-    path = [p for p in loc if not re.fullmatch(r"[a-z]+\[.*\]|str|int|float|bool|function-after\[.*\]", p)]
-    param = path[0] if path else "body"
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown field"
-    return ApiError(400, f"{'.'.join(path) or 'body'}: {msg}", param=param)
+    path = _field_path(first["loc"])
+    if not path:
+        return ApiError(400, "body: a JSON object is required (Content-Type: application/json)", param="body")
+    # a value that fits no branch of a union fails once per branch: say all of them
+    reasons = list(dict.fromkeys(_reason(p) for p in problems if _field_path(p["loc"]) == path))
+    return ApiError(400, f"{'.'.join(path)}: {' or '.join(reasons)}", param=path[0])
+
+
+def _field_path(loc: tuple) -> list[str]:
+    """loc without 'body' and without the union branch names pydantic adds ('str', 'list[int]')."""
+    return [str(p) for p in loc if p != "body" and not re.fullmatch(r"[a-z]+\[.*\]|str|int|float|bool", str(p))]
+
+
+def _reason(problem: dict) -> str:
+    return "unknown field" if problem["type"] == "extra_forbidden" else problem["msg"].removeprefix("Value error, ")
 
 
 def install(app: FastAPI) -> None:

@@ -128,15 +128,18 @@ class ModelRegistry:
         self._max_queued = max_queued_requests
         self.models: dict[str, ServedModel] = {}
         self.closing = False
+        self._close_lock = threading.Lock()
 
     @property
     def aliases(self) -> list[str]:
         return [s.alias for s in self._settings]
 
     def load(self) -> None:
-        """Load every model (before the server accepts connections); a failure closes what was loaded."""
+        """Load every model not loaded yet (before serving); a failure closes what was loaded."""
         try:
             for s in self._settings:
+                if s.alias in self.models:
+                    continue
                 logger.info("loading model %r from %s (n_parallel=%d, n_ctx=%d)", s.alias, s.model, s.n_parallel,
                             s.n_ctx)
                 self.models[s.alias] = ServedModel(s.alias, s, load_llama(s), s.n_parallel + self._max_queued)
@@ -157,8 +160,18 @@ class ModelRegistry:
                            param="model", code="model_not_found")
         return served
 
-    def close(self) -> None:
+    def begin_shutdown(self, grace_s: float) -> None:
+        """Refuse new requests now; after grace_s, close the models, which cancels what still runs."""
+        if self.closing:
+            return
         self.closing = True
-        for served in self.models.values():
-            served.llama.close()
-        self.models.clear()
+        timer = threading.Timer(grace_s, self.close)
+        timer.daemon = True
+        timer.start()
+
+    def close(self) -> None:
+        with self._close_lock:
+            self.closing = True
+            for served in self.models.values():
+                served.llama.close()
+            self.models.clear()
