@@ -3,33 +3,12 @@
 from __future__ import annotations
 
 import os
-import struct
 import weakref
 from pathlib import Path
 
-from . import _runtime
+from . import _runtime, gguf
 from .bindings import ffi, lib
 from .errors import ModelLoadError, TokenError
-
-GGUF_MAGIC = b"GGUF"
-
-
-def check_gguf_header(path: Path) -> None:
-    """Reject what is plainly not a GGUF file before handing it to llama.cpp."""
-    if not path.exists():
-        raise ModelLoadError(f"{path}: no such file")
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: not a regular file")
-    with open(path, "rb") as f:
-        head = f.read(24)
-    if len(head) < 24:
-        raise ModelLoadError(f"{path}: too short for a GGUF header ({len(head)} bytes)")
-    if head[:4] != GGUF_MAGIC:
-        raise ModelLoadError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected {GGUF_MAGIC!r})")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
-    if version not in (2, 3):
-        raise ModelLoadError(f"{path}: unsupported GGUF version {version}")
-
 
 class Model:
     """A model loaded from a GGUF file.  Use as a context manager or call close()."""
@@ -40,7 +19,7 @@ class Model:
                  vocab_only: bool = False, check_tensors: bool = False):
         _runtime.init()
         self.path = Path(path)
-        check_gguf_header(self.path)
+        gguf.read(self.path)  # a corrupt file must not reach llama.cpp, which may abort on it
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         if not use_mmap:  # else keep upstream's default (auto-detected)
