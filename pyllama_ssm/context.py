@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from . import _runtime, memory
+from . import _runtime, memory, planner
 from .batch import Batch
 from .bindings import ffi, has, lib
 from .errors import (ContextError, DecodeError, MemoryFullError, PoolExhaustedError, SnapshotError,
@@ -14,6 +14,8 @@ from .errors import (ContextError, DecodeError, MemoryFullError, PoolExhaustedEr
 from .model import Model
 
 MAX_SEQ = 256  # LLAMA_MAX_SEQ in src/llama-cparams.h
+MAX_TOKENS = 2**31 - 256  # positions are int32, and n_ctx is padded up to a multiple of 256
+MAX_RS_CELLS = 2**16  # each recurrent cell is a whole state: far beyond any memory
 
 # llama_rs_error codes of the snapshot pool (include/llama-ssm.h)
 _RS_ERRORS = {
@@ -47,13 +49,12 @@ class Context:
                  n_seq_max: int = 1, n_rs_seq: int = 0, n_rs_pool: int = 0, n_threads: int | None = None,
                  n_threads_batch: int | None = None, kv_unified: bool = True,
                  flash_attn: bool | str = "auto", embeddings: bool = False, swa_full: bool = True):
-        if not 1 <= n_seq_max <= MAX_SEQ:
-            raise ContextError(f"n_seq_max={n_seq_max}: must be in 1..{MAX_SEQ}")
-        if n_ctx < 0 or n_batch < 1 or n_ubatch < 1:
-            raise ContextError(f"n_ctx={n_ctx}, n_batch={n_batch}, n_ubatch={n_ubatch}: "
-                               f"n_ctx must be >= 0 (0 = from model), batch sizes >= 1")
-        if n_rs_pool < 0:
-            raise ContextError(f"n_rs_pool={n_rs_pool}: must be >= 0")
+        for name, value, lo, hi in (("n_ctx", n_ctx, 0, MAX_TOKENS), ("n_batch", n_batch, 1, MAX_TOKENS),
+                                    ("n_ubatch", n_ubatch, 1, MAX_TOKENS), ("n_seq_max", n_seq_max, 1, MAX_SEQ),
+                                    ("n_rs_seq", n_rs_seq, 0, MAX_RS_CELLS), ("n_rs_pool", n_rs_pool, 0, MAX_RS_CELLS)):
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise ContextError(f"{name}={value!r}: must be an integer in {lo}..{hi}"
+                                   + (" (0 = the model's training context)" if name == "n_ctx" else ""))
         if n_rs_pool and not has("llama_memory_rs_snapshot"):
             raise ContextError(f"n_rs_pool={n_rs_pool}: the snapshot pool needs the patched build")
         if flash_attn not in _FLASH_ATTN:
@@ -74,6 +75,9 @@ class Context:
         p.embeddings = embeddings
         p.swa_full = swa_full
         self.params = p
+        planner.preflight(model.path, planner.ContextShape(
+            n_ctx or model.n_ctx_train, n_seq_max, n_rs_pool, n_rs_seq, p.n_ubatch, p.type_k, p.type_v,
+            kv_unified, swa_full, flash_attn is not False, model.n_gpu_layers))
         _runtime.clear_errors()
         ptr = lib.llama_init_from_model(model.ptr, p)
         if ptr == ffi.NULL:

@@ -17,10 +17,11 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from . import hparams
 from .errors import ModelLoadError
 
 MAGIC = b"GGUF"
@@ -30,11 +31,8 @@ MAX_STRING = 1 << 30           # GGUF_MAX_STRING_LENGTH
 MAX_ARRAY = 1 << 30            # GGUF_MAX_ARRAY_ELEMENTS
 MAX_DIMS = 4                   # GGML_MAX_DIMS
 MAX_NAME = 64                  # GGML_MAX_NAME, terminating NUL included
-MAX_LAYERS = 512               # LLAMA_MAX_LAYERS (src/llama-hparams.h)
-MAX_EXPERTS = 1024             # LLAMA_MAX_EXPERTS
 INT64_MAX = (1 << 63) - 1
 SIZE_MAX = (1 << 64) - 1
-ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")  # LLAMA_ROPE_SCALING_TYPES
 
 
 class ValueType(IntEnum):
@@ -94,10 +92,10 @@ GGML_TYPES: dict[int, GGMLType] = {t.id: t for t in (GGMLType(*row) for row in [
 GGML_TYPE_COUNT = 43
 
 
-def ggml_type(name: str) -> GGMLType:
-    """A ggml type by name ("f16", "q8_0", ...), as llama.cpp's --cache-type-k spells them."""
+def ggml_type(name: str | int) -> GGMLType:
+    """A ggml type by id or name ("f16", "q8_0", ...), as llama.cpp's --cache-type-k spells them."""
     for t in GGML_TYPES.values():
-        if t.name.lower() == name.lower():
+        if t.id == name if isinstance(name, int) else t.name.lower() == name.lower():
             return t
     raise ValueError(f"unknown ggml type {name!r}; known: {', '.join(t.name for t in GGML_TYPES.values())}")
 
@@ -389,52 +387,24 @@ def _check_model(g: GGUFFile) -> None:
     if ARCH_NAMES is not None and arch not in ARCH_NAMES:
         raise fail(f"unknown architecture {arch!r} (this llama.cpp knows {len(ARCH_NAMES)}, "
                    f"e.g. llama, mamba2, jamba, qwen35)")
-    n_layer = g.get_int(".block_count")
-    if n_layer is not None and not 1 <= n_layer <= MAX_LAYERS:
-        raise fail(f"{arch}.block_count={n_layer}: must be in 1..{MAX_LAYERS}")
-    n_nextn = g.get_int(".nextn_predict_layers", 0)
-    if n_layer is not None and n_nextn > n_layer:
-        raise fail(f"{arch}.nextn_predict_layers={n_nextn} exceeds block_count={n_layer}")
-    _check_experts(g, fail)
-    rope_scaling = g.get(".rope.scaling.type")
-    if isinstance(rope_scaling, str) and rope_scaling not in ROPE_SCALING_TYPES:
-        raise fail(f"{arch}.rope.scaling.type={rope_scaling!r}: expected one of {', '.join(ROPE_SCALING_TYPES)}")
+    for t in g.tensors:
+        # norms, biases, scales: converters and llama-quantize keep them f32, and the
+        # CPU graph aborts on an add or mul by a vector of another type
+        if len(t.shape) <= 1 and t.type.id != 0:
+            raise fail(f"tensor {t.name!r} is a vector of type {t.type.name}; llama.cpp needs vectors in f32")
+    hparams.check(g)
     _check_vocab(g, fail)
 
 
-def _check_experts(g: GGUFFile, fail) -> None:
-    arch = g.arch
-    n_expert = g.get_int(".expert_count", 0)
-    used = g.get(".expert_used_count", 0)
-    used_max = int(np.max(used)) if isinstance(used, np.ndarray) and used.size else used
-    if not isinstance(used_max, int) or isinstance(used_max, bool):
-        return  # a wrong type: llama.cpp reports it
-    groups = g.get_int(".expert_group_count", 0)
-    group_used = g.get_int(".expert_group_used_count", 0)
-    if n_expert > MAX_EXPERTS:
-        raise fail(f"{arch}.expert_count={n_expert} exceeds {MAX_EXPERTS}")
-    if used_max > n_expert:
-        raise fail(f"{arch}.expert_used_count={used_max} exceeds expert_count={n_expert}")
-    if n_expert > 0:
-        if used_max == 0:
-            raise fail(f"{arch}.expert_count={n_expert} but expert_used_count is 0")
-        if groups >= n_expert:
-            raise fail(f"{arch}.expert_group_count={groups} must be below expert_count={n_expert}")
-        if groups > 1 and (n_expert % groups or not 0 < group_used < groups):
-            raise fail(f"{arch}: {n_expert} experts in {groups} groups with {group_used} used: "
-                       f"groups must divide the experts and 0 < used < groups")
-    elif groups:
-        raise fail(f"{arch}.expert_group_count={groups} without experts")
-
-
-def _check_vocab(g: GGUFFile, fail) -> None:
+def _check_vocab(g: GGUFFile, fail: Callable[[str], ModelLoadError]) -> None:
     tokens = g.metadata.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list):
         return
-    # llama.cpp renames empty tokens, then asserts that every token text is unique
+    # llama.cpp reads token texts as C strings (up to a NUL), renames empty ones,
+    # then asserts that every token text is unique
     seen: dict[str, int] = {}
     for i, text in enumerate(tokens):
-        text = text or f"[EMPTY_{i}]"
+        text = text.split("\0", 1)[0] or f"[EMPTY_{i}]"
         j = seen.setdefault(text, i)
         if j != i:
             raise fail(f"tokenizer.ggml.tokens: token {i} {text!r} duplicates token {j}")

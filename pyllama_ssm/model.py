@@ -19,6 +19,7 @@ class Model:
                  vocab_only: bool = False, check_tensors: bool = False):
         _runtime.init()
         self.path = Path(path)
+        self.n_gpu_layers = n_gpu_layers
         gguf.read(self.path)  # a corrupt file must not reach llama.cpp, which may abort on it
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
