@@ -3,13 +3,14 @@ PYTHON ?= python3
 CUDA   ?= auto
 export PYLLAMA_SSM_CACHE ?= $(HOME)/.cache/pyllama-ssm
 
-.PHONY: help deps vendor patches patches-edit patches-refresh build models test demo bench clean distclean
+.PHONY: help deps vendor patches patches-edit patches-refresh build models test demo bench fuzz clean distclean
 
 help:
 	@echo "make build            pin + patches + both libllama builds + cffi bindings (CUDA=1 to force CUDA)"
 	@echo "make test             build, generate the model zoo, run the test suite"
 	@echo "make demo             build and serve several sequences at once on one model"
 	@echo "make bench            run the benchmarks under bench/ (results in bench/results/)"
+	@echo "make fuzz             load 20000 mutated GGUF files (FUZZ_CASES=N, FUZZ_SEED=S)"
 	@echo "make vendor           fetch + verify the pinned llama.cpp into vendor/llama.cpp"
 	@echo "make patches          check that patches/series applies to the pin"
 	@echo "make patches-edit     git work tree (build/patch-work) with one commit per patch"
@@ -53,6 +54,10 @@ demo: build models
 bench: build models
 	$(PYTHON) tests/models/generate.py --size small --arch qwen35,jamba
 	$(PYTHON) bench/run_all.py
+
+fuzz: build models
+	PYLLAMA_SSM_FUZZ_CASES=$(or $(FUZZ_CASES),20000) PYLLAMA_SSM_FUZZ_SEED=$(or $(FUZZ_SEED),7) \
+		$(PYTHON) -m pytest -q -s tests/test_gguf_fuzz.py
 
 clean:
 	rm -rf build pyllama_ssm/_llama_* pyllama_ssm/_cdef_*.h .pytest_cache
