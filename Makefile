@@ -52,7 +52,7 @@ demo: build models
 	$(PYTHON) -m pyllama_ssm.demo
 
 bench: build models
-	$(PYTHON) tests/models/generate.py --size small --arch qwen35,jamba
+	$(PYTHON) tests/models/generate.py --size small --arch qwen35,jamba,granitehybrid,nemotron_h
 	$(PYTHON) bench/run_all.py
 
 fuzz: build models

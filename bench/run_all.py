@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["memory_footprint.py", "engine_throughput.py"]
+SCRIPTS = ["memory_footprint.py", "engine_throughput.py", "inplace_decode.py"]
 
 if __name__ == "__main__":
     rc = 0

@@ -1,0 +1,180 @@
+"""Patch 0005 (rs-inplace): decode throughput with recurrent states updated in place.
+
+    python bench/inplace_decode.py [--models qwen35-small,...] [--seqs 1,8,16] [--steps 48] [--rounds 3]
+
+Three libraries side by side, same models, prompts and thread count:
+  upstream  the pristine pin (build/upstream)
+  copy      our series with LLAMA_RS_INPLACE=0: upstream's path, which gathers the
+            states into a temporary (get_rows) and copies the new ones back (cpy)
+  inplace   our series as shipped: states read and updated where they lie
+Each measurement is a child process (one libllama per process) that prefills n
+prompts, then times `steps` decode steps of n tokens. Rounds interleave the three
+libraries so that load from other users of the machine hits them alike; the table
+shows medians over rounds and the ratios inplace/upstream and inplace/copy.
+
+With perf on PATH (Debian's linux-perf), one more run per model at the largest n
+is sampled for upstream and inplace, during the decode steps only, and the table
+gives the share of samples in get_rows and in state copies (ggml's dup/cpy and
+memmove): the time the patch removes.
+
+Writes bench/results/inplace_decode.json and bench/results/inplace_decode.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ZOO = ROOT / "build" / "models"
+RESULTS = ROOT / "bench" / "results"
+LIBS = {  # name -> environment of the child
+    "upstream": {"PYLLAMA_SSM_BUILD": "upstream"},
+    "copy": {"PYLLAMA_SSM_BUILD": "patched", "LLAMA_RS_INPLACE": "0"},
+    "inplace": {"PYLLAMA_SSM_BUILD": "patched", "LLAMA_RS_INPLACE": "1"},
+}
+
+# The child: prefill n prompts, time `steps` decode steps; with a perf control fifo,
+# sample only the decode steps. Prints tokens/s.
+CHILD = r"""
+import os, sys, time
+import pyllama_ssm as ps
+path, n, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ctl, ack = os.environ.get("PERF_CTL"), os.environ.get("PERF_ACK")
+
+def perf(cmd):
+    if ctl:
+        with open(ctl, "w") as f: f.write(cmd + "\n")
+        with open(ack) as f: f.read(5)
+
+model = ps.Model(path)
+with ps.Context(model, n_ctx=4096, n_seq_max=n, n_batch=512) as ctx, ps.Batch(512, n) as batch:
+    pos = []
+    for s in range(n):
+        prompt = model.tokenize(f"Sequence {s} of the benchmark tells a story about")
+        batch.add_sequence(prompt, 0, s)
+        pos.append(len(prompt))
+    ctx.decode(batch)
+    token = model.tokenize(" word", add_special=False)[0]
+    for warm in range(4 + steps):
+        if warm == 4:
+            perf("enable")
+            t0 = time.perf_counter()
+        batch.clear()
+        for s in range(n):
+            batch.add(token, pos[s], s, logits=True)
+            pos[s] += 1
+        ctx.decode(batch)
+    elapsed = time.perf_counter() - t0
+    perf("disable")
+print(n * steps / elapsed)
+"""
+
+
+def child_env(lib: str) -> dict[str, str]:
+    return {**os.environ, **LIBS[lib], "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def measure(lib: str, model: Path, n: int, steps: int) -> float:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(model), str(n), str(steps)], env=child_env(lib),
+                         capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        raise SystemExit(f"{lib} {model.name} n={n} failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.split()[-1])
+
+
+def profile(lib: str, model: Path, n: int, steps: int) -> dict[str, float]:
+    """Shares of perf's cpu-clock samples during the decode steps (perf's control fifo)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ctl, ack, data = Path(tmp, "ctl"), Path(tmp, "ack"), Path(tmp, "perf.data")
+        os.mkfifo(ctl)
+        os.mkfifo(ack)
+        env = {**child_env(lib), "PERF_CTL": str(ctl), "PERF_ACK": str(ack)}
+        subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-D", "-1", f"--control=fifo:{ctl},{ack}",
+                        "-o", str(data), "--", sys.executable, "-c", CHILD, str(model), str(n), str(steps)],
+                       env=env, capture_output=True, text=True, check=True, timeout=900)
+        report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "symbol"],
+                                capture_output=True, text=True, check=True).stdout
+    shares = {"get_rows": 0.0, "copies": 0.0}
+    for line in report.splitlines():
+        parts = line.split()
+        if not parts or not parts[0].endswith("%"):
+            continue
+        pct, symbol = float(parts[0].rstrip("%")), " ".join(parts[2:])
+        if "get_rows" in symbol:
+            shares["get_rows"] += pct
+        elif any(s in symbol for s in ("forward_dup", "forward_cpy", "memmove", "memcpy")):
+            shares["copies"] += pct
+    return shares
+
+
+def markdown(results: dict) -> str:
+    rows = ["| model | seqs | upstream tok/s | copy tok/s | inplace tok/s | inplace / upstream | inplace / copy |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results["throughput"]:
+        rows.append(f"| {r['model']} | {r['seqs']} | {r['upstream']:.1f} | {r['copy']:.1f} | {r['inplace']:.1f} "
+                    f"| {r['inplace'] / r['upstream']:.2f}x | {r['inplace'] / r['copy']:.2f}x |")
+    if results["profile"]:
+        rows += ["", "| model | seqs | lib | get_rows % | copies % | state traffic % |", "|---|---:|---|---:|---:|---:|"]
+        for p in results["profile"]:
+            rows.append(f"| {p['model']} | {p['seqs']} | {p['lib']} | {p['get_rows']:.1f} | {p['copies']:.1f} "
+                        f"| {p['get_rows'] + p['copies']:.1f} |")
+    return "\n".join(rows) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="qwen35-small,jamba-small,granitehybrid-small,nemotron_h-small")
+    ap.add_argument("--seqs", default="1,8,16")
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-profile", action="store_true", help="skip the perf sampling")
+    args = ap.parse_args()
+    models = [m for m in args.models.split(",") if (ZOO / f"{m}.gguf").exists()]
+    missing = sorted(set(args.models.split(",")) - set(models))
+    if missing:
+        print(f"not in the zoo (make bench generates them): {', '.join(missing)}", file=sys.stderr)
+    seqs = [int(n) for n in args.seqs.split(",")]
+
+    jobs = [(m, n) for m in models for n in seqs]
+    samples: dict[tuple[str, int, str], list[float]] = {}
+    total, done = len(jobs) * args.rounds * len(LIBS), 0
+    for _ in range(args.rounds):
+        for m, n in jobs:
+            for lib in LIBS:  # interleaved: the libraries share whatever load the machine has
+                samples.setdefault((m, n, lib), []).append(measure(lib, ZOO / f"{m}.gguf", n, args.steps))
+                done += 1
+                print(f"\r[{done}/{total}] {m} n={n} {lib}            ", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    throughput = [{"model": m, "seqs": n, **{lib: statistics.median(samples[(m, n, lib)]) for lib in LIBS},
+                   "samples": {lib: samples[(m, n, lib)] for lib in LIBS}} for m, n in jobs]
+
+    prof = []
+    if not args.no_profile and shutil.which("perf"):
+        for m in models:
+            for lib in ("upstream", "inplace"):
+                shares = profile(lib, ZOO / f"{m}.gguf", max(seqs), args.steps)
+                prof.append({"model": m, "seqs": max(seqs), "lib": lib, **shares})
+    elif not args.no_profile:
+        print("perf not found: no profile (apt-get install linux-perf)", file=sys.stderr)
+
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+               "steps": args.steps, "rounds": args.rounds, "throughput": throughput, "profile": prof}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "inplace_decode.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown(results)
+    (RESULTS / "inplace_decode.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
