@@ -10,6 +10,7 @@ derive() feeds the memory planner.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -40,6 +41,7 @@ MROPE_ARCHS = frozenset({"qwen2vl", "paddleocr", "qwen3vl", "qwen3vlmoe", "qwen3
 # which layers are recurrent: "n_head_kv == 0" for these (jamba.cpp, lfm2.cpp, ... load_arch_hparams)
 RECURRENT_IF_NO_KV_HEADS = frozenset({"jamba", "granitehybrid", "lfm2", "lfm2moe", "plamo2", "kimi-linear"})
 GATED_DELTA_NET_ARCHS = frozenset({"qwen3next", "qwen35", "qwen35moe"})
+MAMBA2_ARCHS = frozenset({"mamba2", "granitehybrid", "nemotron_h", "nemotron_h_moe", "falcon-h1"})
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ def check(g: GGUFFile) -> None:
         raise fail(f"{arch}.rope.scaling.type={rope_scaling!r}: expected one of {', '.join(ROPE_SCALING_TYPES)}")
     if n_layer is not None:
         _check_rope(g, n_layer, fail)
+    _check_graph(g, fail)
 
 
 def _check_experts(g: GGUFFile, fail: Callable[[str], ModelLoadError]) -> None:
@@ -149,6 +152,42 @@ def _check_rope(g: GGUFFile, n_layer: int, fail: Callable[[str], ModelLoadError]
         if min(s) < 0 or sum(s[:3]) == 0 or sum(s) > head_k:
             raise fail(f"{arch}.rope.dimension_sections={s}: sections must be >= 0, the first three not all 0, "
                        f"and sum to at most the head size {head_k}")
+
+
+def _check_graph(g: GGUFFile, fail: Callable[[str], ModelLoadError]) -> None:
+    """Invariants the graph builders (src/models/*.cpp) assert when a context is created."""
+    arch = g.arch
+    for key in (".attention.layer_norm_epsilon", ".attention.layer_norm_rms_epsilon"):
+        eps = g.get(key)
+        if isinstance(eps, float) and not 0 <= eps < math.inf:
+            raise fail(f"{arch}{key}={eps}: must be a finite number >= 0")
+    n_embd, d_inner = g.get_int(".embedding_length"), g.get_int(".ssm.inner_size")
+    n_heads, n_group = g.get_int(".ssm.time_step_rank"), g.get_int(".ssm.group_count")
+    d_state = g.get_int(".ssm.state_size")
+    rules: list[tuple[bool, str]] = []
+    if arch in ("jamba", "granitehybrid") and None not in (n_embd, d_inner):
+        rules.append((d_inner == 2 * n_embd, f"ssm.inner_size={d_inner} must be 2 x embedding_length={n_embd}"))
+    if arch in MAMBA2_ARCHS and None not in (d_inner, n_heads, n_group):
+        rules.append((n_heads > 0 and d_inner % n_heads == 0 and (n_group == 0 or d_inner % n_group == 0),
+                      f"ssm.inner_size={d_inner} must divide into ssm.time_step_rank={n_heads} heads "
+                      f"and ssm.group_count={n_group} groups"))
+    if arch in GATED_DELTA_NET_ARCHS and None not in (d_inner, n_heads, n_group, d_state):
+        rules.append((0 < n_group and 0 < n_heads and n_heads % n_group == 0 and d_state * n_heads == d_inner,
+                      f"value heads ssm.time_step_rank={n_heads} must be a multiple of key heads "
+                      f"ssm.group_count={n_group}, and ssm.inner_size={d_inner} = heads x ssm.state_size={d_state}"))
+    if arch in ("rwkv6", "rwkv7"):
+        shift = _int(g, ".token_shift_count", 2)
+        rules.append((shift == 2, f"token_shift_count={shift}: this graph supports 2"))
+    wkv, n_head_kv = g.get_int(".wkv.head_size"), g.get_int(".attention.head_count_kv")
+    if arch in ("rwkv6", "rwkv6qwen2") and None not in (n_embd, wkv, n_head_kv) and wkv > 0 and n_head_kv:
+        rules.append(((n_embd // wkv) % n_head_kv == 0,
+                      f"{n_embd // wkv} wkv heads are not a multiple of attention.head_count_kv={n_head_kv}"))
+    if arch in ("lfm2", "lfm2moe"):
+        l_cache = _int(g, ".shortconv.l_cache", 2)
+        rules.append((l_cache > 1, f"shortconv.l_cache={l_cache}: must be > 1"))
+    for ok, reason in rules:
+        if not ok:
+            raise fail(f"{arch}.{reason}")
 
 
 def _head_sizes(g: GGUFFile, n_layer: int) -> tuple[int, int, int, int, int, int] | None:
