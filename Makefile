@@ -40,6 +40,7 @@ patches-refresh:
 build: deps vendor
 	$(PYTHON) tools/build.py --cuda $(CUDA)
 	$(PYTHON) tools/build_ffi.py
+	$(PYTHON) tools/stock.py  # stock llama-cpp-python (pure Python): parity tests, JSON-schema grammars
 
 models: build
 	$(PYTHON) tests/models/generate.py

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Mapping
 
 from .errors import BuildMissingError
 
@@ -44,4 +45,15 @@ def has(name: str) -> bool:
     return hasattr(lib, name)
 
 
-__all__ = ["BUILD", "ffi", "lib", "has"]
+def set_fields(struct, values: Mapping[str, object], what: str) -> None:
+    """Set fields of a cffi struct (llama_*_params) by name; a bad name or value names itself."""
+    for name, value in values.items():
+        try:
+            setattr(struct, name, value)
+        except AttributeError:
+            raise ValueError(f"{what}: no field {name!r} in this build of llama.cpp") from None
+        except (TypeError, OverflowError) as e:
+            raise ValueError(f"{what}.{name} = {value!r}: {e}") from None
+
+
+__all__ = ["BUILD", "ffi", "lib", "has", "set_fields"]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from . import _runtime, memory, planner
 from .batch import Batch
-from .bindings import ffi, has, lib
+from .bindings import ffi, has, lib, set_fields
 from .errors import (ContextError, DecodeError, MemoryFullError, PoolExhaustedError, SnapshotError,
                      StateError)
 from .model import Model
@@ -48,7 +50,8 @@ class Context:
     def __init__(self, model: Model, *, n_ctx: int = 0, n_batch: int = 512, n_ubatch: int = 512,
                  n_seq_max: int = 1, n_rs_seq: int = 0, n_rs_pool: int = 0, n_threads: int | None = None,
                  n_threads_batch: int | None = None, kv_unified: bool = True,
-                 flash_attn: bool | str = "auto", embeddings: bool = False, swa_full: bool = True):
+                 flash_attn: bool | str = "auto", embeddings: bool = False, swa_full: bool = True,
+                 overrides: Mapping[str, Any] | None = None):
         for name, value, lo, hi in (("n_ctx", n_ctx, 0, MAX_TOKENS), ("n_batch", n_batch, 1, MAX_TOKENS),
                                     ("n_ubatch", n_ubatch, 1, MAX_TOKENS), ("n_seq_max", n_seq_max, 1, MAX_SEQ),
                                     ("n_rs_seq", n_rs_seq, 0, MAX_RS_CELLS), ("n_rs_pool", n_rs_pool, 0, MAX_RS_CELLS)):
@@ -74,6 +77,7 @@ class Context:
         p.flash_attn_type = _FLASH_ATTN[flash_attn]
         p.embeddings = embeddings
         p.swa_full = swa_full
+        set_fields(p, overrides or {}, "llama_context_params")  # rope, yarn, type_k/v, pooling, ...
         self.params = p
         planner.preflight(model.path, planner.ContextShape(
             n_ctx or model.n_ctx_train, n_seq_max, n_rs_pool, n_rs_seq, p.n_ubatch, p.type_k, p.type_v,

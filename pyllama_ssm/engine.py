@@ -19,8 +19,9 @@ import collections
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -197,7 +198,7 @@ class Engine:
 
     def __init__(self, model: Model | str, *, n_ctx: int = 4096, parallel: int = 4, n_batch: int = 512,
                  n_threads: int | None = None, prefix_cache: int = 8, prefix_cache_bytes: int | None = 256 << 20,
-                 flash_attn: bool | str = "auto"):
+                 flash_attn: bool | str = "auto", context_overrides: Mapping[str, Any] | None = None):
         self._own_model = not isinstance(model, Model)
         self.model = Model(model) if self._own_model else model
         if parallel < 1:
@@ -209,7 +210,7 @@ class Engine:
         n_rs_pool = self.n_cache + parallel if snapshots else 0
         self.ctx = Context(self.model, n_ctx=n_ctx, n_seq_max=parallel, n_rs_pool=n_rs_pool,
                            n_batch=n_batch, n_ubatch=n_batch, n_threads=n_threads, kv_unified=True,
-                           flash_attn=flash_attn)
+                           flash_attn=flash_attn, overrides=context_overrides)
         self.parallel = parallel
         self.n_ctx = self.ctx.n_ctx
         self.n_batch = self.ctx.n_batch

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from . import _runtime, gguf
-from .bindings import ffi, lib
+from .bindings import ffi, lib, set_fields
 from .errors import ModelLoadError, TokenError
 
 class Model:
@@ -16,7 +18,9 @@ class Model:
     _free = lib.llama_model_free  # kept on the class: __del__ may run after module teardown
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
-                 vocab_only: bool = False, check_tensors: bool = False):
+                 vocab_only: bool = False, check_tensors: bool = False, overrides: Mapping[str, Any] | None = None):
+        """overrides: further llama_model_params fields by name (the drop-in Llama passes
+        llama-cpp-python's: split_mode, load_mode, kv_overrides, ...); arrays must outlive the call."""
         _runtime.init()
         self.path = Path(path)
         self.n_gpu_layers = n_gpu_layers
@@ -27,6 +31,8 @@ class Model:
             params.load_mode = lib.LLAMA_LOAD_MODE_NONE
         params.vocab_only = vocab_only
         params.check_tensors = check_tensors
+        set_fields(params, overrides or {}, "llama_model_params")
+        self.params = params
         _runtime.clear_errors()
         ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if ptr == ffi.NULL:

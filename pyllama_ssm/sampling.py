@@ -1,14 +1,18 @@
 """Sampling parameters and llama.cpp sampler chains built from them.
 
-The chain order follows llama-cpp-python (logit bias, penalties, grammar, then
-top-k, typical, top-p, min-p, temperature and the seeded distribution, or
-mirostat, or greedy at temperature 0) so the same parameters pick the same
-tokens.
+The chain follows llama-cpp-python's (logit bias, penalties, grammar, then
+greedy at temperature 0, the plain seeded distribution below 0, mirostat, or
+top-k, typical, top-p, min-p, temperature and the seeded distribution) so the
+same parameters pick the same tokens.  A Python logits processor, when given,
+rewrites the raw logits before the chain sees them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from .bindings import ffi, lib
 from .model import Model
@@ -33,10 +37,12 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None
     seed: int | None = None
+    # (tokens sampled so far, raw logits) -> logits; runs on the decoding thread before the chain
+    logits_processor: Callable[[list[int], np.ndarray], np.ndarray] | None = None
 
     def __post_init__(self):
         checks = [
-            (self.temperature == self.temperature, "temperature must be a number"),  # <= 0: greedy
+            (self.temperature == self.temperature, "temperature must be a number"),  # 0: greedy
             (self.top_k >= 0, "top_k must be >= 0"),
             (0.0 <= self.top_p <= 1.0, "top_p must be in [0, 1]"),
             (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
@@ -57,6 +63,8 @@ class Sampler:
 
     def __init__(self, model: Model, params: SamplingParams):
         self.params = params
+        self._n_vocab = model.n_vocab
+        self._generated: list[int] = []  # what the logits processor is shown
         p = params
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         self._chain = chain
@@ -77,13 +85,13 @@ class Sampler:
                 raise ValueError("grammar: llama.cpp could not parse the GBNF grammar")
             add(g)
         seed = DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF
-        if p.temperature <= 0 and p.mirostat_mode == 0:
+        if p.temperature < 0:
+            add(lib.llama_sampler_init_dist(seed))
+        elif p.temperature == 0:
             add(lib.llama_sampler_init_greedy())
         elif p.mirostat_mode == 1:
-            add(lib.llama_sampler_init_temp(p.temperature))
             add(lib.llama_sampler_init_mirostat(n_vocab, seed, p.mirostat_tau, p.mirostat_eta, 100))
         elif p.mirostat_mode == 2:
-            add(lib.llama_sampler_init_temp(p.temperature))
             add(lib.llama_sampler_init_mirostat_v2(seed, p.mirostat_tau, p.mirostat_eta))
         else:
             add(lib.llama_sampler_init_top_k(p.top_k))
@@ -95,7 +103,16 @@ class Sampler:
 
     def sample(self, ctx_ptr, idx: int) -> int:
         """Sample from batch output idx and accept the token into the chain's state."""
-        return lib.llama_sampler_sample(self._chain, ctx_ptr, idx)
+        if self.params.logits_processor is None:
+            return lib.llama_sampler_sample(self._chain, ctx_ptr, idx)
+        p = lib.llama_get_logits_ith(ctx_ptr, idx)
+        if p == ffi.NULL:
+            raise ValueError(f"no logits for batch output {idx}")
+        logits = np.frombuffer(ffi.buffer(p, self._n_vocab * 4), dtype=np.float32)  # the context's own buffer
+        logits[:] = self.params.logits_processor(self._generated, logits.copy())
+        token = lib.llama_sampler_sample(self._chain, ctx_ptr, idx)
+        self._generated.append(token)
+        return token
 
     def accept(self, token: int) -> None:
         lib.llama_sampler_accept(self._chain, token)

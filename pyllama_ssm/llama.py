@@ -1,0 +1,1140 @@
+"""The drop-in Llama: llama-cpp-python 0.3.36's high-level API over pyllama-ssm.
+
+Llama(model_path, ...) takes llama_cpp.Llama's parameters (same names, defaults
+and meaning) plus n_parallel; an unknown keyword is a TypeError.
+
+- n_parallel=1: one context, one sequence, driven from this object the way
+  llama-cpp-python drives it (eval, sample, generate, n_tokens, input_ids,
+  scores, prefix reuse between calls, save_state/load_state, set_cache), so the
+  same calls give the same tokens.  Like llama-cpp-python, one call at a time.
+- n_parallel>1: completions are requests to an Engine (one context, continuous
+  batching, a shared prefix cache), so calls from several threads run at once,
+  each on its own sequence.  The single-sequence methods (eval, sample,
+  generate, save_state, load_state, set_cache) then say they need n_parallel=1.
+
+Responses are llama_cpp.llama_types dicts.  Not supported, with a clear error:
+suffix (fill-in-the-middle), draft_model (speculative decoding), lora_base.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import random
+import sys
+import threading
+import time
+import uuid
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from . import llama_chat_format, llama_grammar
+from .batch import Batch
+from .bindings import ffi, lib
+from .context import Context, default_threads
+from .engine import Engine
+from .llama_cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache, longest_token_prefix
+from .llama_grammar import LlamaGrammar
+from .llama_types import *  # noqa: F403 - llama_cpp.llama re-exports the types too
+from .llama_types import (ChatCompletionFunction, ChatCompletionRequestFunctionCall, ChatCompletionRequestMessage,
+                          ChatCompletionRequestResponseFormat, ChatCompletionTool, ChatCompletionToolChoiceOption,
+                          CompletionLogprobs, CreateChatCompletionResponse, CreateChatCompletionStreamResponse,
+                          CreateCompletionResponse, CreateCompletionStreamResponse, CreateEmbeddingResponse)
+from .model import Model
+from .sampling import Sampler, SamplingParams
+
+__all__ = ["Llama", "LlamaState", "LlamaTokenizer", "LogitsProcessor", "LogitsProcessorList", "StoppingCriteria",
+           "StoppingCriteriaList", "MinTokensLogitsProcessor", "StopOnTokenIds", "LlamaGrammar", "BaseLlamaCache",
+           "LlamaCache", "LlamaRAMCache", "LlamaDiskCache"]
+
+# -- callbacks, as llama_cpp.llama defines them ------------------------------------------
+LogitsProcessor = Callable[[npt.NDArray[np.intc], npt.NDArray[np.single]], npt.NDArray[np.single]]
+StoppingCriteria = Callable[[npt.NDArray[np.intc], npt.NDArray[np.single]], bool]
+
+
+class LogitsProcessorList(list):
+    def __call__(self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]) -> npt.NDArray[np.single]:
+        for processor in self:
+            scores = processor(input_ids, scores)
+        return scores
+
+
+class StoppingCriteriaList(list):
+    def __call__(self, input_ids: npt.NDArray[np.intc], logits: npt.NDArray[np.single]) -> bool:
+        return any([criteria(input_ids, logits) for criteria in self])
+
+
+class MinTokensLogitsProcessor:
+    """Forbids the EOS token until min_tokens tokens were generated."""
+
+    def __init__(self, min_tokens: int, token_eos: int):
+        self.min_tokens = min_tokens
+        self.token_eos = token_eos
+        self.prompt_tokens: Optional[int] = None
+
+    def __call__(self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]) -> npt.NDArray[np.single]:
+        if self.prompt_tokens is None:
+            self.prompt_tokens = len(input_ids)
+        if len(input_ids) - self.prompt_tokens < self.min_tokens:
+            scores[self.token_eos] = -np.inf
+        return scores
+
+
+class StopOnTokenIds:
+    """Stops when the last evaluated token is one of token_ids (what chat templates ask for EOS)."""
+
+    def __init__(self, token_ids: Iterable[int]):
+        self.token_ids = frozenset(token_ids)
+
+    def __call__(self, input_ids: npt.NDArray[np.intc], logits: npt.NDArray[np.single]) -> bool:
+        return len(input_ids) > 0 and int(input_ids[-1]) in self.token_ids
+
+
+@dataclass(eq=False)
+class LlamaState:
+    """A saved context (memory bytes) with the Python-side state that goes with it."""
+
+    input_ids: npt.NDArray[np.intc]
+    scores: npt.NDArray[np.single]
+    n_tokens: int
+    llama_state: bytes
+    llama_state_size: int
+    seed: int
+
+
+class LlamaTokenizer:
+    """The model's own tokenizer, with llama-cpp-python's byte-level detokenize."""
+
+    def __init__(self, llama: "Llama"):
+        self._model = llama._model
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
+        if not isinstance(text, (bytes, bytearray)):
+            raise TypeError(f"tokenize: text must be bytes (utf-8), got {type(text).__name__}")
+        return self._model.tokenize(bytes(text), add_special=add_bos, parse_special=special)
+
+    def detokenize(self, tokens: list[int], prev_tokens: Optional[list[int]] = None, special: bool = False) -> bytes:
+        out = b"".join(self._model.token_to_piece(int(t), special=special) for t in tokens)
+        # SPM vocabularies put a space before the first word: drop it after BOS, as llama-cpp-python does
+        if len(tokens) > 0 and tokens[0] == self._model.token_bos and out[:1] == b" ":
+            out = out[1:]
+        return out
+
+    def encode(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
+        return self.tokenize(text.encode("utf-8", errors="ignore"), add_bos=add_bos, special=special)
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.detokenize(tokens).decode("utf-8", errors="ignore")
+
+
+# -- the model ----------------------------------------------------------------------------
+_UNLIMITED = (None, 0, -1)  # max_tokens values meaning "up to the context size" (llama-cpp-python)
+
+
+class Llama:
+    """A GGUF model with llama-cpp-python's API; n_parallel > 1 serves concurrent calls."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        # model
+        n_gpu_layers: int = 0,
+        split_mode: int = lib.LLAMA_SPLIT_MODE_LAYER,
+        main_gpu: int = 0,
+        tensor_split: Optional[list[float]] = None,
+        vocab_only: bool = False,
+        use_mmap: bool = True,
+        use_mlock: bool = False,
+        kv_overrides: Optional[dict[str, Union[bool, int, float, str]]] = None,
+        # context
+        seed: int = lib.LLAMA_DEFAULT_SEED,
+        n_ctx: int = 512,
+        n_batch: int = 512,
+        n_ubatch: int = 512,
+        n_threads: Optional[int] = None,
+        n_threads_batch: Optional[int] = None,
+        rope_scaling_type: Optional[int] = lib.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED,
+        pooling_type: int = lib.LLAMA_POOLING_TYPE_UNSPECIFIED,
+        attention_type: int = lib.LLAMA_ATTENTION_TYPE_UNSPECIFIED,
+        rope_freq_base: float = 0.0,
+        rope_freq_scale: float = 0.0,
+        yarn_ext_factor: float = -1.0,
+        yarn_attn_factor: float = 1.0,
+        yarn_beta_fast: float = 32.0,
+        yarn_beta_slow: float = 1.0,
+        yarn_orig_ctx: int = 0,
+        logits_all: bool = False,
+        embedding: bool = False,
+        offload_kqv: bool = True,
+        flash_attn: bool = False,
+        op_offload: Optional[bool] = None,
+        swa_full: Optional[bool] = None,
+        # sampling
+        no_perf: bool = False,
+        last_n_tokens_size: int = 64,
+        # LoRA
+        lora_base: Optional[str] = None,
+        lora_scale: float = 1.0,
+        lora_path: Optional[str] = None,
+        # backend
+        numa: Union[bool, int] = False,
+        # chat
+        chat_format: Optional[str] = None,
+        chat_handler: Optional[llama_chat_format.LlamaChatCompletionHandler] = None,
+        draft_model: Any = None,
+        tokenizer: Any = None,
+        # KV cache types (ggml_type)
+        type_k: Optional[int] = None,
+        type_v: Optional[int] = None,
+        spm_infill: bool = False,
+        verbose: bool = True,
+        # pyllama-ssm
+        n_parallel: int = 1,
+    ):
+        self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self._model = self._ctx = self._engine = self._batch = self._lora = self._sampler = None  # for close()
+        self.verbose = verbose
+        if not isinstance(n_parallel, int) or n_parallel < 1:
+            raise ValueError(f"n_parallel={n_parallel!r}: must be an int >= 1")
+        if n_ctx < 0 or n_batch < 1 or n_ubatch < 1:
+            raise ValueError(f"n_ctx={n_ctx}, n_batch={n_batch}, n_ubatch={n_ubatch}: n_ctx must be >= 0 "
+                             f"(0 = the model's training context), batch sizes >= 1")
+        if draft_model is not None:
+            raise ValueError("draft_model: speculative decoding is not supported by pyllama_ssm.Llama")
+        if lora_base is not None:
+            raise ValueError("lora_base: not supported (llama.cpp applies a LoRA to the loaded model itself)")
+        if tensor_split is not None and len(tensor_split) > lib.llama_max_devices():
+            raise ValueError(f"tensor_split: {len(tensor_split)} entries, at most {lib.llama_max_devices()} devices")
+        if last_n_tokens_size < -1:
+            raise ValueError(f"last_n_tokens_size={last_n_tokens_size}: must be >= -1")
+
+        self.model_path = model_path
+        self.n_parallel = n_parallel
+        self.numa = (lib.GGML_NUMA_STRATEGY_DISTRIBUTE if numa else lib.GGML_NUMA_STRATEGY_DISABLED) \
+            if isinstance(numa, bool) else numa
+        if self.numa != lib.GGML_NUMA_STRATEGY_DISABLED:
+            lib.llama_numa_init(self.numa)
+        self.tensor_split = tensor_split
+        self.kv_overrides = kv_overrides
+        self.lora_base, self.lora_scale, self.lora_path = lora_base, lora_scale, lora_path
+        self.last_n_tokens_size = last_n_tokens_size
+        self.spm_infill = spm_infill
+        self.draft_model = draft_model
+        self.cache: Optional[BaseLlamaCache] = None
+        self.chat_template_kwargs: dict[str, Any] = {}  # extra template variables (llama.cpp server's name)
+        self._logits_all = logits_all
+        self._seed = seed or lib.LLAMA_DEFAULT_SEED
+        self._seed_lock = threading.Lock()
+
+        with contextlib.ExitStack() as stack:  # anything opened is closed again if a later step fails
+            self._model = Model(model_path, n_gpu_layers=0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers,
+                                vocab_only=vocab_only,
+                                overrides=self._model_params(split_mode, main_gpu, tensor_split, use_mmap and lora_path
+                                                          is None, use_mlock, kv_overrides))
+            stack.callback(self._model.close)
+            if n_ctx == 0:
+                n_ctx = self._model.n_ctx_train
+            self.n_batch = min(n_ctx, n_batch)
+            self.n_threads = n_threads or max(default_threads() // 2, 1)
+            self.n_threads_batch = n_threads_batch or default_threads()
+            context_params = dict(
+                rope_scaling_type=lib.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED if rope_scaling_type is None
+                else rope_scaling_type, pooling_type=pooling_type, attention_type=attention_type,
+                rope_freq_base=rope_freq_base, rope_freq_scale=rope_freq_scale, yarn_ext_factor=yarn_ext_factor,
+                yarn_attn_factor=yarn_attn_factor, yarn_beta_fast=yarn_beta_fast, yarn_beta_slow=yarn_beta_slow,
+                yarn_orig_ctx=yarn_orig_ctx, offload_kqv=offload_kqv, no_perf=no_perf)
+            for name, value in (("op_offload", op_offload), ("swa_full", swa_full), ("type_k", type_k),
+                                ("type_v", type_v)):
+                if value is not None:
+                    context_params[name] = value
+            # n_parallel == 1 (or embeddings): self._ctx, driven from here; n_parallel > 1: self._engine
+            if n_parallel == 1 or embedding:
+                # embeddings batch many inputs as sequences of one context, as llama-cpp-python does
+                self._ctx = Context(self._model, n_ctx=n_ctx if n_parallel == 1 else self.n_batch,
+                                    n_batch=self.n_batch, n_ubatch=min(self.n_batch, n_ubatch),
+                                    n_seq_max=min(self.n_batch, lib.llama_max_parallel_sequences()) if embedding
+                                    else 1, n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
+                                    kv_unified=embedding, flash_attn=bool(flash_attn), embeddings=embedding,
+                                    overrides=context_params)
+                stack.callback(self._ctx.close)
+                self._batch = Batch(self.n_batch, 1)
+                stack.callback(self._batch.close)
+            if n_parallel > 1:
+                self._engine = Engine(self._model, n_ctx=n_ctx, parallel=n_parallel, n_batch=self.n_batch,
+                                      n_threads=self.n_threads, flash_attn=bool(flash_attn),
+                                      context_overrides=context_params)
+                stack.callback(self._engine.close)
+            self._lora = self._load_lora(lora_path, lora_scale) if lora_path else None
+            stack.pop_all()
+        self.context_params = (self._ctx or self._engine.ctx).params
+        self.model_params = self._model.params
+        self.tokenizer_ = tokenizer or LlamaTokenizer(self)
+        self._n_vocab = self._model.n_vocab
+        self._n_ctx = self.n_ctx()
+        self._is_recurrent = self._model.is_recurrent
+        self._is_hybrid = self._model.is_hybrid
+        if self._ctx is not None and n_parallel == 1:
+            self.n_tokens = 0
+            self._requires_eval = True  # restored or truncated state must decode before sampling
+            self.input_ids: npt.NDArray[np.intc] = np.zeros((n_ctx,), dtype=np.intc)
+            self.scores: npt.NDArray[np.single] = np.zeros((n_ctx if logits_all else self.n_batch, self._n_vocab),
+                                                           dtype=np.single)
+        self.metadata = self._model.metadata()
+        self._init_chat(chat_format, chat_handler)
+        if verbose:
+            print(ffi.string(lib.llama_print_system_info()).decode(), file=sys.stderr)
+
+    @staticmethod
+    def _model_params(split_mode: int, main_gpu: int, tensor_split, use_mmap: bool, use_mlock: bool,
+                      kv_overrides) -> dict[str, Any]:
+        """llama_model_params fields beyond what Model takes by name (arrays kept alive by the caller's dict)."""
+        load_mode = {(True, True): lib.LLAMA_LOAD_MODE_MMAP_MLOCK, (False, True): lib.LLAMA_LOAD_MODE_MLOCK,
+                     (True, False): lib.LLAMA_LOAD_MODE_MMAP, (False, False): lib.LLAMA_LOAD_MODE_NONE}
+        params: dict[str, Any] = dict(split_mode=split_mode, main_gpu=main_gpu,
+                                      load_mode=load_mode[(bool(use_mmap), bool(use_mlock))])
+        if tensor_split is not None:
+            params["tensor_split"] = ffi.new("float[]", [float(x) for x in tensor_split] +
+                                             [0.0] * (lib.llama_max_devices() - len(tensor_split)))
+        if kv_overrides:
+            params["kv_overrides"] = _kv_override_array(kv_overrides)
+        return params
+
+    def _load_lora(self, path: str, scale: float):
+        if not Path(path).is_file():
+            raise ValueError(f"lora_path {path}: no such file")
+        adapter = lib.llama_adapter_lora_init(self._model.ptr, path.encode())
+        if adapter == ffi.NULL:
+            raise ValueError(f"lora_path {path}: llama.cpp could not load it as a LoRA adapter for this model")
+        adapters, scales = ffi.new("struct llama_adapter_lora *[1]", [adapter]), ffi.new("float[1]", [scale])
+        for ctx in filter(None, (self._ctx, self._engine and self._engine.ctx)):
+            if lib.llama_set_adapters_lora(ctx.ptr, adapters, 1, scales) != 0:
+                lib.llama_adapter_lora_free(adapter)
+                raise ValueError(f"lora_path {path}: llama.cpp could not apply the adapter")
+        return adapter
+
+    def _init_chat(self, chat_format: Optional[str], chat_handler) -> None:
+        """The model's own templates become handlers "chat_template.<name>"; pick the format."""
+        eos, bos = self.token_eos(), self.token_bos()
+        eos_text = ffi.string(lib.llama_vocab_get_text(self._model._vocab, eos)).decode() if eos != -1 else ""
+        bos_text = ffi.string(lib.llama_vocab_get_text(self._model._vocab, bos)).decode() if bos != -1 else ""
+        templates = {"chat_template." + k.removeprefix("tokenizer.chat_template."): v for k, v in
+                     self.metadata.items() if k.startswith("tokenizer.chat_template.")}
+        if "tokenizer.chat_template" in self.metadata:
+            templates["chat_template.default"] = self.metadata["tokenizer.chat_template"]
+        self._chat_handlers: dict[str, llama_chat_format.LlamaChatCompletionHandler] = {
+            name: llama_chat_format.Jinja2ChatFormatter(template, eos_token=eos_text, bos_token=bos_text,
+                                                        stop_token_ids=[eos]).to_chat_handler()
+            for name, template in templates.items()}
+        self.chat_handler = chat_handler
+        self.chat_format = chat_format
+        if chat_format is None and chat_handler is None:
+            guessed = llama_chat_format.guess_chat_format_from_gguf_metadata(self.metadata)
+            self.chat_format = guessed or ("chat_template.default" if "chat_template.default" in templates
+                                           else "llama-2")
+            self._say(f"Chat format: {self.chat_format}")
+
+    def _say(self, message: str) -> None:
+        if self.verbose:
+            print(f"Llama: {message}", file=sys.stderr)
+
+    # -- lifetime ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Free the context(s) and the model; the object is unusable afterwards."""
+        if getattr(self, "_model", None) is None:
+            return
+        if self._sampler is not None:
+            self._sampler.close()
+        if self._engine is not None:
+            self._engine.close()
+        if self._batch is not None:
+            self._batch.close()
+        if self._ctx is not None:
+            self._ctx.close()
+        if self._lora is not None:
+            lib.llama_adapter_lora_free(self._lora)
+        self._model.close()
+        self._model = None
+
+    def __enter__(self) -> "Llama":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self._init_kwargs, "seed": self._seed}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    # -- facts -----------------------------------------------------------------------------
+    @property
+    def ctx(self):
+        """The raw llama_context pointer (cffi) of the single-sequence context."""
+        return self._direct("ctx").ptr
+
+    @property
+    def model(self):
+        """The raw llama_model pointer (cffi)."""
+        return self._model.ptr
+
+    def n_ctx(self) -> int:
+        return self._ctx.n_ctx if self._engine is None else self._engine.n_ctx
+
+    def n_embd(self) -> int:
+        return self._model.n_embd
+
+    def n_vocab(self) -> int:
+        return self._model.n_vocab
+
+    def token_bos(self) -> int:
+        return self._model.token_bos
+
+    def token_eos(self) -> int:
+        return self._model.token_eos
+
+    def token_nl(self) -> int:
+        return lib.llama_vocab_nl(self._model._vocab)
+
+    def pooling_type(self) -> int:
+        return lib.llama_pooling_type((self._ctx or self._engine.ctx).ptr)
+
+    def tokenizer(self) -> LlamaTokenizer:
+        return LlamaTokenizer(self)
+
+    def set_seed(self, seed: int) -> None:
+        self._seed = seed
+
+    # -- tokens ----------------------------------------------------------------------------
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        """utf-8 bytes -> token ids."""
+        return self.tokenizer_.tokenize(text, add_bos, special)
+
+    def detokenize(self, tokens: list[int], prev_tokens: Optional[list[int]] = None, special: bool = False) -> bytes:
+        """Token ids -> utf-8 bytes (out-of-range ids raise TokenError)."""
+        return self.tokenizer_.detokenize(tokens, prev_tokens=prev_tokens, special=special)
+
+    # -- the single sequence (n_parallel=1) -------------------------------------------------
+    def _direct(self, what: str) -> Context:
+        if self._model is None:
+            raise ValueError("Llama is closed")
+        if self._engine is not None:
+            raise ValueError(f"{what}: the single-sequence API needs n_parallel=1 (this Llama serves "
+                             f"{self.n_parallel} sequences through its Engine; use create_completion)")
+        return self._ctx
+
+    @property
+    def _input_ids(self) -> npt.NDArray[np.intc]:
+        return self.input_ids[: self.n_tokens]
+
+    @property
+    def _scores(self) -> npt.NDArray[np.single]:
+        return self.scores[: self.n_tokens, :]
+
+    @property
+    def eval_tokens(self) -> deque[int]:
+        return deque(self.input_ids[: self.n_tokens].tolist(), maxlen=self._n_ctx)
+
+    @property
+    def eval_logits(self) -> deque[list[float]]:
+        return deque(self.scores[: self.n_tokens, :].tolist(), maxlen=self._n_ctx if self._logits_all else 1)
+
+    def set_cache(self, cache: Optional[BaseLlamaCache]) -> None:
+        """Save states after completions and resume from the longest cached prefix (n_parallel=1)."""
+        if cache is not None:
+            self._direct("set_cache")
+            if not isinstance(cache, BaseLlamaCache):
+                raise TypeError(f"set_cache: expected a LlamaRAMCache or LlamaDiskCache, got {type(cache).__name__}")
+        self.cache = cache
+
+    def reset(self) -> None:
+        """Forget the evaluated tokens (recurrent memory cannot be truncated, so it is cleared)."""
+        if self._engine is not None:
+            return  # the Engine keeps no per-object sequence
+        self.n_tokens = 0
+        self._requires_eval = True
+        if self._is_recurrent or self._is_hybrid:
+            self._ctx.clear(True)
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Decode tokens after the n_tokens already evaluated."""
+        ctx = self._direct("eval")
+        tokens = [self._model.check_token(int(t)) for t in tokens]
+        if self.n_tokens + len(tokens) > self._n_ctx:
+            raise ValueError(f"eval: {self.n_tokens} + {len(tokens)} tokens exceed the context window of {self._n_ctx}")
+        ctx.seq_rm(0, self.n_tokens, -1)
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            n_past, n = self.n_tokens, len(chunk)
+            self._batch.clear()
+            for k, tok in enumerate(chunk):
+                self._batch.add(tok, n_past + k, 0, logits=self._logits_all or k == n - 1)
+            ctx.decode(self._batch)
+            self.input_ids[n_past:n_past + n] = chunk
+            if self._logits_all:
+                rows = ffi.buffer(lib.llama_get_logits(ctx.ptr), n * self._n_vocab * 4)
+                self.scores[n_past:n_past + n, :] = np.frombuffer(rows, np.single).reshape(n, self._n_vocab)
+            self.n_tokens += n
+            self._requires_eval = False
+
+    def _sampling_params(self, *, temp: float, top_k: int, top_p: float, min_p: float, typical_p: float,
+                         repeat_penalty: float, frequency_penalty: float, presence_penalty: float,
+                         mirostat_mode: int, mirostat_tau: float, mirostat_eta: float,
+                         grammar: Optional[LlamaGrammar] = None, logit_bias: Optional[dict] = None,
+                         logits_processor: Optional[LogitsProcessor] = None,
+                         prompt_tokens: Sequence[int] = (), seed: Optional[int] = None) -> SamplingParams:
+        """The sampler chain llama-cpp-python builds for these arguments, seeded with the current seed.
+
+        A logits processor sees the evaluated tokens (n_parallel=1) or the prompt and the tokens
+        generated so far (n_parallel>1), and the raw logits, as llama-cpp-python gives them.
+        """
+        if grammar is not None:
+            if not isinstance(grammar, LlamaGrammar):
+                raise TypeError(f"grammar: expected a LlamaGrammar, got {type(grammar).__name__}")
+            llama_grammar.check(grammar._grammar, self._model._vocab)
+        bias = {}
+        for key, value in (logit_bias or {}).items():
+            try:
+                tok = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"logit_bias: key {key!r} is not a token id") from None
+            bias[self._model.check_token(tok)] = float(value)
+        processor = None
+        if logits_processor is not None:
+            if self._engine is None:
+                processor = lambda generated, logits: logits_processor(self._input_ids, logits)  # noqa: E731
+            else:
+                prompt = np.asarray(prompt_tokens, dtype=np.intc)
+                processor = lambda generated, logits: logits_processor(  # noqa: E731
+                    np.concatenate([prompt, np.asarray(generated, dtype=np.intc)]), logits)
+        return SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+                              repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                              presence_penalty=presence_penalty, penalty_last_n=self.last_n_tokens_size,
+                              mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta,
+                              logit_bias=bias, grammar=grammar._grammar if grammar is not None else None,
+                              seed=self._seed if seed is None else seed, logits_processor=processor)
+
+    def sample(self, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
+               temp: float = 0.80, repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
+               presence_penalty: float = 0.0, tfs_z: float = 1.0, mirostat_mode: int = 0, mirostat_eta: float = 0.1,
+               mirostat_tau: float = 5.0, penalize_nl: bool = True,
+               logits_processor: Optional[LogitsProcessorList] = None, grammar: Optional[LlamaGrammar] = None,
+               idx: Optional[int] = None) -> int:
+        """Sample a token from the logits of evaluated position idx (default: the last one).
+
+        Inside generate() the generator's sampler is used; otherwise a one-off sampler from
+        these arguments (tfs_z and penalize_nl are accepted and unused, as in llama-cpp-python).
+        """
+        ctx = self._direct("sample")
+        if self.n_tokens == 0:
+            raise ValueError("sample: nothing evaluated yet (call eval first)")
+        if idx is not None and not 0 <= idx < self.n_tokens:
+            raise ValueError(f"sample: idx={idx} outside the {self.n_tokens} evaluated positions")
+        sampler = self._sampler
+        if sampler is None:
+            sampler = Sampler(self._model, self._sampling_params(
+                temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, repeat_penalty=repeat_penalty,
+                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, mirostat_mode=mirostat_mode,
+                mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, grammar=grammar,
+                logits_processor=logits_processor))
+        try:
+            return sampler.sample(ctx.ptr, idx - self.n_tokens if idx is not None else -1)
+        finally:
+            if sampler is not self._sampler:
+                sampler.close()
+
+    def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                 typical_p: float = 1.0, temp: float = 0.80, repeat_penalty: float = 1.0, reset: bool = True,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, tfs_z: float = 1.0,
+                 mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                 penalize_nl: bool = True, logits_processor: Optional[LogitsProcessorList] = None,
+                 stopping_criteria: Optional[StoppingCriteriaList] = None,
+                 grammar: Optional[LlamaGrammar] = None) -> Iterator[int]:
+        """Tokens generated after `tokens`; send() a list of tokens to append them to the sequence.
+
+        With reset=True the longest prefix shared with the evaluated tokens is kept when the
+        memory can be truncated there (recurrent memory cannot: it is re-evaluated).
+        """
+        self._direct("generate")
+        params = self._sampling_params(
+            temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, mirostat_mode=mirostat_mode,
+            mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, grammar=grammar, logits_processor=logits_processor)
+        return self._generate(tokens, params, reset, stopping_criteria)
+
+    def _generate(self, tokens: Sequence[int], params: SamplingParams, reset: bool = True,
+                  stopping_criteria: Optional[StoppingCriteria] = None) -> Iterator[int]:
+        if self._sampler is not None:
+            self._sampler.close()
+        self._sampler = Sampler(self._model, params)
+        tokens = list(tokens)
+        if reset and self.n_tokens > 0:
+            longest = longest_token_prefix(self._input_ids.tolist(), tokens)
+            consumed = longest == len(tokens)
+            if consumed and self.n_tokens == len(tokens) and not self._requires_eval:
+                reset, tokens, reuse = False, [], 0  # the logits of the whole prompt are live: sample at once
+                self._say("generate: full prompt already evaluated")
+            else:  # with nothing left to decode, replay one token to refresh the logits
+                reuse = longest - 1 if consumed else longest
+            if reuse > 0 and self._ctx.seq_rm(0, reuse, -1):
+                reset, tokens = False, tokens[reuse:]
+                self.n_tokens = reuse
+                self._requires_eval = True
+                self._say(f"generate: {reuse} prefix tokens reused, {len(tokens)} to evaluate")
+        if reset:
+            self.reset()
+        sample_idx = self.n_tokens + len(tokens) - 1
+        while True:
+            self.eval(tokens)
+            while sample_idx < self.n_tokens:
+                token = self.sample(idx=sample_idx)
+                sample_idx += 1
+                if stopping_criteria is not None and stopping_criteria(
+                        self._input_ids[:sample_idx], self._scores[sample_idx - self.n_tokens, :]):
+                    return
+                sent = yield token
+                tokens = [token] + list(sent or [])
+                if sample_idx < self.n_tokens and token != self._input_ids[sample_idx]:
+                    self.n_tokens = sample_idx  # the caller diverged from what is evaluated: truncate there
+                    self._ctx.seq_rm(0, self.n_tokens, -1)
+                    self._requires_eval = True
+                    break
+
+    def save_state(self) -> LlamaState:
+        ctx = self._direct("save_state")
+        data = ctx.state()
+        return LlamaState(input_ids=self.input_ids.copy(), scores=self._scores.copy(), n_tokens=self.n_tokens,
+                          llama_state=data, llama_state_size=len(data), seed=self._seed)
+
+    def load_state(self, state: LlamaState) -> None:
+        ctx = self._direct("load_state")
+        if not isinstance(state, LlamaState):
+            raise TypeError(f"load_state: expected a LlamaState, got {type(state).__name__}")
+        if state.input_ids.shape != self.input_ids.shape or state.scores.shape[1:] != (self._n_vocab,):
+            raise ValueError(f"load_state: the state is from a context of {state.input_ids.shape[0]} tokens and "
+                             f"{state.scores.shape[1:]} logits, this one has {self._n_ctx} and {self._n_vocab}")
+        ctx.set_state(state.llama_state)
+        self.scores[: len(state.scores), :] = state.scores
+        self.scores[len(state.scores):, :] = 0.0
+        self.input_ids = state.input_ids.copy()
+        self.n_tokens = state.n_tokens
+        self._requires_eval = True
+        self._seed = state.seed
+
+    # -- embeddings ---------------------------------------------------------------------------
+    def _embedding_ctx(self) -> Context:
+        if self._ctx is None or not self._ctx.params.embeddings:
+            raise RuntimeError("Llama model must be created with embedding=True to compute embeddings")
+        return self._ctx
+
+    def create_embedding(self, input: Union[str, list[str]], model: Optional[str] = None) -> CreateEmbeddingResponse:
+        embeds, total = self.embed(input, return_count=True)
+        embeds = embeds if isinstance(input, list) else [embeds]
+        return {"object": "list", "model": model if model is not None else self.model_path,
+                "data": [{"object": "embedding", "embedding": e, "index": i} for i, e in enumerate(embeds)],
+                "usage": {"prompt_tokens": total, "total_tokens": total}}
+
+    def embed(self, input: Union[str, list[str]], normalize: bool = False, truncate: bool = True,
+              return_count: bool = False):
+        """Embeddings of each input: a vector per input, or a vector per token when the model
+        pools nothing (LLAMA_POOLING_TYPE_NONE).  Inputs are batched as sequences of one decode."""
+        ctx = self._embedding_ctx()
+        inputs = [input] if isinstance(input, str) else input
+        if not isinstance(inputs, list) or not all(isinstance(s, str) for s in inputs):
+            raise TypeError("embed: input must be a string or a list of strings")
+        n_embd, pooled = self.n_embd(), self.pooling_type() != lib.LLAMA_POOLING_TYPE_NONE
+        data: list = []
+        sizes: list[int] = []
+        total = 0
+
+        def decode_batch() -> None:
+            ctx.clear()
+            ctx.decode(self._batch)
+            self._batch.clear()
+            if pooled:
+                vectors = [np.frombuffer(ffi.buffer(_embeddings(lib.llama_get_embeddings_seq(ctx.ptr, i)),
+                                                    n_embd * 4), np.single) for i in range(len(sizes))]
+            else:
+                rows = np.frombuffer(ffi.buffer(_embeddings(lib.llama_get_embeddings(ctx.ptr)),
+                                                sum(sizes) * n_embd * 4), np.single).reshape(-1, n_embd)
+                starts = np.cumsum([0] + sizes)
+                vectors = [rows[a:b] for a, b in zip(starts, starts[1:])]
+            for v in vectors:
+                if normalize:
+                    norm = np.linalg.norm(v, axis=-1, keepdims=True)
+                    v = np.where(norm == 0, v, v / np.where(norm == 0, 1, norm))
+                data.append(v.tolist())
+            sizes.clear()
+
+        self._batch.clear()
+        for text in inputs:
+            tokens = self.tokenize(text.encode("utf-8"))
+            if truncate:
+                tokens = tokens[: self.n_batch]
+            if not tokens:
+                raise ValueError(f"embed: input {text!r} has no tokens")
+            if len(tokens) > self.n_batch:
+                raise ValueError(f"embed: input of {len(tokens)} tokens exceeds n_batch={self.n_batch} "
+                                 f"(pass truncate=True or raise n_batch)")
+            total += len(tokens)
+            if sum(sizes) + len(tokens) > self.n_batch or len(sizes) >= ctx.n_seq_max:
+                decode_batch()
+            for pos, tok in enumerate(tokens):
+                self._batch.add(tok, pos, len(sizes), logits=True)
+            sizes.append(len(tokens))
+        decode_batch()
+        ctx.clear()
+        self.reset()
+        output = data[0] if isinstance(input, str) else data
+        return (output, total) if return_count else output
+
+    # -- completions --------------------------------------------------------------------------
+    def _prompt_tokens(self, prompt: Union[str, list[int]]) -> list[int]:
+        """BOS/EOS around a text prompt as llama-cpp-python adds them; token prompts are taken as given."""
+        if isinstance(prompt, str):
+            vocab = self._model._vocab
+            bos, sep, eos = self.token_bos(), lib.llama_vocab_sep(vocab), self.token_eos()
+            end = sep if sep != -1 else eos
+            head = [bos] if lib.llama_vocab_get_add_bos(vocab) and bos != -1 else []
+            tail = [end] if (lib.llama_vocab_get_add_eos(vocab) or sep != -1) and end != -1 else []
+            body = self.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) if prompt else []
+            tokens = head + body + tail
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+            tokens = [self._model.check_token(int(t)) for t in prompt]
+        else:
+            raise TypeError(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}")
+        if not tokens:
+            raise ValueError("prompt: empty (no tokens, and the model adds no BOS)")
+        if tokens[:2] == [self.token_bos()] * 2:
+            warnings.warn("prompt starts with two BOS tokens; the chat template or the prompt already adds one",
+                          RuntimeWarning, stacklevel=4)
+        if len(tokens) >= self._n_ctx:
+            raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
+        return tokens
+
+    def _token_logprobs(self, token: int, offset: int, logprob: float,
+                        top: Iterable[tuple[int, float]]) -> tuple[str, int, float, dict[str, float]]:
+        """(text, text offset, logprob, top alternatives by text) of one token, as llama-cpp-python reports it."""
+        text = self.detokenize([token]).decode("utf-8", errors="ignore")
+        alternatives = {self.detokenize([t]).decode("utf-8", errors="ignore"): float(lp) for t, lp in top}
+        alternatives[text] = float(logprob)
+        return text, offset, float(logprob), alternatives
+
+    @staticmethod
+    def _top_of(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """The k best (token, logprob); ties to the higher token id, as sorting (logprob, id) descending does."""
+        order = np.lexsort((-np.arange(len(logprobs)), -logprobs))[:k]
+        return [(int(t), float(logprobs[t])) for t in order]
+
+    def _completion_chunk(self, cid: str, created: int, model: str, text: str, logprobs=None,
+                          finish_reason: Optional[str] = None) -> CreateCompletionStreamResponse:
+        return {"id": cid, "object": "text_completion", "created": created, "model": model,
+                "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+    @staticmethod
+    def _stream_logprobs(entry: tuple[str, int, float, dict[str, float]]) -> CompletionLogprobs:
+        text, offset, logprob, top = entry
+        return {"tokens": [text], "text_offset": [offset], "token_logprobs": [logprob], "top_logprobs": [top]}
+
+    def create_completion(self, prompt: Union[str, list[int]], suffix: Optional[str] = None,
+                          max_tokens: Optional[int] = 16, temperature: float = 0.8, top_p: float = 0.95,
+                          min_p: float = 0.05, typical_p: float = 1.0, logprobs: Optional[int] = None,
+                          echo: bool = False, stop: Optional[Union[str, list[str]]] = [],
+                          frequency_penalty: float = 0.0, presence_penalty: float = 0.0, repeat_penalty: float = 1.0,
+                          top_k: int = 40, stream: bool = False, seed: Optional[int] = None, tfs_z: float = 1.0,
+                          mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                          model: Optional[str] = None, stopping_criteria: Optional[StoppingCriteriaList] = None,
+                          logits_processor: Optional[LogitsProcessorList] = None,
+                          grammar: Optional[LlamaGrammar] = None, logit_bias: Optional[dict[int, float]] = None,
+                          ) -> Union[CreateCompletionResponse, Iterator[CreateCompletionStreamResponse]]:
+        """Complete a prompt (text, or token ids taken as given).
+
+        max_tokens None, 0 or -1: up to the context size.  logprobs=k reports each token's
+        log-probability and the k best alternatives (n_parallel=1 needs logits_all=True).
+        stream=True returns an iterator of chunks; with n_parallel>1, closing it early frees
+        the sequence.  Bad arguments raise ValueError/TypeError before anything runs.
+        """
+        if self._model is None:
+            raise ValueError("Llama is closed")
+        if suffix is not None:
+            raise ValueError("suffix: fill-in-the-middle completion is not supported")
+        prompt_tokens = self._prompt_tokens(prompt)
+        room = self._n_ctx - len(prompt_tokens)
+        if max_tokens in _UNLIMITED:
+            max_tokens = room
+        elif not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_tokens={max_tokens!r}: must be a positive int (None, 0 or -1: up to the context)")
+        max_tokens = min(max_tokens, room)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) for s in stops):
+            raise TypeError("stop: expected a string or a list of strings")
+        if logprobs is not None:
+            if not isinstance(logprobs, int) or not 0 <= logprobs <= self._n_vocab:
+                raise ValueError(f"logprobs={logprobs!r}: must be an int in 0..{self._n_vocab}")
+            if self._engine is None and not self._logits_all:
+                raise ValueError("logprobs is not supported for models created with logits_all=False")
+            if self._engine is not None and echo:
+                raise ValueError("logprobs with echo=True: prompt logprobs need n_parallel=1 and logits_all=True")
+        if seed is not None and not isinstance(seed, int):
+            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+        with self._seed_lock:  # llama-cpp-python draws each call's seed from the previous one
+            call_seed = seed if seed is not None else random.Random(self._seed).randint(0, 2**32)
+            params = self._sampling_params(
+                temp=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+                repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
+                mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, grammar=grammar,
+                logit_bias=logit_bias, logits_processor=logits_processor, prompt_tokens=prompt_tokens,
+                seed=call_seed)
+            self._seed = call_seed
+        head = (f"cmpl-{uuid.uuid4()}", int(time.time()), model if model is not None else self.model_path)
+        echo_text = "" if not echo else prompt if isinstance(prompt, str) else \
+            self.detokenize(prompt_tokens).decode("utf-8", errors="ignore")
+        request = _Request(prompt, prompt_tokens, max_tokens, stops, logprobs, echo, echo_text, stream)
+        if self._engine is not None:
+            out = self._engine_completion(request, params, head, stopping_criteria)
+        else:
+            out = self._direct_completion(request, params, head, stopping_criteria)
+        return out if stream else next(out)
+
+    __call__ = create_completion
+
+    def _direct_completion(self, r: "_Request", params: SamplingParams, head: tuple[str, int, str],
+                           stopping_criteria: Optional[StoppingCriteriaList]) -> Iterator[Any]:
+        """llama-cpp-python's completion loop on the single sequence, token for token."""
+        self._direct("create_completion")
+        if self.cache is not None:
+            self._resume_from_cache(r.prompt_tokens)
+        completion: list[int] = [] if len(r.prompt) > 0 else [self.token_bos()]
+        stop_bytes = [s.encode("utf-8") for s in r.stop]
+        stream = _StreamText(stop_bytes)
+        text, finish_reason, multibyte_fix = b"", "length", 0
+        for token in self._generate(r.prompt_tokens, params, stopping_criteria=stopping_criteria):
+            if self._model.is_eog(token):
+                text, finish_reason = self.detokenize(completion, prev_tokens=r.prompt_tokens), "stop"
+                break
+            completion.append(token)
+            all_text = self.detokenize(completion, prev_tokens=r.prompt_tokens)
+            # hold back while the text ends inside a multi-byte character (llama-cpp-python's rule,
+            # which also defers the max_tokens check)
+            for k, char in enumerate(all_text[-3:]):
+                k = 3 - k
+                for num, pattern in ((2, 192), (3, 224), (4, 240)):
+                    if num > k and pattern & char == pattern:
+                        multibyte_fix = num - k
+            if multibyte_fix > 0:
+                multibyte_fix -= 1
+                continue
+            hits = [s for s in stop_bytes if s in all_text]
+            if hits:
+                text, finish_reason = all_text[: all_text.index(hits[0])], "stop"
+                break
+            if r.stream:
+                yield from self._stream_direct(r, head, completion, all_text, stream)
+            if len(completion) >= r.max_tokens:
+                text = self.detokenize(completion, prev_tokens=r.prompt_tokens)
+                break
+        if stopping_criteria is not None and stopping_criteria(self._input_ids, self._scores[-1, :]):
+            text, finish_reason = self.detokenize(completion, prev_tokens=r.prompt_tokens), "stop"
+        if r.stream:
+            yield from self._stream_direct(r, head, completion, text, stream, final=True)
+            yield self._completion_chunk(*head, "", finish_reason=finish_reason)
+        if self.cache is not None:
+            self.cache[r.prompt_tokens + completion] = self.save_state()
+        if r.stream:
+            return
+        text_str = text.decode("utf-8", errors="ignore")
+        choice_logprobs = self._direct_logprobs(r, completion) if r.logprobs is not None else None
+        yield {**self._completion_chunk(*head, r.echo_text + text_str, choice_logprobs,
+                                        finish_reason),
+               "usage": _usage(len(r.prompt_tokens), len(completion))}
+
+    def _resume_from_cache(self, prompt_tokens: list[int]) -> None:
+        try:
+            state = self.cache[prompt_tokens]
+        except KeyError:
+            self._say("cache miss")
+            return
+        cached = longest_token_prefix(state.input_ids[: state.n_tokens].tolist(), prompt_tokens)
+        if cached > longest_token_prefix(self._input_ids.tolist(), prompt_tokens):
+            self.load_state(state)
+            self._say("cache hit")
+
+    def _stream_direct(self, r: "_Request", head, completion: list[int], text: bytes, stream: "_StreamText",
+                       final: bool = False) -> Iterator[CreateCompletionStreamResponse]:
+        """The chunks that became safe to send: text no stop string can still claim."""
+        if r.logprobs is None:
+            piece = stream.take(text, final)
+            if piece:
+                yield self._completion_chunk(*head, piece)
+            return
+        # with logprobs, one chunk per token (the last one cut at the end of the final text)
+        while stream.tokens_sent < len(completion):
+            token = completion[stream.tokens_sent]
+            piece = self.detokenize([token])
+            if final:
+                if stream.sent >= len(text):
+                    return
+                shown = piece[: len(text) - stream.sent]
+            elif stream.sent + len(piece) > stream.safe_end(text, final):
+                return
+            else:
+                shown = piece
+            row = Llama.logits_to_logprobs(self._scores[len(r.prompt_tokens) + stream.tokens_sent - 1, :])
+            entry = self._token_logprobs(token, len(r.prompt) + len(text[: stream.sent].decode("utf-8", "ignore")),
+                                         row[token], self._top_of(row, r.logprobs))
+            stream.sent, stream.tokens_sent = stream.sent + len(piece), stream.tokens_sent + 1
+            yield self._completion_chunk(*head, shown.decode("utf-8", errors="ignore"), self._stream_logprobs(entry))
+
+    def _direct_logprobs(self, r: "_Request", completion: list[int]) -> CompletionLogprobs:
+        """llama-cpp-python's logprobs of a finished completion (from the scores of logits_all)."""
+        if r.echo:
+            bos_first = r.prompt_tokens[:1] == [self.token_bos()]
+            tokens, text_offset, row0 = r.prompt_tokens[int(bos_first):] + completion, 0, 0
+        else:
+            tokens, text_offset, row0 = completion, len(r.prompt), len(r.prompt_tokens) - 1
+        rows = Llama.logits_to_logprobs(self._scores)[row0:]
+        out: CompletionLogprobs = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+        for i, (token, row) in enumerate(zip(tokens, rows)):
+            if token == self.token_bos():
+                continue
+            offset = text_offset + len(self.detokenize(tokens[:i]).decode("utf-8", errors="ignore"))
+            text, offset, logprob, top = self._token_logprobs(token, offset, row[token], self._top_of(row, r.logprobs))
+            out["tokens"].append(text)
+            out["text_offset"].append(offset)
+            out["token_logprobs"].append(logprob)
+            out["top_logprobs"].append(top)
+        if r.echo and tokens:  # OpenAI reports no logprob for the first token
+            out["token_logprobs"][0] = out["top_logprobs"][0] = None
+        return out
+
+    def _engine_completion(self, r: "_Request", params: SamplingParams, head: tuple[str, int, str],
+                           stopping_criteria: Optional[StoppingCriteriaList]) -> Iterator[Any]:
+        """The request as one sequence of the Engine, shaped as llama-cpp-python's responses."""
+        for criteria in stopping_criteria or []:
+            # the Engine ends a sequence at any end-of-generation token; other criteria need Python per token
+            if not (isinstance(criteria, StopOnTokenIds) and all(map(self._model.is_eog, criteria.token_ids))):
+                raise ValueError("stopping_criteria: arbitrary criteria need n_parallel=1")
+        return self._engine_responses(r, params, head)
+
+    def _engine_responses(self, r: "_Request", params: SamplingParams, head: tuple[str, int, str]) -> Iterator[Any]:
+        req = self._engine.submit(r.prompt_tokens, params, max_tokens=r.max_tokens, stop=r.stop, logprobs=r.logprobs)
+        try:
+            if r.stream:
+                sent = ""
+                for chunk in req:
+                    lp = None
+                    if r.logprobs is not None and chunk.logprob is not None:
+                        lp = self._stream_logprobs(self._token_logprobs(
+                            chunk.token, len(r.prompt) + len(sent), chunk.logprob, chunk.top_logprobs.items()))
+                    if chunk.text or lp is not None:
+                        sent += chunk.text
+                        yield self._completion_chunk(*head, chunk.text, lp)
+                yield self._completion_chunk(*head, "", finish_reason=req.result().finish_reason)
+                return
+            result = req.result()
+            completion = result.tokens[:-1] if result.tokens and self._model.is_eog(result.tokens[-1]) \
+                else result.tokens
+            lp = None
+            if r.logprobs is not None:
+                lp = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+                for i, token in enumerate(completion):
+                    offset = len(r.prompt) + len(self.detokenize(completion[:i]).decode("utf-8", errors="ignore"))
+                    text, offset, logprob, top = self._token_logprobs(token, offset, result.logprobs[i],
+                                                                      result.top_logprobs[i].items())
+                    lp["tokens"].append(text)
+                    lp["text_offset"].append(offset)
+                    lp["token_logprobs"].append(logprob)
+                    lp["top_logprobs"].append(top)
+            yield {**self._completion_chunk(*head, r.echo_text + result.text, lp,
+                                            result.finish_reason),
+                   "usage": _usage(len(r.prompt_tokens), len(completion))}
+        finally:
+            if not req.done:  # the caller stopped reading: free the sequence
+                req.cancel()
+
+    def create_chat_completion(
+        self, messages: list[ChatCompletionRequestMessage], functions: Optional[list[ChatCompletionFunction]] = None,
+        function_call: Optional[ChatCompletionRequestFunctionCall] = None,
+        tools: Optional[list[ChatCompletionTool]] = None, tool_choice: Optional[ChatCompletionToolChoiceOption] = None,
+        temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
+        typical_p: float = 1.0, stream: bool = False, stop: Optional[Union[str, list[str]]] = [],
+        seed: Optional[int] = None, response_format: Optional[ChatCompletionRequestResponseFormat] = None,
+        max_tokens: Optional[int] = None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+        repeat_penalty: float = 1.0, tfs_z: float = 1.0, mirostat_mode: int = 0, mirostat_tau: float = 5.0,
+        mirostat_eta: float = 0.1, model: Optional[str] = None,
+        logits_processor: Optional[LogitsProcessorList] = None, grammar: Optional[LlamaGrammar] = None,
+        logit_bias: Optional[dict[int, float]] = None, logprobs: Optional[bool] = None,
+        top_logprobs: Optional[int] = None,
+    ) -> Union[CreateChatCompletionResponse, Iterator[CreateChatCompletionStreamResponse]]:
+        """Answer a conversation with the chat handler, or the chat format (by default the model's template).
+
+        response_format {"type": "json_object"} or {"type": "json_schema", ...} and a named
+        tool_choice constrain the output with a grammar.
+        """
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+            raise TypeError("messages: expected a list of {'role': ..., 'content': ...} dicts")
+        handler = (self.chat_handler or self._chat_handlers.get(self.chat_format)
+                   or llama_chat_format.get_chat_completion_handler(self.chat_format))
+        return handler(
+            llama=self, messages=messages, functions=functions, function_call=function_call, tools=tools,
+            tool_choice=tool_choice, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+            typical_p=typical_p, logprobs=logprobs, top_logprobs=top_logprobs, stream=stream, stop=stop, seed=seed,
+            response_format=response_format, max_tokens=max_tokens, presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, tfs_z=tfs_z,
+            mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, model=model,
+            logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias, **self.chat_template_kwargs)
+
+    def create_chat_completion_openai_v1(self, *args: Any, **kwargs: Any):
+        """create_chat_completion() as the openai package's ChatCompletion (or chunk) objects."""
+        try:
+            from openai.types.chat import ChatCompletion, ChatCompletionChunk
+        except ImportError:
+            raise ImportError("create_chat_completion_openai_v1 needs the openai package: pip install openai") from None
+        if kwargs.get("stream", False):
+            return (ChatCompletionChunk(**chunk) for chunk in self.create_chat_completion(*args, **kwargs))
+        return ChatCompletion(**self.create_chat_completion(*args, **kwargs))
+
+    # -- helpers llama-cpp-python exposes -------------------------------------------------------
+    @staticmethod
+    def logits_to_logprobs(logits: Union[npt.NDArray[np.single], list], axis: int = -1) -> npt.NDArray[np.single]:
+        """log_softmax in float32, as llama-cpp-python computes it."""
+        maxs = np.amax(logits, axis=axis, keepdims=True)
+        maxs[~np.isfinite(maxs)] = 0
+        shifted = np.subtract(logits, maxs, dtype=np.single)
+        with np.errstate(divide="ignore"):
+            return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+
+    @staticmethod
+    def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+        return longest_token_prefix(a, b)
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: Optional[str], additional_files: Optional[list] = None,
+                        local_dir: Optional[Union[str, os.PathLike]] = None,
+                        local_dir_use_symlinks: Union[bool, Literal["auto"]] = "auto",
+                        cache_dir: Optional[Union[str, os.PathLike]] = None, **kwargs: Any) -> "Llama":
+        """Download a GGUF file (glob `filename`) from the Hugging Face hub, then load it."""
+        try:
+            from huggingface_hub import HfFileSystem, hf_hub_download
+        except ImportError:
+            raise ImportError("Llama.from_pretrained needs the huggingface-hub package "
+                              "(pip install huggingface-hub); or download the GGUF file and pass its path as "
+                              "Llama(model_path=...)") from None
+        try:
+            files = [str(Path(f["name"] if isinstance(f, dict) else f).relative_to(repo_id))
+                     for f in HfFileSystem().ls(repo_id, recursive=True)]
+        except Exception as e:  # the hub client raises many kinds of network errors
+            raise ConnectionError(f"Llama.from_pretrained({repo_id!r}): the Hugging Face hub is not reachable "
+                                  f"({type(e).__name__}: {e}); download the GGUF file yourself and pass its "
+                                  f"path as Llama(model_path=...)") from e
+
+        def download(pattern: str) -> str:
+            matches = [f for f in files if fnmatch.fnmatch(f, pattern)]
+            if len(matches) != 1:
+                raise ValueError(f"{repo_id}: {len(matches)} files match {pattern!r} (need exactly one); "
+                                 f"files: {json.dumps(files)}")
+            path = Path(matches[0])
+            return hf_hub_download(repo_id=repo_id, filename=path.name, subfolder=str(path.parent),
+                                   local_dir=local_dir, local_dir_use_symlinks=local_dir_use_symlinks,
+                                   cache_dir=cache_dir)
+
+        model_path = download(filename)
+        for pattern in additional_files or []:  # further shards, next to the first one
+            download(pattern)
+        return cls(model_path=model_path, **kwargs)
+
+
+@dataclass
+class _Request:
+    """One completion's checked arguments."""
+
+    prompt: Union[str, list[int]]
+    prompt_tokens: list[int]
+    max_tokens: int
+    stop: list[str]
+    logprobs: Optional[int]
+    echo: bool
+    echo_text: str   # the prompt's text when echo=True, else ""
+    stream: bool
+
+
+class _StreamText:
+    """How much of a growing completion text was streamed, and how much may be."""
+
+    def __init__(self, stops: list[bytes]):
+        self.stops = stops
+        self.sent = 0          # bytes of the text already sent
+        self.tokens_sent = 0   # tokens already sent (per-token chunks, with logprobs)
+
+    def safe_end(self, text: bytes, final: bool) -> int:
+        """End of what no stop string can still claim: before the longest tail that starts a stop string."""
+        if final:
+            return len(text)
+        hold = max((n for s in self.stops for n in range(min(len(s), len(text)), 0, -1)
+                    if text.endswith(s[:n])), default=0)
+        return len(text) - hold
+
+    def take(self, text: bytes, final: bool) -> str:
+        """The next safe piece of text, ending on a whole UTF-8 character."""
+        end = self.safe_end(text, final)
+        while end > self.sent:
+            try:
+                piece = text[self.sent:end].decode("utf-8")
+                break
+            except UnicodeDecodeError:
+                if final:
+                    piece = text[self.sent:end].decode("utf-8", errors="ignore")
+                    break
+                end -= 1
+        else:
+            return ""
+        self.sent = end
+        return piece
+
+
+def _embeddings(ptr):
+    if ptr == ffi.NULL:
+        raise RuntimeError("llama.cpp produced no embeddings for this model and pooling type")
+    return ptr
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _kv_override_array(overrides: dict[str, Union[bool, int, float, str]]):
+    """llama_model_kv_override[] (zero-terminated) for Llama(kv_overrides=...)."""
+    arr = ffi.new("struct llama_model_kv_override[]", len(overrides) + 1)
+    for item, (key, value) in zip(arr, overrides.items()):
+        raw = key.encode("utf-8")
+        if not 0 < len(raw) < 128:
+            raise ValueError(f"kv_overrides: key {key!r} must be 1..127 bytes")
+        item.key = raw
+        if isinstance(value, bool):
+            item.tag, item.val_bool = lib.LLAMA_KV_OVERRIDE_TYPE_BOOL, value
+        elif isinstance(value, int):
+            item.tag, item.val_i64 = lib.LLAMA_KV_OVERRIDE_TYPE_INT, value
+        elif isinstance(value, float):
+            item.tag, item.val_f64 = lib.LLAMA_KV_OVERRIDE_TYPE_FLOAT, value
+        elif isinstance(value, str):
+            data = value.encode("utf-8")
+            if len(data) >= 128:
+                raise ValueError(f"kv_overrides: value of {key!r} is {len(data)} bytes, at most 127")
+            item.tag, item.val_str = lib.LLAMA_KV_OVERRIDE_TYPE_STR, data
+        else:
+            raise TypeError(f"kv_overrides: value of {key!r} must be bool, int, float or str, "
+                            f"not {type(value).__name__}")
+    return arr
