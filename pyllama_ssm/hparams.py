@@ -175,6 +175,9 @@ def _check_graph(g: GGUFFile, fail: Callable[[str], ModelLoadError]) -> None:
         rules.append((0 < n_group and 0 < n_heads and n_heads % n_group == 0 and d_state * n_heads == d_inner,
                       f"value heads ssm.time_step_rank={n_heads} must be a multiple of key heads "
                       f"ssm.group_count={n_group}, and ssm.inner_size={d_inner} = heads x ssm.state_size={d_state}"))
+    head_k, head_v = g.get_int(".attention.key_length"), g.get_int(".attention.value_length")
+    if arch == "jamba" and head_k != head_v:  # its graph shapes Q and K with the V head size
+        rules.append((False, f"attention.key_length={head_k} must equal attention.value_length={head_v}"))
     if arch in ("rwkv6", "rwkv7"):
         shift = _int(g, ".token_shift_count", 2)
         rules.append((shift == 2, f"token_shift_count={shift}: this graph supports 2"))

@@ -144,6 +144,8 @@ def test_duplicate_names(tmp_path, old, new, words):
     ({"general.architecture": "mamba2", "mamba2.block_count": 1, "mamba2.ssm.inner_size": 100,
       "mamba2.ssm.time_step_rank": 0, "mamba2.ssm.group_count": 1}, "time_step_rank=0 heads"),
     ({"general.architecture": "rwkv6", "rwkv6.block_count": 1, "rwkv6.token_shift_count": 3}, "token_shift_count=3"),
+    ({"general.architecture": "jamba", "jamba.block_count": 1, "jamba.attention.key_length": 96,
+      "jamba.attention.value_length": 64}, "key_length=96 must equal attention.value_length=64"),
     ({"tokenizer.ggml.tokens": ["<unk>", "a", "a"]}, "token 2 'a' duplicates token 1"),
     ({"tokenizer.ggml.tokens": ["<unk>", "a", "a\0b"]}, "token 2 'a' duplicates token 1"),
     ({"tokenizer.ggml.tokens": ["", "[EMPTY_0]"]}, "token 1 '[EMPTY_0]' duplicates token 0"),
