@@ -10,6 +10,7 @@ help:
 	@echo "make test             build, generate the model zoo, run the test suite"
 	@echo "make demo             build and serve several sequences at once on one model"
 	@echo "make bench            run the benchmarks under bench/ (results in bench/results/)"
+	@echo "make gpu-check        on an NVIDIA GPU: CUDA builds, GPU tests and benchmarks"
 	@echo "make fuzz             load 20000 mutated GGUF files (FUZZ_CASES=N, FUZZ_SEED=S)"
 	@echo "make vendor           fetch + verify the pinned llama.cpp into vendor/llama.cpp"
 	@echo "make patches          check that patches/series applies to the pin"
@@ -59,6 +60,10 @@ bench: build models
 fuzz: build models
 	PYLLAMA_SSM_FUZZ_CASES=$(or $(FUZZ_CASES),20000) PYLLAMA_SSM_FUZZ_SEED=$(or $(FUZZ_SEED),7) \
 		$(PYTHON) -m pytest -q -s tests/test_gguf_fuzz.py
+
+# On a machine with an NVIDIA GPU: CUDA builds, GPU tests, benchmarks offloaded (tools/gpu_check.sh).
+gpu-check: deps vendor
+	bash tools/gpu_check.sh
 
 clean:
 	rm -rf build pyllama_ssm/_llama_* pyllama_ssm/_cdef_*.h .pytest_cache

@@ -1,6 +1,7 @@
 """Patch 0005 (rs-inplace): decode throughput with recurrent states updated in place.
 
     python bench/inplace_decode.py [--models qwen35-small,...] [--seqs 1,8,16] [--steps 48] [--rounds 3]
+                                   [--n-gpu-layers N --tag cuda]
 
 Three libraries side by side, same models, prompts and thread count:
   upstream  the pristine pin (build/upstream)
@@ -17,7 +18,10 @@ is sampled for upstream and inplace, during the decode steps only, and the table
 gives the share of samples in get_rows and in state copies (ggml's dup/cpy and
 memmove): the time the patch removes.
 
-Writes bench/results/inplace_decode.json and bench/results/inplace_decode.md.
+With --n-gpu-layers the models are offloaded (CUDA build): states then live on the
+device, where the patch keeps upstream's path, so inplace should equal copy.
+
+Writes bench/results/inplace_decode[_TAG].json and .md.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ LIBS = {  # name -> environment of the child
 CHILD = r"""
 import os, sys, time
 import pyllama_ssm as ps
-path, n, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+path, n, steps, ngl = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 ctl, ack = os.environ.get("PERF_CTL"), os.environ.get("PERF_ACK")
 
 def perf(cmd):
@@ -55,7 +59,7 @@ def perf(cmd):
         with open(ctl, "w") as f: f.write(cmd + "\n")
         with open(ack) as f: f.read(5)
 
-model = ps.Model(path)
+model = ps.Model(path, n_gpu_layers=ngl)
 with ps.Context(model, n_ctx=4096, n_seq_max=n, n_batch=512) as ctx, ps.Batch(512, n) as batch:
     pos = []
     for s in range(n):
@@ -83,15 +87,15 @@ def child_env(lib: str) -> dict[str, str]:
     return {**os.environ, **LIBS[lib], "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
-def measure(lib: str, model: Path, n: int, steps: int) -> float:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(model), str(n), str(steps)], env=child_env(lib),
+def measure(lib: str, model: Path, n: int, steps: int, ngl: int) -> float:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(model), str(n), str(steps), str(ngl)], env=child_env(lib),
                          capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise SystemExit(f"{lib} {model.name} n={n} failed:\n{out.stderr[-2000:]}")
     return float(out.stdout.split()[-1])
 
 
-def profile(lib: str, model: Path, n: int, steps: int) -> dict[str, float]:
+def profile(lib: str, model: Path, n: int, steps: int, ngl: int) -> dict[str, float]:
     """Shares of perf's cpu-clock samples during the decode steps (perf's control fifo)."""
     with tempfile.TemporaryDirectory() as tmp:
         ctl, ack, data = Path(tmp, "ctl"), Path(tmp, "ack"), Path(tmp, "perf.data")
@@ -99,7 +103,7 @@ def profile(lib: str, model: Path, n: int, steps: int) -> dict[str, float]:
         os.mkfifo(ack)
         env = {**child_env(lib), "PERF_CTL": str(ctl), "PERF_ACK": str(ack)}
         subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-D", "-1", f"--control=fifo:{ctl},{ack}",
-                        "-o", str(data), "--", sys.executable, "-c", CHILD, str(model), str(n), str(steps)],
+                        "-o", str(data), "--", sys.executable, "-c", CHILD, str(model), str(n), str(steps), str(ngl)],
                        env=env, capture_output=True, text=True, check=True, timeout=900)
         report = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "symbol"],
                                 capture_output=True, text=True, check=True).stdout
@@ -114,6 +118,13 @@ def profile(lib: str, model: Path, n: int, steps: int) -> dict[str, float]:
         elif any(s in symbol for s in ("forward_dup", "forward_cpy", "memmove", "memcpy")):
             shares["copies"] += pct
     return shares
+
+
+def gpu_name() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    return out.stdout.strip() or None
 
 
 def markdown(results: dict) -> str:
@@ -137,6 +148,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true", help="skip the perf sampling")
+    ap.add_argument("--n-gpu-layers", type=int, default=0, help="offload layers (CUDA build)")
+    ap.add_argument("--tag", default="", help="suffix of the result files, e.g. cuda")
     args = ap.parse_args()
     models = [m for m in args.models.split(",") if (ZOO / f"{m}.gguf").exists()]
     missing = sorted(set(args.models.split(",")) - set(models))
@@ -150,7 +163,7 @@ def main() -> int:
     for _ in range(args.rounds):
         for m, n in jobs:
             for lib in LIBS:  # interleaved: the libraries share whatever load the machine has
-                samples.setdefault((m, n, lib), []).append(measure(lib, ZOO / f"{m}.gguf", n, args.steps))
+                samples.setdefault((m, n, lib), []).append(measure(lib, ZOO / f"{m}.gguf", n, args.steps, args.n_gpu_layers))
                 done += 1
                 print(f"\r[{done}/{total}] {m} n={n} {lib}            ", end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
@@ -161,17 +174,19 @@ def main() -> int:
     if not args.no_profile and shutil.which("perf"):
         for m in models:
             for lib in ("upstream", "inplace"):
-                shares = profile(lib, ZOO / f"{m}.gguf", max(seqs), args.steps)
+                shares = profile(lib, ZOO / f"{m}.gguf", max(seqs), args.steps, args.n_gpu_layers)
                 prof.append({"model": m, "seqs": max(seqs), "lib": lib, **shares})
     elif not args.no_profile:
         print("perf not found: no profile (apt-get install linux-perf)", file=sys.stderr)
 
-    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-               "steps": args.steps, "rounds": args.rounds, "throughput": throughput, "profile": prof}
+    results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": gpu_name()},
+               "n_gpu_layers": args.n_gpu_layers, "steps": args.steps, "rounds": args.rounds,
+               "throughput": throughput, "profile": prof}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "inplace_decode.json").write_text(json.dumps(results, indent=2) + "\n")
+    stem = "inplace_decode" + (f"_{args.tag}" if args.tag else "")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
-    (RESULTS / "inplace_decode.md").write_text(table)
+    (RESULTS / f"{stem}.md").write_text(table)
     print(table)
     return 0
 

@@ -57,13 +57,13 @@ def zoo_model(name: str):
     return _loaded[name]
 
 
-def run_with_build(build: str, code: str, *args: str, timeout: float = 600) -> str:
-    """Run python code in a subprocess with PYLLAMA_SSM_BUILD=build; returns stdout.
+def run_with_build(build: str, code: str, *args: str, timeout: float = 600, env: dict | None = None) -> str:
+    """Run python code in a subprocess with PYLLAMA_SSM_BUILD=build (and env); returns stdout.
 
     One process holds one libllama, so comparing the builds needs two processes.
     """
     env = {**os.environ, "PYLLAMA_SSM_BUILD": build,
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})}
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:

@@ -2,6 +2,8 @@
 
     python tools/build.py [--cuda {auto,on,off}] [--jobs N]
 
+Extra CMake options (part of the cache key) go in PYLLAMA_SSM_CMAKE_ARGS.
+
 Results (shared libraries with $ORIGIN rpaths, headers, and for the pristine
 build llama-server and ggml-rpc-server):
 
@@ -25,6 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -76,7 +79,8 @@ def cmake_args(cuda: bool) -> list[str]:
     ]
     if cuda:
         args += ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=native"]
-    return args
+    # extra options, part of the key (e.g. -DGGML_CUDA_FA=OFF for a quicker CUDA check build)
+    return args + shlex.split(os.environ.get("PYLLAMA_SSM_CMAKE_ARGS", ""))
 
 
 def digest(*parts: str) -> str:

@@ -12,7 +12,7 @@ for every sequence at once, and stores the prompt logits and the continuations.
 Then a mixed run (see `mixed`) moves sequences through every path of the
 recurrent memory: forks, sequences joining alone and in pairs, removals, and
 with PARITY_SNAPSHOTS=1 (patched build) snapshots restored into new sequences;
-PARITY_MIXED_ONLY=1 runs only that.
+PARITY_MIXED_ONLY=1 runs only that; PARITY_N_GPU_LAYERS offloads layers (CUDA build).
 The parity test runs this once per build and compares the files.
 """
 
@@ -112,7 +112,7 @@ def main() -> int:
     single_only = set(filter(None, os.environ.get("PARITY_SINGLE_ONLY", "").split(",")))
     arrays = {}
     for path in paths:
-        with ps.Model(path) as model:
+        with ps.Model(path, n_gpu_layers=int(os.environ.get("PARITY_N_GPU_LAYERS", "0"))) as model:
             name = Path(path).stem
             configs = CONFIGS[:1] if name in single_only else CONFIGS
             for n_seq, unified in [] if os.environ.get("PARITY_MIXED_ONLY") == "1" else configs:

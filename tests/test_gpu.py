@@ -1,0 +1,112 @@
+"""The CUDA build on an NVIDIA GPU: parity with upstream, memory on the device, the Engine.
+
+Skipped unless the libraries were built with CUDA (`CUDA=1 make build`, recorded in
+build/config.json) and `nvidia-smi -L` lists a GPU: CI has neither.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, ZOO, run_with_build, zoo_index, zoo_path
+from parity.test_parity import UPSTREAM_MULTI_SEQ_BUGS, run_driver
+
+
+def _gpu_build() -> bool:
+    config = ROOT / "build" / "config.json"
+    if not config.exists() or not json.loads(config.read_text()).get("cuda"):
+        return False
+    if not shutil.which("nvidia-smi"):
+        return False
+    probe = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)
+    return probe.returncode == 0 and "GPU" in probe.stdout
+
+
+pytestmark = pytest.mark.skipif(not _gpu_build(), reason="needs the CUDA build (CUDA=1 make build) and an NVIDIA GPU")
+
+
+def test_patched_matches_upstream_on_gpu(tmp_path):
+    """Every zoo model fully offloaded: the series changes nothing a GPU computes."""
+    paths = [ZOO / m["file"] for k, m in sorted(zoo_index()["models"].items()) if k.endswith("-tiny")]
+    upstream = run_driver("upstream", tmp_path / "u.npz", paths, PARITY_N_GPU_LAYERS="999")
+    patched = run_driver("patched", tmp_path / "p.npz", paths, PARITY_N_GPU_LAYERS="999")
+    assert upstream.keys() <= patched.keys()
+    worst = 0.0
+    for key, a in upstream.items():
+        b = patched[key]
+        if key.endswith("/tokens"):
+            assert (a == b).all(), f"{key}: greedy continuations differ"
+        else:
+            assert np.isfinite(b).all(), key
+            worst = max(worst, float(np.max(np.abs(a - b))))
+            assert np.max(np.abs(a - b)) <= 1e-4, key
+    print(f"max |logit diff| upstream vs patched on the GPU: {worst:.3g}")
+
+
+CHUNKED = """
+import sys, json, pyllama_ssm as ps
+m = ps.Model(sys.argv[1])
+toks = m.tokenize("chunked prefill " * 60)[:192]
+with ps.Context(m, n_ctx=1024, n_seq_max=2, n_batch=64) as ctx:
+    for i in range(0, len(toks), 64):  # chunks 2 and 3 continue the sequence: states updated in place
+        logits = ctx.decode_tokens(toks[i:i + 64], seq_id=0, pos0=i)
+print(json.dumps(logits.tolist()))
+"""
+
+
+def test_inplace_with_cuda_backend_present(tmp_path):
+    """CPU-resident states in a CUDA build: in-place ops stay on the CPU (CUDA reports them unsupported).
+
+    Prompts of 64+ tokens let the scheduler offload large matmuls to the GPU next to them.
+    """
+    paths = [zoo_path(name) for name in ("qwen35", "mamba2", "jamba", "nemotron_h")]
+    env = {"PARITY_SNAPSHOTS": "1", "PARITY_MIXED_ONLY": "1", "PARITY_SINGLE_ONLY": ""}
+    inplace = run_driver("patched", tmp_path / "i.npz", paths, LLAMA_RS_INPLACE="1", **env)
+    copied = run_driver("patched", tmp_path / "c.npz", paths, LLAMA_RS_INPLACE="0", **env)
+    for key in inplace:
+        assert np.max(np.abs(inplace[key] - copied[key])) <= 1e-4, key
+    for name in ("qwen35", "nemotron_h"):
+        on, off = (np.array(json.loads(run_with_build("patched", CHUNKED, str(zoo_path(name)),
+                                                       env={"LLAMA_RS_INPLACE": flag}).splitlines()[-1]))
+                   for flag in ("1", "0"))
+        assert np.max(np.abs(on - off)) <= 1e-4, name
+
+
+def test_memory_report_on_gpu():
+    """Offloaded weights, KV and recurrent state are accounted to the CUDA buffer type."""
+    code = """
+import sys, json, pyllama_ssm as ps
+m = ps.Model(sys.argv[1], n_gpu_layers=999)
+with ps.Context(m, n_ctx=4096, n_seq_max=8) as ctx:
+    r = ctx.memory_report()
+    print(json.dumps({"rs": r.rs_bytes, "kv": r.kv_bytes,
+                      "bufs": [[b.name, b.weights, b.memory, b.compute] for b in r.buffer_types]}))
+"""
+    report = json.loads(run_with_build("patched", code, str(zoo_path("qwen35"))).splitlines()[-1])
+    cuda = [b for b in report["bufs"] if b[0].upper().startswith("CUDA") and "HOST" not in b[0].upper()]
+    assert cuda, report
+    assert sum(b[1] for b in cuda) > 0, "no weights on the GPU"
+    assert sum(b[2] for b in cuda) >= report["rs"] + report["kv"], "KV and recurrent state not on the GPU"
+
+
+def test_engine_on_gpu():
+    """Four concurrent greedy requests on the GPU equal the same requests one by one."""
+    code = """
+import sys, json
+import pyllama_ssm as ps
+from pyllama_ssm.engine import Engine
+from pyllama_ssm.sampling import SamplingParams
+m = ps.Model(sys.argv[1], n_gpu_layers=999)
+prompts = [f"Request {i} asks about the sea" for i in range(4)]
+with Engine(m, n_ctx=2048, parallel=4) as e:
+    together = [r.result().tokens for r in [e.submit(p, SamplingParams(temperature=0), max_tokens=24) for p in prompts]]
+    alone = [e.generate(p, SamplingParams(temperature=0), max_tokens=24).tokens for p in prompts]
+print(json.dumps([together, alone]))
+"""
+    together, alone = json.loads(run_with_build("patched", code, str(zoo_path("qwen35"))).splitlines()[-1])
+    assert together == alone
