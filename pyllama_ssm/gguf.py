@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import Any, Callable
@@ -142,10 +142,6 @@ class GGUFFile:
     alignment: int
     data_offset: int
     file_size: int
-    tensor_by_name: dict[str, TensorInfo] = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.tensor_by_name = {t.name: t for t in self.tensors}
 
     @property
     def arch(self) -> str:

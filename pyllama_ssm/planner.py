@@ -41,7 +41,6 @@ def pad(n: int, to: int) -> int:
 class ModelFacts:
     """What the planner needs from a GGUF file: hyperparameters and the weights per layer."""
 
-    path: Path
     hp: HParams
     layer_weights: tuple[int, ...]   # bytes of blk.N.* tensors, per layer
     input_weights: int               # token embeddings: always on the CPU
@@ -64,7 +63,7 @@ def _facts(path: str, mtime_ns: int, size: int) -> ModelFacts:  # noqa: ARG001 -
             inp += nbytes
         else:
             out += nbytes
-    return ModelFacts(Path(path), hp, tuple(layers), inp, out, bool(g.tensors))
+    return ModelFacts(hp, tuple(layers), inp, out, bool(g.tensors))
 
 
 def model_facts(path: str | os.PathLike) -> ModelFacts:
