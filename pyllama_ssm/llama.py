@@ -244,6 +244,7 @@ class Llama:
             stack.callback(self._model.close)
             if n_ctx == 0:
                 n_ctx = self._model.n_ctx_train
+            self._n_ctx = n_ctx
             self.n_batch = min(n_ctx, n_batch)
             self.n_threads = n_threads or max(default_threads() // 2, 1)
             self.n_threads_batch = n_threads_batch or default_threads()
@@ -257,8 +258,9 @@ class Llama:
                                 ("type_v", type_v)):
                 if value is not None:
                     context_params[name] = value
-            # n_parallel == 1 (or embeddings): self._ctx, driven from here; n_parallel > 1: self._engine
-            if n_parallel == 1 or embedding:
+            # vocab_only: a tokenizer, no context; n_parallel == 1 (or embeddings): self._ctx, driven
+            # from here; n_parallel > 1: self._engine
+            if not vocab_only and (n_parallel == 1 or embedding):
                 # embeddings batch many inputs as sequences of one context, as llama-cpp-python does
                 self._ctx = Context(self._model, n_ctx=n_ctx if n_parallel == 1 else self.n_batch,
                                     n_batch=self.n_batch, n_ubatch=min(self.n_batch, n_ubatch),
@@ -269,14 +271,14 @@ class Llama:
                 stack.callback(self._ctx.close)
                 self._batch = Batch(self.n_batch, 1)
                 stack.callback(self._batch.close)
-            if n_parallel > 1:
+            if not vocab_only and n_parallel > 1:
                 self._engine = Engine(self._model, n_ctx=n_ctx, parallel=n_parallel, n_batch=self.n_batch,
                                       n_threads=self.n_threads, flash_attn=bool(flash_attn),
                                       context_overrides=context_params)
                 stack.callback(self._engine.close)
             self._lora = self._load_lora(lora_path, lora_scale) if lora_path else None
             stack.pop_all()
-        self.context_params = (self._ctx or self._engine.ctx).params
+        self.context_params = self._context.params if self._context is not None else None
         self.model_params = self._model.params
         self.tokenizer_ = tokenizer or LlamaTokenizer(self)
         self._n_vocab = self._model.n_vocab
@@ -391,8 +393,20 @@ class Llama:
         """The raw llama_model pointer (cffi)."""
         return self._model.ptr
 
+    @property
+    def _context(self) -> Optional[Context]:
+        """The context completions run on (the Engine's with n_parallel > 1); None with vocab_only."""
+        return self._engine.ctx if self._engine is not None else self._ctx
+
+    def _require_context(self, what: str) -> Context:
+        if self._model is None:
+            raise ValueError("Llama is closed")
+        if self._context is None:
+            raise ValueError(f"{what}: this Llama holds only a vocabulary (vocab_only=True)")
+        return self._context
+
     def n_ctx(self) -> int:
-        return self._ctx.n_ctx if self._engine is None else self._engine.n_ctx
+        return self._context.n_ctx if self._context is not None else self._n_ctx
 
     def n_embd(self) -> int:
         return self._model.n_embd
@@ -410,7 +424,7 @@ class Llama:
         return lib.llama_vocab_nl(self._model._vocab)
 
     def pooling_type(self) -> int:
-        return lib.llama_pooling_type((self._ctx or self._engine.ctx).ptr)
+        return lib.llama_pooling_type(self._require_context("pooling_type").ptr)
 
     def tokenizer(self) -> LlamaTokenizer:
         return LlamaTokenizer(self)
@@ -429,8 +443,7 @@ class Llama:
 
     # -- the single sequence (n_parallel=1) -------------------------------------------------
     def _direct(self, what: str) -> Context:
-        if self._model is None:
-            raise ValueError("Llama is closed")
+        self._require_context(what)
         if self._engine is not None:
             raise ValueError(f"{what}: the single-sequence API needs n_parallel=1 (this Llama serves "
                              f"{self.n_parallel} sequences through its Engine; use create_completion)")
@@ -636,6 +649,7 @@ class Llama:
 
     # -- embeddings ---------------------------------------------------------------------------
     def _embedding_ctx(self) -> Context:
+        self._require_context("embed")
         if self._ctx is None or not self._ctx.params.embeddings:
             raise RuntimeError("Llama model must be created with embedding=True to compute embeddings")
         return self._ctx
@@ -767,8 +781,7 @@ class Llama:
         stream=True returns an iterator of chunks; with n_parallel>1, closing it early frees
         the sequence.  Bad arguments raise ValueError/TypeError before anything runs.
         """
-        if self._model is None:
-            raise ValueError("Llama is closed")
+        self._require_context("create_completion")
         if suffix is not None:
             raise ValueError("suffix: fill-in-the-middle completion is not supported")
         prompt_tokens = self._prompt_tokens(prompt)

@@ -127,6 +127,14 @@ def test_tokenize_detokenize(llm):
         llm.tokenize("text")
 
 
+def test_vocab_only_is_a_tokenizer():
+    with Llama(str(zoo_path("llama")), vocab_only=True, verbose=False) as m:
+        assert m.detokenize(m.tokenize(b"Hello World")) == b"Hello World" and m.context_params is None
+        for call in (lambda: m(PROMPT), lambda: m.eval([1]), lambda: m.embed("x")):
+            with pytest.raises(ValueError, match="vocab_only"):
+                call()
+
+
 # -- completions ----------------------------------------------------------------------------
 def test_completion_shape(llm):
     out = llm.create_completion(PROMPT, max_tokens=8, temperature=0)
