@@ -235,6 +235,7 @@ class Llama:
         self._logits_all = logits_all
         self._seed = seed or lib.LLAMA_DEFAULT_SEED
         self._seed_lock = threading.Lock()
+        self._embed_lock = threading.Lock()  # embeddings decode on one context, one call at a time
 
         with contextlib.ExitStack() as stack:  # anything opened is closed again if a later step fails
             self._model = Model(model_path, n_gpu_layers=0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers,
@@ -664,7 +665,12 @@ class Llama:
     def embed(self, input: Union[str, list[str]], normalize: bool = False, truncate: bool = True,
               return_count: bool = False):
         """Embeddings of each input: a vector per input, or a vector per token when the model
-        pools nothing (LLAMA_POOLING_TYPE_NONE).  Inputs are batched as sequences of one decode."""
+        pools nothing (LLAMA_POOLING_TYPE_NONE).  Inputs are batched as sequences of one decode;
+        concurrent calls take turns."""
+        with self._embed_lock:
+            return self._embed(input, normalize, truncate, return_count)
+
+    def _embed(self, input: Union[str, list[str]], normalize: bool, truncate: bool, return_count: bool):
         ctx = self._embedding_ctx()
         inputs = [input] if isinstance(input, str) else input
         if not isinstance(inputs, list) or not all(isinstance(s, str) for s in inputs):

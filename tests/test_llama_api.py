@@ -536,6 +536,16 @@ def test_embeddings():
     with Llama(path, n_ctx=128, embedding=True, n_parallel=2, verbose=False) as m:  # per-token (no pooling)
         per_token = m.embed("Hello world")
         assert len(per_token) == len(m.tokenize(b"Hello world")) and len(per_token[0]) == m.n_embd()
+        texts = ["alpha beta", "gamma delta epsilon"]
+        expected = {t: m.embed(t) for t in texts}
+        mismatches = []
+        threads = [threading.Thread(target=lambda t=t: mismatches.extend(
+            t for _ in range(5) if not np.allclose(m.embed(t), expected[t], atol=1e-6))) for t in texts * 2]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert mismatches == []  # concurrent calls take turns on the embedding context
     with Llama(path, n_ctx=64, verbose=False) as m, pytest.raises(RuntimeError, match="embedding=True"):
         m.embed("x")
 
