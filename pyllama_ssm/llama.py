@@ -120,9 +120,11 @@ class LlamaTokenizer:
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
         if not isinstance(text, (bytes, bytearray)):
             raise TypeError(f"tokenize: text must be bytes (utf-8), got {type(text).__name__}")
+        self._model.ptr  # raises once the model is closed: its vocabulary is gone
         return self._model.tokenize(bytes(text), add_special=add_bos, parse_special=special)
 
     def detokenize(self, tokens: list[int], prev_tokens: Optional[list[int]] = None, special: bool = False) -> bytes:
+        self._model.ptr  # raises once the model is closed
         out = b"".join(self._model.token_to_piece(int(t), special=special) for t in tokens)
         # SPM vocabularies put a space before the first word: drop it after BOS, as llama-cpp-python does
         if len(tokens) > 0 and tokens[0] == self._model.token_bos and out[:1] == b" ":
@@ -202,7 +204,8 @@ class Llama:
         n_parallel: int = 1,
     ):
         self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self._model = self._ctx = self._engine = self._batch = self._lora = self._sampler = None  # for close()
+        self._model = self._ctx = self._engine = self._batch = self._lora = None  # for close()
+        self._sampler: Optional[Sampler] = None  # the running generate()'s
         self.verbose = verbose
         if not isinstance(n_parallel, int) or n_parallel < 1:
             raise ValueError(f"n_parallel={n_parallel!r}: must be an int >= 1")
@@ -237,11 +240,12 @@ class Llama:
         self._seed_lock = threading.Lock()
         self._embed_lock = threading.Lock()  # embeddings decode on one context, one call at a time
 
+        # as llama-cpp-python: no mmap with a LoRA; the arrays live as long as model_params refers to them
+        self._model_overrides = self._model_params(split_mode, main_gpu, tensor_split,
+                                                   use_mmap and lora_path is None, use_mlock, kv_overrides)
         with contextlib.ExitStack() as stack:  # anything opened is closed again if a later step fails
             self._model = Model(model_path, n_gpu_layers=0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers,
-                                vocab_only=vocab_only,
-                                overrides=self._model_params(split_mode, main_gpu, tensor_split, use_mmap and lora_path
-                                                          is None, use_mlock, kv_overrides))
+                                vocab_only=vocab_only, overrides=self._model_overrides)
             stack.callback(self._model.close)
             if n_ctx == 0:
                 n_ctx = self._model.n_ctx_train
@@ -300,7 +304,7 @@ class Llama:
     @staticmethod
     def _model_params(split_mode: int, main_gpu: int, tensor_split, use_mmap: bool, use_mlock: bool,
                       kv_overrides) -> dict[str, Any]:
-        """llama_model_params fields beyond what Model takes by name (arrays kept alive by the caller's dict)."""
+        """llama_model_params fields beyond those Model takes by name."""
         load_mode = {(True, True): lib.LLAMA_LOAD_MODE_MMAP_MLOCK, (False, True): lib.LLAMA_LOAD_MODE_MLOCK,
                      (True, False): lib.LLAMA_LOAD_MODE_MMAP, (False, False): lib.LLAMA_LOAD_MODE_NONE}
         params: dict[str, Any] = dict(split_mode=split_mode, main_gpu=main_gpu,
@@ -355,8 +359,6 @@ class Llama:
         """Free the context(s) and the model; the object is unusable afterwards."""
         if getattr(self, "_model", None) is None:
             return
-        if self._sampler is not None:
-            self._sampler.close()
         if self._engine is not None:
             self._engine.close()
         if self._batch is not None:
@@ -591,10 +593,16 @@ class Llama:
 
     def _generate(self, tokens: Sequence[int], params: SamplingParams, reset: bool = True,
                   stopping_criteria: Optional[StoppingCriteria] = None) -> Iterator[int]:
-        if self._sampler is not None:
-            self._sampler.close()
-        self._sampler = Sampler(self._model, params)
-        tokens = list(tokens)
+        sampler = Sampler(self._model, params)  # sample() uses it while this generator runs
+        try:
+            yield from self._generate_with(sampler, list(tokens), reset, stopping_criteria)
+        finally:
+            if self._sampler is sampler:
+                self._sampler = None
+            sampler.close()
+
+    def _generate_with(self, sampler: Sampler, tokens: list[int], reset: bool,
+                       stopping_criteria: Optional[StoppingCriteria]) -> Iterator[int]:
         if reset and self.n_tokens > 0:
             longest = longest_token_prefix(self._input_ids.tolist(), tokens)
             consumed = longest == len(tokens)
@@ -614,6 +622,7 @@ class Llama:
         while True:
             self.eval(tokens)
             while sample_idx < self.n_tokens:
+                self._sampler = sampler
                 token = self.sample(idx=sample_idx)
                 sample_idx += 1
                 if stopping_criteria is not None and stopping_criteria(
@@ -675,7 +684,7 @@ class Llama:
         inputs = [input] if isinstance(input, str) else input
         if not isinstance(inputs, list) or not all(isinstance(s, str) for s in inputs):
             raise TypeError("embed: input must be a string or a list of strings")
-        n_embd, pooled = self.n_embd(), self.pooling_type() != lib.LLAMA_POOLING_TYPE_NONE
+        n_embd, pooled = self.n_embd(), lib.llama_pooling_type(ctx.ptr) != lib.LLAMA_POOLING_TYPE_NONE
         data: list = []
         sizes: list[int] = []
         total = 0
@@ -740,7 +749,7 @@ class Llama:
             raise ValueError("prompt: empty (no tokens, and the model adds no BOS)")
         if tokens[:2] == [self.token_bos()] * 2:
             warnings.warn("prompt starts with two BOS tokens; the chat template or the prompt already adds one",
-                          RuntimeWarning, stacklevel=4)
+                          RuntimeWarning, stacklevel=3)
         if len(tokens) >= self._n_ctx:
             raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
         return tokens
@@ -935,7 +944,7 @@ class Llama:
             out["text_offset"].append(offset)
             out["token_logprobs"].append(logprob)
             out["top_logprobs"].append(top)
-        if r.echo and tokens:  # OpenAI reports no logprob for the first token
+        if r.echo and out["tokens"]:  # OpenAI reports no logprob for the first token
             out["token_logprobs"][0] = out["top_logprobs"][0] = None
         return out
 

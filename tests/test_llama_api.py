@@ -100,8 +100,9 @@ def test_close_and_context_manager():
     m = Llama(str(zoo_path("llama")), n_ctx=64, verbose=False)
     with m:
         assert m.create_completion(PROMPT, max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2
-    with pytest.raises(ValueError, match="closed"):
-        m.create_completion(PROMPT)
+    for call in (lambda: m.create_completion(PROMPT), lambda: m.tokenize(b"x"), lambda: m.detokenize([1])):
+        with pytest.raises(ValueError, match="closed"):
+            call()
     m.close()  # twice is fine
 
 
