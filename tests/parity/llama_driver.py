@@ -78,6 +78,18 @@ def completions(path: str) -> dict:
     def record(name, response):
         out[name] = {"value": plain(response), "types": types_of(response)}
 
+    # first, on the fresh object: stock's sample() reuses the last completion's sampler
+    ids = llm.tokenize(PROMPTS[1].encode())
+    llm.eval(ids)
+    first = llm.sample(temp=0.0)
+    generated = []
+    for token in llm.generate(ids, temp=0.0):
+        generated.append(token)
+        if len(generated) == 6:
+            break
+    record("generate", [first, generated, llm.n_tokens, llm.input_ids[: llm.n_tokens].tolist(),
+                        plain(llm.scores[llm.n_tokens - 1, :8].tolist())])
+
     for i, prompt in enumerate(PROMPTS):
         greedy = llm.create_completion(prompt, max_tokens=16, temperature=0, logprobs=3)
         record(f"greedy/{i}", greedy)
@@ -115,17 +127,6 @@ def completions(path: str) -> dict:
     record("chat-tool", llm.create_chat_completion(messages, max_tokens=48, temperature=0, tools=tools,
                                                    tool_choice={"type": "function",
                                                                 "function": {"name": "paint"}}))
-    llm.reset()
-    ids = llm.tokenize(PROMPTS[1].encode())
-    llm.eval(ids)
-    first = llm.sample(temp=0.0)
-    generated = []
-    for token in llm.generate(ids, temp=0.0):
-        generated.append(token)
-        if len(generated) == 6:
-            break
-    record("generate", [first, generated, llm.n_tokens, llm.input_ids[: llm.n_tokens].tolist(),
-                        plain(llm.scores[llm.n_tokens - 1, :8].tolist())])
     for fmt in ("chatml", "llama-2", "mistral-instruct"):  # named formats, looked up at each call
         llm.chat_format = fmt
         record(f"chat/{fmt}", llm.create_chat_completion(messages[1:], max_tokens=6, temperature=0))

@@ -15,7 +15,10 @@ Stock bugs we do not reproduce, set aside before comparing:
   fixed 32-byte buffer), so its top_logprobs key is "" there;
 - with pooling NONE, stock reads the token embeddings of the 2nd and later inputs at
   a wrong offset (token count instead of floats): only the first input is compared;
-- stock's logprobs are numpy float32, ours Python floats (both count as float).
+- stock's logprobs are numpy float32, ours Python floats (both count as float);
+- after a completion, stock's sample() keeps using that completion's sampler (its
+  grammar, temperature and seed) whatever its arguments; ours samples with the
+  arguments given (the driver calls sample() on a fresh object, where both agree).
 
 PYLLAMA_SSM_PARITY_FULL=1 compares completions and embeddings on every architecture
 of the zoo instead of one transformer, one recurrent and one hybrid model, and
