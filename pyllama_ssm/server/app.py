@@ -143,6 +143,9 @@ async def _generate(request: Request, served: ServedModel, body: Any, call: Call
     admission = contextlib.ExitStack()
     admission.enter_context(served.admit())
     try:
+        if served.generation_lock is not None:  # one sequence: requests take turns, in order
+            await served.generation_lock.acquire()
+            admission.callback(served.generation_lock.release)
         if not body.stream:
             try:
                 return await anyio.to_thread.run_sync(lambda: call(**kwargs), limiter=served.limiter)
@@ -244,11 +247,12 @@ async def create_embedding(request: Request, body: CreateEmbeddingRequest) -> An
     if not served.settings.embedding:
         raise bad_request("model", f"{served.alias!r} serves no embeddings (start it with --embedding true)")
     with served.admit():
-        try:
-            return await anyio.to_thread.run_sync(
-                lambda: served.llama.create_embedding(input=body.input, model=body.model), limiter=served.limiter)
-        except Exception as e:
-            raise _failure(request, e, set(type(body).model_fields)) from None
+        async with served.embedding_lock:
+            try:
+                return await anyio.to_thread.run_sync(
+                    lambda: served.llama.create_embedding(input=body.input, model=body.model), limiter=served.limiter)
+            except Exception as e:
+                raise _failure(request, e, set(type(body).model_fields)) from None
 
 
 @router.get("/v1/models", summary="Models", tags=["OpenAI V1"])

@@ -84,7 +84,11 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
         return ApiError(400, f"body: invalid JSON ({first.get('ctx', {}).get('error', first['msg'])})", param="body")
     path = _field_path(first["loc"])
     if not path:
-        return ApiError(400, "body: a JSON object is required (Content-Type: application/json)", param="body")
+        if first["type"] in ("model_attributes_type", "model_type", "dict_type", "missing"):
+            return ApiError(400, "body: a JSON object is required (Content-Type: application/json)", param="body")
+        message = _reason(first)  # a check across fields: its message starts with the field's name
+        match = _LEADING_NAME.match(message)
+        return ApiError(400, message, param=match.group(1) if match else "body")
     # a value that fits no branch of a union fails once per branch: say all of them
     reasons = list(dict.fromkeys(_reason(p) for p in problems if _field_path(p["loc"]) == path))
     return ApiError(400, f"{'.'.join(path)}: {' or '.join(reasons)}", param=path[0])

@@ -51,7 +51,8 @@ def parse_kv_overrides(items: list[str]) -> dict[str, bool | int | float | str]:
 
 def llama_kwargs(s: ModelSettings) -> dict[str, Any]:
     """Llama's keyword arguments for one model's settings (what llama_cpp.server passes, plus n_parallel)."""
-    for name in ("clip_model_path", "hf_pretrained_model_name_or_path", "hf_tokenizer_config_path", "draft_model"):
+    for name in ("clip_model_path", "hf_pretrained_model_name_or_path", "hf_tokenizer_config_path", "draft_model",
+                 "rpc_servers"):
         if getattr(s, name) is not None:
             raise ValueError(f"{name}: not supported by pyllama_ssm.server (model {s.alias!r})")
     if s.chat_format in _UNSUPPORTED_CHAT_FORMATS:
@@ -60,7 +61,8 @@ def llama_kwargs(s: ModelSettings) -> dict[str, Any]:
     kwargs = s.model_dump(exclude={
         "model", "model_alias", "hf_model_repo_id", "kv_overrides", "chat_template_kwargs", "cache", "cache_type",
         "cache_size", "clip_model_path", "hf_pretrained_model_name_or_path", "hf_tokenizer_config_path",
-        "draft_model", "draft_model_num_pred_tokens"})
+        "draft_model", "draft_model_num_pred_tokens", "rpc_servers",
+        "mul_mat_q"})  # accepted for compatibility: stock Llama ignores it too
     kwargs["kv_overrides"] = parse_kv_overrides(s.kv_overrides) if s.kv_overrides else None
     return kwargs
 
@@ -76,7 +78,10 @@ def load_llama(s: ModelSettings):
         model = llama_mod.Llama(model_path=s.model, **kwargs)
     if s.chat_template_kwargs:
         model.chat_template_kwargs = dict(s.chat_template_kwargs)
-    if s.cache:
+    if s.cache and s.n_parallel > 1:
+        logger.warning("model %r: --cache applies to n_parallel=1; with n_parallel=%d the Engine's shared prefix "
+                       "cache serves repeated prefixes", s.alias, s.n_parallel)
+    elif s.cache:
         cache_cls = llama_mod.LlamaDiskCache if s.cache_type == "disk" else llama_mod.LlamaRAMCache
         model.set_cache(cache_cls(capacity_bytes=s.cache_size))
     return model
@@ -94,10 +99,20 @@ class ServedModel:
     served: int = 0
     refused: int = 0
     limiter: anyio.CapacityLimiter = field(init=False)  # a worker thread for every admitted request
+    generation_lock: Optional[anyio.Semaphore] = field(init=False)  # n_parallel=1: one completion at a time
+    embedding_lock: anyio.Semaphore = field(init=False)  # embeddings share one context and batch
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
     def __post_init__(self) -> None:
         self.limiter = anyio.CapacityLimiter(self.capacity)
+        # a semaphore, not a lock: a stream releases it from another task than the one that took it
+        self.embedding_lock = anyio.Semaphore(1)
+        self.generation_lock = self.embedding_lock if self.settings.n_parallel == 1 else None
+
+    @property
+    def engine(self):
+        """The Engine of an n_parallel > 1 model (None for n_parallel=1, which drives one sequence itself)."""
+        return self.llama._engine  # pyllama_ssm.Llama keeps it private; the stats need it
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:

@@ -45,7 +45,7 @@ def _model(served: ServedModel) -> dict[str, Any]:
     out: dict[str, Any] = {"n_parallel": served.settings.n_parallel, "n_ctx": served.settings.n_ctx,
                            "capacity": served.capacity, "in_flight": served.in_flight,
                            "served": served.served, "refused": served.refused, "engine": None, "memory": None}
-    engine = served.llama.engine
+    engine = served.engine
     if engine is not None:
         stats = engine.stats()
         out["engine"] = {**dataclasses.asdict(stats), "python_overhead": stats.python_overhead}

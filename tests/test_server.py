@@ -1,0 +1,375 @@
+"""The OpenAI-compatible server, run as `python -m pyllama_ssm.server` on 127.0.0.1 with zoo models.
+
+Every route, streaming, the API key, 400s that name the field, 413, 429 with
+Retry-After, a disconnect that frees its sequence, concurrent greedy answers
+equal to each alone, config files with aliases, CORS, and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT, zoo_path
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("sse_starlette")
+
+from pyllama_ssm.server.process import ServerProcess  # noqa: E402
+
+KEY = "test-key-0123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+N_CTX = 1024
+GREEDY = {"temperature": 0, "max_tokens": 8}
+ENDLESS = {"temperature": 0, "grammar": 'root ::= "a" root'}  # no end of text: runs until max_tokens
+PROMPTS = ["Hello", "The state of the art", "Once upon a time in a recurrent network",
+           "1 2 3 4 5", "A hybrid model keeps two memories"]
+
+
+def start(name: str, *flags: str) -> ServerProcess:
+    return ServerProcess("--model", str(zoo_path(name)), "--n_ctx", str(N_CTX), "--n_threads", "2",
+                         "--verbose", "false", *flags)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    """The hybrid model with an API key and small limits; most tests share it."""
+    with start("qwen35", "--n_parallel", "4", "--max_queued_requests", "2", "--api_key", KEY,
+               "--max_tokens_limit", "256", "--max_request_bytes", "65536") as server:
+        yield server
+
+
+@pytest.fixture(scope="module", params=["qwen35", "mamba"])
+def any_model(request, qwen):
+    """The hybrid (shared) and a purely recurrent model."""
+    if request.param == "qwen35":
+        yield qwen
+        return
+    with start(request.param, "--n_parallel", "4", "--api_key", KEY) as server:
+        yield server
+
+
+def client(server: ServerProcess, **kw) -> httpx.Client:
+    return httpx.Client(base_url=server.url, headers=AUTH, timeout=60, **kw)
+
+
+def complete(c: httpx.Client, route: str, body: dict) -> dict:
+    r = c.post(route, json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stream(c: httpx.Client, route: str, body: dict) -> list[dict]:
+    """The events of a stream; asserts it ends with [DONE]."""
+    events = []
+    with c.stream("POST", route, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[len("data: "):])
+    assert events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def text_of(route: str, answer: dict | list[dict]) -> tuple[str, str]:
+    if isinstance(answer, dict):
+        choice = answer["choices"][0]
+        return (choice["message"]["content"] if "message" in choice else choice["text"]), choice["finish_reason"]
+    pieces = [(e["choices"][0]["delta"].get("content") if "delta" in e["choices"][0] else e["choices"][0]["text"])
+              for e in answer]
+    return "".join(p or "" for p in pieces), answer[-1]["choices"][0]["finish_reason"]
+
+
+def stats(c: httpx.Client) -> dict:
+    return next(iter(c.get("/extras/stats").json()["models"].values()))
+
+
+def wait_idle(c: httpx.Client, timeout: float = 10) -> dict:
+    """Stats once nothing is in flight, queued or running (what a cancelled stream must come back to)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = stats(c)
+        busy = s["in_flight"] or s["engine"]["running"] or s["engine"]["queued"] or s["engine"]["preempted"]
+        if not busy or time.monotonic() > deadline:
+            return s
+        time.sleep(0.05)
+
+
+# -- security ---------------------------------------------------------------------------------------
+
+def test_health_is_open_and_every_other_route_needs_the_key(qwen):
+    assert httpx.get(qwen.url + "/health").json() == {"status": "ok"}
+    for method, path in [("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/extras/tokenize"),
+                         ("GET", "/extras/stats"), ("GET", "/metrics"), ("GET", "/docs"), ("GET", "/nowhere")]:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            r = httpx.request(method, qwen.url + path, headers=headers, json={"prompt": "x"})
+            assert r.status_code == 401, (path, headers, r.text)
+            assert r.headers["www-authenticate"] == "Bearer"
+            assert r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(qwen.url + "/v1/models", headers=AUTH).status_code == 200
+
+
+def test_cors_is_off_unless_configured(qwen):
+    origin = {"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST"}
+    r = httpx.options(qwen.url + "/v1/completions", headers=origin)
+    assert "access-control-allow-origin" not in r.headers
+    r = httpx.get(qwen.url + "/v1/models", headers={**AUTH, "Origin": "http://elsewhere.example"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_request_body_over_the_limit_gets_413(qwen):
+    with client(qwen) as c:
+        r = c.post("/v1/completions", json={"prompt": "x" * 70000})
+        assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+        assert "max_request_bytes" in r.json()["error"]["message"]
+        chunked = c.post("/v1/completions", content=iter([b'{"prompt": "', b"y" * 70000, b'"}']),
+                         headers={"Content-Type": "application/json"})
+        assert chunked.status_code == 413
+
+
+# -- routes -----------------------------------------------------------------------------------------
+
+def test_models_and_tokenizer_routes(qwen):
+    with client(qwen) as c:
+        models = c.get("/v1/models").json()
+        assert models["object"] == "list"
+        assert [m["id"] for m in models["data"]] == [str(zoo_path("qwen35"))]
+        assert set(models["data"][0]) == {"id", "object", "owned_by", "permissions"}
+        tokens = c.post("/extras/tokenize", json={"input": "Hello world"}).json()["tokens"]
+        assert tokens and all(isinstance(t, int) for t in tokens)
+        assert c.post("/extras/tokenize/count", json={"input": "Hello world"}).json() == {"count": len(tokens)}
+        assert c.post("/extras/detokenize", json={"tokens": tokens}).json()["text"].strip() == "Hello world"
+
+
+def test_completion_streams_the_same_text(qwen):
+    with client(qwen) as c:
+        body = {"prompt": "The state of the art", **GREEDY}
+        plain = complete(c, "/v1/completions", body)
+        assert set(plain) >= {"id", "object", "created", "model", "choices", "usage"}
+        assert plain["object"] == "text_completion" and plain["usage"]["completion_tokens"] > 0
+        events = stream(c, "/v1/completions", body)
+        assert all(e["object"] == "text_completion" for e in events)
+        assert text_of("/v1/completions", events) == text_of("/v1/completions", plain)
+
+
+def test_chat_completion_streams_the_same_text(qwen):
+    with client(qwen) as c:
+        body = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}],
+                **GREEDY}
+        plain = complete(c, "/v1/chat/completions", body)
+        assert plain["object"] == "chat.completion"
+        assert plain["choices"][0]["message"]["role"] == "assistant"
+        events = stream(c, "/v1/chat/completions", body)
+        assert all(e["object"] == "chat.completion.chunk" for e in events)
+        assert text_of("/v1/chat/completions", events) == text_of("/v1/chat/completions", plain)
+
+
+def test_concurrent_greedy_requests_equal_each_alone(any_model):
+    with client(any_model) as c:
+        routes = [("/v1/completions", {"prompt": p, **GREEDY}) for p in PROMPTS]
+        routes.append(("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], **GREEDY}))
+        alone = [text_of(route, complete(c, route, body)) for route, body in routes]
+        together: dict[int, tuple[str, str]] = {}
+
+        def run(i: int) -> None:  # as many at once as the qwen server admits (4 running + 2 queued)
+            route, body = routes[i]
+            together[i] = text_of(route, stream(c, route, body) if i % 2 else complete(c, route, body))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(routes))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [together[i] for i in range(len(routes))] == alone
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+BAD = [
+    ("/v1/completions", {"prompt": ""}, "prompt"),
+    ("/v1/completions", {"prompt": "hello " * (N_CTX + 10)}, "prompt"),
+    ("/v1/completions", {"prompt": [1, 2, 10 ** 9]}, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 100000}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "temperature": -0.5}, "temperature"),
+    ("/v1/completions", {"prompt": "x", "top_p": 1.5}, "top_p"),
+    ("/v1/completions", {"prompt": "x", "stop": 5}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": [1, 2]}, "stop"),
+    ("/v1/completions", {"prompt": "x", "grammar": "root ::= ("}, "grammar"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"not-a-token": 1.0}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"999999999": 1.0}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "x", "n": 3}, "n"),
+    ("/v1/completions", {"prompt": "x", "max_token": 3}, "max_token"),
+    ("/v1/completions", {"prompt": "x", "model": "/etc/passwd"}, "model"),
+    ("/v1/chat/completions", {"messages": []}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "xml"}}, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+    ("/v1/embeddings", {"input": ""}, "input"),
+    ("/extras/detokenize", {"tokens": [-1]}, "tokens"),
+    ("/extras/tokenize", {"text": "x"}, "input"),
+]
+
+
+@pytest.mark.parametrize("route,body,param", BAD, ids=[f"{r}-{p}-{i}" for i, (r, _, p) in enumerate(BAD)])
+def test_bad_requests_get_4xx_naming_the_field(qwen, route, body, param):
+    with client(qwen) as c:
+        for stream_it in ([False, True] if "completions" in route else [False]):
+            r = c.post(route, json={**body, "stream": True} if stream_it else body)
+            assert 400 <= r.status_code < 500, r.text
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"}
+            assert param in (error["param"] or "") or param in error["message"], error
+
+
+def test_invalid_json_and_non_objects_are_400(qwen):
+    with client(qwen) as c:
+        for content in (b'{"prompt": ', b"[1, 2]", b""):
+            r = c.post("/v1/completions", content=content, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "body", r.text
+
+
+# -- load, disconnects, limits ----------------------------------------------------------------------
+
+class OpenStream:
+    """A stream whose first event arrived (so it is admitted and running); close() hangs up."""
+
+    def __init__(self, c: httpx.Client, body: dict):
+        self._cm = c.stream("POST", "/v1/completions", json={**body, "stream": True})
+        r = self._cm.__enter__()
+        assert r.status_code == 200, r.read()
+        # keep the line iterator: dropping a half-read one closes the connection
+        self.lines = r.iter_lines()
+        assert next(line for line in self.lines if line.startswith("data: "))
+
+    def close(self) -> None:
+        self._cm.__exit__(None, None, None)
+
+
+def test_disconnect_mid_stream_frees_the_sequence(any_model):
+    with client(any_model) as c:
+        before = wait_idle(c)["engine"]["tokens_generated"]
+        held = OpenStream(c, {"prompt": "Hello", "max_tokens": 250, **ENDLESS})  # 2 s or so
+        assert stats(c)["engine"]["running"] == 1
+        held.close()
+        s = wait_idle(c)
+        assert s["in_flight"] == 0 and s["engine"]["running"] == 0
+        assert s["engine"]["tokens_generated"] - before < 250, "the cancelled sequence kept generating"
+        assert s["memory"]["rs_cells_live"] == 0
+        assert s["memory"]["kv_cells_used"] <= s["memory"]["kv_cells_cached_max"]
+
+
+def test_a_full_queue_gets_429_with_retry_after():
+    with start("qwen35", "--n_ctx", "4096", "--n_parallel", "2", "--max_queued_requests", "1") as server, \
+            httpx.Client(base_url=server.url, timeout=60) as c:
+        running = [OpenStream(c, {"prompt": f"Hold {i}", "max_tokens": 2000, **ENDLESS}) for i in range(2)]
+        waiting = threading.Thread(target=c.post, args=("/v1/completions",),
+                                   kwargs={"json": {"prompt": "wait", "max_tokens": 4}})
+        waiting.start()
+        deadline = time.monotonic() + 10
+        while stats(c)["in_flight"] < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = c.post("/v1/completions", json={"prompt": "one too many", "max_tokens": 4})
+        assert refused.status_code == 429, refused.text
+        assert refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "queue_full"
+        for held in running:  # hang up: the queued request runs, then there is room again
+            held.close()
+        waiting.join()
+        assert wait_idle(c)["refused"] == 1
+        assert c.post("/v1/completions", json={"prompt": "room again", "max_tokens": 2}).status_code == 200
+
+
+def test_metrics_and_stats_report_engine_and_memory(qwen):
+    with client(qwen) as c:
+        s = stats(c)
+        assert s["n_parallel"] == 4 and s["capacity"] == 6
+        assert s["memory"]["kv_cells_total"] >= N_CTX and s["memory"]["weights_bytes"] > 0
+        text = c.get("/metrics").text
+        assert "pyllama_ssm_engine_tokens_generated{model=" in text
+        assert "pyllama_ssm_memory_kv_cells_used{model=" in text and "pyllama_ssm_rss_bytes " in text
+
+
+# -- configuration and lifecycle ----------------------------------------------------------------------
+
+def test_config_file_serves_models_by_alias_with_cors(tmp_path):
+    config = tmp_path / "models.yaml"
+    config.write_text(f"""
+cors_origins: ["http://ok.example"]
+models:
+  - model: {zoo_path('qwen35')}
+    model_alias: hybrid
+    n_ctx: 512
+    n_parallel: 2
+    verbose: false
+  - model: {zoo_path('mamba')}
+    model_alias: ssm
+    n_ctx: 512
+    n_parallel: 2
+    verbose: false
+""")
+    with ServerProcess("--config_file", str(config)) as server, httpx.Client(base_url=server.url) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["hybrid", "ssm"]
+        for alias in ("hybrid", "ssm"):
+            assert complete(c, "/v1/completions", {"prompt": "Hi", "model": alias, **GREEDY})["choices"]
+        assert complete(c, "/v1/completions", {"prompt": "Hi", **GREEDY})["choices"]  # the first is the default
+        r = c.post("/v1/completions", json={"prompt": "Hi", "model": str(zoo_path("mamba"))})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        ok = c.options("/v1/completions", headers={"Origin": "http://ok.example",
+                                                    "Access-Control-Request-Method": "POST"})
+        assert ok.headers["access-control-allow-origin"] == "http://ok.example"
+        other = c.options("/v1/completions", headers={"Origin": "http://evil.example",
+                                                       "Access-Control-Request-Method": "POST"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_sigterm_cancels_in_flight_requests_and_exits():
+    server = start("mamba", "--n_parallel", "2", "--shutdown_timeout", "1")
+    results: list[str] = []
+
+    def long_stream() -> None:
+        try:
+            with httpx.stream("POST", server.url + "/v1/completions", timeout=30,
+                              json={"prompt": "Hi", "max_tokens": 900, "stream": True, **ENDLESS}) as r:
+                # running: the last event; still queued: a 503 before any event
+                results.append([line for line in r.iter_lines() if line][-1])
+        except httpx.HTTPError as e:
+            results.append(repr(e))
+
+    threads = [threading.Thread(target=long_stream) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    code = server.stop(signal.SIGTERM, timeout=15)
+    for t in threads:
+        t.join(5)
+    assert code in (0, -signal.SIGTERM), server.output()
+    assert time.monotonic() - t0 < 8, "shutdown took longer than the grace period allows"
+    assert len(results) == 3 and not any(t.is_alive() for t in threads)
+    assert all("shutting down" in r or r == "data: [DONE]" for r in results), results
+    assert "Traceback" not in server.output(), server.output()
+
+
+def test_cli_names_the_bad_flag_or_file(tmp_path):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pyllama_ssm.server", *args], capture_output=True, text=True,
+                              cwd=ROOT, timeout=60)
+
+    missing = run("--model", str(tmp_path / "missing.gguf"))
+    assert missing.returncode == 1 and "missing.gguf" in missing.stderr
+    bad_ctx = run("--model", str(zoo_path("mamba")), "--n_ctx", "-5")
+    assert bad_ctx.returncode == 2 and "n_ctx" in bad_ctx.stderr
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"models": [{"model": "m.gguf", "n_ctxx": 5}]}))
+    bad_key = run("--config_file", str(config))
+    assert bad_key.returncode == 2 and "n_ctxx" in bad_key.stderr
