@@ -42,7 +42,7 @@ def start(name: str, *flags: str) -> ServerProcess:
 def qwen():
     """The hybrid model with an API key and small limits; most tests share it."""
     with start("qwen35", "--n_parallel", "4", "--max_queued_requests", "2", "--api_key", KEY,
-               "--max_tokens_limit", "256", "--max_request_bytes", "65536") as server:
+               "--max_tokens_limit", "256", "--max_request_bytes", "65536", "--embedding", "true") as server:
         yield server
 
 
@@ -149,6 +149,17 @@ def test_models_and_tokenizer_routes(qwen):
         assert c.post("/extras/detokenize", json={"tokens": tokens}).json()["text"].strip() == "Hello world"
 
 
+def test_embeddings(qwen):
+    with client(qwen) as c:
+        one = c.post("/v1/embeddings", json={"input": "Hello world"}).json()
+        assert set(one) == {"object", "model", "data", "usage"} and one["object"] == "list"
+        assert one["data"][0]["object"] == "embedding" and one["data"][0]["index"] == 0
+        assert one["usage"]["prompt_tokens"] > 0
+        two = c.post("/v1/embeddings", json={"input": ["Hello world", "another text"]}).json()
+        assert [d["index"] for d in two["data"]] == [0, 1]
+        assert two["data"][0]["embedding"] == one["data"][0]["embedding"]
+
+
 def test_completion_streams_the_same_text(qwen):
     with client(qwen) as c:
         body = {"prompt": "The state of the art", **GREEDY}
@@ -189,6 +200,7 @@ def test_concurrent_greedy_requests_equal_each_alone(any_model):
         for t in threads:
             t.join()
         assert [together[i] for i in range(len(routes))] == alone
+        assert wait_idle(c)["in_flight"] == 0
 
 
 # -- bad input --------------------------------------------------------------------------------------
@@ -314,7 +326,8 @@ models:
   - model: {zoo_path('mamba')}
     model_alias: ssm
     n_ctx: 512
-    n_parallel: 2
+    n_parallel: 1
+    logits_all: false
     verbose: false
 """)
     with ServerProcess("--config_file", str(config)) as server, httpx.Client(base_url=server.url) as c:
@@ -322,6 +335,19 @@ models:
         for alias in ("hybrid", "ssm"):
             assert complete(c, "/v1/completions", {"prompt": "Hi", "model": alias, **GREEDY})["choices"]
         assert complete(c, "/v1/completions", {"prompt": "Hi", **GREEDY})["choices"]  # the first is the default
+        # n_parallel=1 drives one sequence: concurrent requests take turns and each gets its own answer
+        bodies = [{"prompt": p, "model": "ssm", **GREEDY} for p in PROMPTS[:3]]
+        alone = [text_of("/v1/completions", complete(c, "/v1/completions", b)) for b in bodies]
+        together: dict[int, tuple[str, str]] = {}
+        threads = [threading.Thread(target=lambda i=i: together.__setitem__(
+            i, text_of("/v1/completions", complete(c, "/v1/completions", bodies[i])))) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [together[i] for i in range(3)] == alone
+        r = c.post("/v1/embeddings", json={"input": "x", "model": "ssm"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"
         r = c.post("/v1/completions", json={"prompt": "Hi", "model": str(zoo_path("mamba"))})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
         ok = c.options("/v1/completions", headers={"Origin": "http://ok.example",

@@ -147,10 +147,11 @@ async def _generate(request: Request, served: ServedModel, body: Any, call: Call
             await served.generation_lock.acquire()
             admission.callback(served.generation_lock.release)
         if not body.stream:
-            try:
-                return await anyio.to_thread.run_sync(lambda: call(**kwargs), limiter=served.limiter)
-            except Exception as e:
-                raise _failure(request, e, fields) from None
+            with admission:
+                try:
+                    return await anyio.to_thread.run_sync(lambda: call(**kwargs), limiter=served.limiter)
+                except Exception as e:
+                    raise _failure(request, e, fields) from None
         stream = _Stream(request, served, admission, fields)
         await stream.start(lambda: call(**kwargs))
     except BaseException:
@@ -158,7 +159,8 @@ async def _generate(request: Request, served: ServedModel, body: Any, call: Call
         raise
     settings = _settings(request)
     return EventSourceResponse(stream.events(), sep="\n", ping=0 if settings.disable_ping_events else None,
-                               shutdown_grace_period=settings.shutdown_timeout + 2, background=BackgroundTask(stream.close))
+                               shutdown_grace_period=settings.shutdown_timeout + 2,
+                               background=BackgroundTask(stream.close))
 
 
 class _Stream:
