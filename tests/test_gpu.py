@@ -62,19 +62,22 @@ print(json.dumps(logits.tolist()))
 def test_inplace_with_cuda_backend_present(tmp_path):
     """CPU-resident states in a CUDA build: in-place ops stay on the CPU (CUDA reports them unsupported).
 
-    Prompts of 64+ tokens let the scheduler offload large matmuls to the GPU next to them.
+    Decoding (the mixed run) is exact. Prompt chunks of 64 tokens let the scheduler offload
+    large matmuls to the GPU, and on the copy path the delta-net scan with them, while in
+    place it stays on the CPU with its state: the same arithmetic on two devices, which
+    round differently (measured on an H200: at most 1.8e-3 on logits of spread ~10).
     """
-    paths = [zoo_path(name) for name in ("qwen35", "mamba2", "jamba", "nemotron_h")]
+    paths = [zoo_path(name) for name in ("qwen35", "jamba", "nemotron_h")]  # delta net, mamba1, mamba2 scans
     env = {"PARITY_SNAPSHOTS": "1", "PARITY_MIXED_ONLY": "1", "PARITY_SINGLE_ONLY": ""}
     inplace = run_driver("patched", tmp_path / "i.npz", paths, LLAMA_RS_INPLACE="1", **env)
     copied = run_driver("patched", tmp_path / "c.npz", paths, LLAMA_RS_INPLACE="0", **env)
     for key in inplace:
-        assert np.max(np.abs(inplace[key] - copied[key])) <= 1e-4, key
+        assert np.max(np.abs(inplace[key] - copied[key])) <= 1e-6, key
     for name in ("qwen35", "nemotron_h"):
         on, off = (np.array(json.loads(run_with_build("patched", CHUNKED, str(zoo_path(name)),
                                                        env={"LLAMA_RS_INPLACE": flag}).splitlines()[-1]))
                    for flag in ("1", "0"))
-        assert np.max(np.abs(on - off)) <= 1e-4, name
+        assert np.max(np.abs(on - off)) <= 1e-2 * max(1.0, float(np.max(np.abs(off)))), name
 
 
 def test_memory_report_on_gpu():

@@ -35,13 +35,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 from vendor import sha256_of  # noqa: E402
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# llama.cpp's libraries before numpy's: with numpy 2.5 (scipy-openblas) loaded first, a CUDA
+# build of the pin segfaulted loading any model on an H200 host (Python 3.12); see the README.
+import pyllama_ssm  # noqa: E402, F401
+import numpy as np  # noqa: E402
 
 VOCAB_DIR = ROOT / "vendor" / "llama.cpp" / "models"
 DEFAULT_OUT = ROOT / "build" / "models"
@@ -571,7 +574,7 @@ def build_zoo(out: Path, archs: list[str], sizes: list[str], *, force: bool = Fa
     key = zoo_key()
     index_path = out / INDEX
     index = {"key": key, "models": {}}
-    if index_path.exists() and not force:
+    if index_path.exists():  # entries of other archs and sizes stay listed
         try:
             old = json.loads(index_path.read_text())
         except ValueError:
@@ -584,7 +587,7 @@ def build_zoo(out: Path, archs: list[str], sizes: list[str], *, force: bool = Fa
             name = f"{arch}-{size}"
             entry = index["models"].get(name)
             f = out / f"{name}.gguf"
-            if entry is None or not f.exists() or f.stat().st_size != entry["bytes"]:
+            if force or entry is None or not f.exists() or f.stat().st_size != entry["bytes"]:
                 todo.append((arch, size))
     if not todo:
         log(f"model zoo up to date: {len(index['models'])} models in {out}")

@@ -22,9 +22,9 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
+import pyllama_ssm as ps  # before numpy: see tests/models/generate.py
 
-import pyllama_ssm as ps
+import numpy as np  # noqa: I001
 
 N_GEN = 64
 CONFIGS = [(1, True), (8, True), (8, False), (16, True), (16, False)]
