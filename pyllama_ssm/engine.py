@@ -3,8 +3,9 @@
 Each step packs one decode token of every running sequence plus chunks of
 pending prompts (chunked prefill under the n_batch token budget) into a single
 llama_decode.  Requests join and leave between steps.  Prompt prefixes are
-served from the prefix cache (snapshots of the shared recurrent pool; for
-hybrids the prefix's attention cells are shared too).  When the memory cannot
+served from the prefix cache (snapshots of the shared recurrent pool, which
+for hybrids keep the prefix's attention cells shared too; for attention-only
+models, spare sequence ids holding shared KV cells).  When the memory cannot
 hold a step, cached prefixes are dropped first, then the newest sequence is
 preempted to host memory and resumed later, bit-identical.
 
@@ -28,10 +29,10 @@ import numpy as np
 from . import memory as memory_mod
 from .batch import Batch
 from .bindings import has
-from .context import Context
+from .context import MAX_SEQ, Context
 from .errors import MemoryFullError, PyllamaError, StateError
 from .model import Model
-from .prefix_cache import PrefixCache
+from .prefix_cache import HolderStore, PoolStore, PrefixCache
 from .sampling import Sampler, SamplingParams
 
 CHECKPOINT_INTERVAL = 64  # prefill chunks end on multiples of this, each a prefix-cache entry
@@ -201,20 +202,24 @@ class Engine:
                  flash_attn: bool | str = "auto", context_overrides: Mapping[str, Any] | None = None):
         self._own_model = not isinstance(model, Model)
         self.model = Model(model) if self._own_model else model
-        if parallel < 1:
-            raise ValueError(f"parallel={parallel}: must be >= 1")
+        if not 1 <= parallel <= MAX_SEQ:
+            raise ValueError(f"parallel={parallel}: must be in 1..{MAX_SEQ}")
         stateful = self.model.is_recurrent or self.model.is_hybrid
-        snapshots = stateful and has("llama_memory_rs_snapshot")
-        self.n_cache = prefix_cache if snapshots else 0
-        # one state cell per sequence + the prefix cache + one copy-on-write cell per sequence
-        n_rs_pool = self.n_cache + parallel if snapshots else 0
-        self.ctx = Context(self.model, n_ctx=n_ctx, n_seq_max=parallel, n_rs_pool=n_rs_pool,
+        n_rs_pool, n_holders = 0, 0
+        if stateful:  # prefixes are snapshots of the recurrent pool (patched build only)
+            self.n_cache = prefix_cache if has("llama_memory_rs_snapshot") else 0
+            # one state cell per sequence + the prefix cache + one copy-on-write cell per sequence
+            n_rs_pool = self.n_cache + parallel if self.n_cache else 0
+        else:  # prefixes are held by spare sequence ids sharing their cells
+            self.n_cache = n_holders = max(0, min(prefix_cache, MAX_SEQ - parallel))
+        self.ctx = Context(self.model, n_ctx=n_ctx, n_seq_max=parallel + n_holders, n_rs_pool=n_rs_pool,
                            n_batch=n_batch, n_ubatch=n_batch, n_threads=n_threads, kv_unified=True,
                            flash_attn=flash_attn, overrides=context_overrides)
         self.parallel = parallel
         self.n_ctx = self.ctx.n_ctx
         self.n_batch = self.ctx.n_batch
-        self.cache = PrefixCache(self.ctx, self.n_cache, prefix_cache_bytes)
+        store = HolderStore(self.ctx, range(parallel, parallel + n_holders)) if n_holders else PoolStore(self.ctx)
+        self.cache = PrefixCache(self.ctx, store, self.n_cache, prefix_cache_bytes)
         self._batch = Batch(self.n_batch, 1)
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -363,8 +368,8 @@ class Engine:
             slot = _Slot(req, self._free.pop(), sampler, admitted=next(self._admissions))
             hit = self.cache.lookup(req.prompt) if self.n_cache else None
             if hit is not None:
-                self.ctx.restore(hit.handle, slot.seq)
-                slot.cursor = slot.pos = len(hit.tokens)
+                self.cache.restore(hit, slot.seq)
+                slot.cursor = slot.pos = hit.n_tokens
                 req.usage.cached_tokens = slot.cursor
             self._running[slot.seq] = slot
 

@@ -1,13 +1,19 @@
-"""Prefix cache: recurrent (+ attention) states at known token prefixes.
+"""Prefix cache: model memory at known token prefixes, shared with the sequences that hit it.
 
-Each entry is a snapshot handle of the shared recurrent pool (patch 0002) and
-the exact tokens whose state it holds.  For hybrids the snapshot also keeps the
-prefix's attention cells referenced, so a hit restores both memories without
-recomputing or copying.  A hit on any entry at or before the common prefix
-resumes from there; entries are evicted least-recently-used first, weighed by
-how many tokens they would cost to recompute, to stay within a count and a
-byte budget.  An entry's bytes are what it can keep alive on its own: one
-recurrent state cell plus, for hybrids, the attention cells of its prefix.
+Where a prefix's memory lives depends on the model:
+- recurrent and hybrid models (patched build): a snapshot of the shared recurrent
+  pool (patch 0002); for hybrids it also keeps the prefix's attention cells
+  referenced, so a hit restores both memories without recomputing or copying.
+  A hit needs the whole entry to be a prefix of the prompt: a recurrent state
+  exists only at the position where it was taken.
+- attention-only models: a spare "holder" sequence id of the context, which
+  shares the prefix's cells in the unified KV (seq_cp: no copy). KV cells are
+  per position, so a hit may use any leading part of an entry.
+A hit on the longest usable entry resumes from there. Entries are evicted
+least-recently-used first, weighed by how many tokens they would cost to
+recompute, to stay within a count and a byte budget. An entry's bytes are what
+it can keep alive on its own: one recurrent state cell (if any) plus the
+attention cells of its prefix.
 """
 
 from __future__ import annotations
@@ -19,6 +25,52 @@ from .context import Context
 from .errors import PoolExhaustedError, SnapshotError
 
 
+class PoolStore:
+    """Entries as snapshots of the recurrent pool (patched build, recurrent or hybrid models)."""
+
+    partial = False  # a state exists only at the entry's own length
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def save(self, seq_id: int) -> int:
+        return self.ctx.snapshot(seq_id)
+
+    def load(self, handle: int, seq_id: int, n_tokens: int) -> None:
+        self.ctx.restore(handle, seq_id)
+
+    def drop(self, handle: int) -> None:
+        self.ctx.release(handle)
+
+
+class HolderStore:
+    """Entries as holder sequences sharing the prefix's cells in a unified KV (attention-only models)."""
+
+    partial = True  # cells are per position: any leading part of an entry serves
+
+    def __init__(self, ctx: Context, seq_ids: range):
+        self.ctx = ctx
+        self.free = list(reversed(seq_ids))
+
+    def save(self, seq_id: int) -> int:
+        if not self.free:
+            raise PoolExhaustedError("no free holder sequence for another prefix")
+        holder = self.free.pop()
+        self.ctx.seq_cp(seq_id, holder)
+        return holder
+
+    def load(self, handle: int, seq_id: int, n_tokens: int) -> None:
+        self.ctx.seq_rm(seq_id)
+        self.ctx.seq_cp(handle, seq_id, 0, n_tokens)
+
+    def drop(self, handle: int) -> None:
+        self.ctx.seq_rm(handle)
+        self.free.append(handle)
+
+
+Store = PoolStore | HolderStore
+
+
 @dataclass
 class Entry:
     tokens: tuple[int, ...]
@@ -28,8 +80,15 @@ class Entry:
 
 
 @dataclass
+class Hit:
+    entry: Entry
+    n_tokens: int  # leading tokens of the entry the prompt shares (all of them for pool entries)
+
+
+@dataclass
 class PrefixCache:
     ctx: Context
+    store: Store
     max_entries: int
     max_bytes: int | None = None
     entries: dict[tuple[int, ...], Entry] = field(default_factory=dict)
@@ -49,23 +108,28 @@ class PrefixCache:
     def bytes(self) -> int:
         return sum(self.entry_bytes(len(k)) for k in self.entries)
 
-    def lookup(self, prompt: list[int]) -> Entry | None:
-        """The longest entry that is a proper prefix of prompt (one token must remain to decode)."""
-        best = None
+    def lookup(self, prompt: list[int]) -> Hit | None:
+        """The longest usable entry for prompt; one prompt token must remain to decode."""
+        best: Hit | None = None
         for key, e in self.entries.items():
-            n = len(key)
-            if n < len(prompt) and (best is None or n > len(best.tokens)) and tuple(prompt[:n]) == key:
-                best = e
+            n = _common_prefix(key, prompt, len(prompt) - 1)
+            if n < len(key) and not self.store.partial:
+                continue
+            if n > 0 and (best is None or n > best.n_tokens):
+                best = Hit(e, n)
         if best is None:
             self.misses += 1
         else:
             self.hits += 1
-            best.hits += 1
-            best.last_used = next(self._clock)
+            best.entry.hits += 1
+            best.entry.last_used = next(self._clock)
         return best
 
+    def restore(self, hit: Hit, seq_id: int) -> None:
+        self.store.load(hit.entry.handle, seq_id, hit.n_tokens)
+
     def add(self, seq_id: int, tokens: list[int]) -> bool:
-        """Snapshot seq_id, whose memory holds exactly `tokens`; False when the pool has no room."""
+        """Save seq_id's memory, which holds exactly `tokens`; False when there is no room."""
         key = tuple(tokens)
         if not key or key in self.entries or self.max_entries <= 0:
             if key in self.entries:
@@ -79,7 +143,7 @@ class PrefixCache:
             self.evict_one()
         for _ in range(2):
             try:
-                handle = self.ctx.snapshot(seq_id)
+                handle = self.store.save(seq_id)
             except PoolExhaustedError:
                 if not self.evict_one():
                     return False
@@ -95,10 +159,18 @@ class PrefixCache:
             return False
         # least recently used first; among equals, the cheapest to recompute
         victim = min(self.entries.values(), key=lambda e: (e.last_used, len(e.tokens)))
-        self.ctx.release(victim.handle)
+        self.store.drop(victim.handle)
         del self.entries[victim.tokens]
         return True
 
     def clear(self) -> None:
         while self.evict_one():
             pass
+
+
+def _common_prefix(key: tuple[int, ...], prompt: list[int], limit: int) -> int:
+    n = min(len(key), limit)
+    for i in range(n):
+        if key[i] != prompt[i]:
+            return i
+    return n

@@ -46,7 +46,7 @@ def test_concurrent_requests_match_each_alone(name):
         assert c.finish_reason in ("length", "stop") and c.usage.completion_tokens == len(c.tokens)
 
 
-@pytest.mark.parametrize("name", [n for n in zoo_names() if n in ("mamba2", "qwen35", "jamba", "rwkv7")])
+@pytest.mark.parametrize("name", [n for n in zoo_names() if n in ("llama", "mamba2", "qwen35", "jamba", "rwkv7")])
 def test_shared_prefix_is_served_from_the_cache(name):
     long_system = SYSTEM * 6  # > one checkpoint interval of tokens
     with Engine(zoo_model(name), n_ctx=2048, parallel=2) as e:
@@ -206,6 +206,24 @@ def test_logprobs_match_the_models_distribution():
         assert lp <= 0 and len(top) == 3
         assert max(top, key=top.get) == tok, "greedy picks the most likely token"
         assert abs(top[tok] - lp) < 1e-9
+
+
+@pytest.mark.skipif("llama" not in zoo_names(), reason="needs the llama zoo model")
+def test_attention_only_prefix_hits_any_leading_part_and_frees_its_cells():
+    """Attention-only models: holder sequences share the prefix's KV cells, usable at any length."""
+    long_system = SYSTEM * 6
+    with Engine(zoo_model("llama"), n_ctx=2048, parallel=2, prefix_cache=4) as e:
+        first = e.generate(long_system + "User: first question", GREEDY, max_tokens=N_GEN)
+        # shares only the system prompt with the cached entry (prompt + answer of the first)
+        second = e.generate(long_system + "Assistant: a different turn", GREEDY, max_tokens=N_GEN)
+        n_system = len(e.model.tokenize(long_system))
+        assert first.usage.cached_tokens == 0
+        assert n_system - 2 <= second.usage.cached_tokens < n_system + 4, "the common part, mid-entry"
+        assert second.tokens == alone("llama", long_system + "Assistant: a different turn")
+        held = e.memory().report.kv_cells_used
+        assert held >= n_system, "cached prefixes keep their cells"
+        e._call(e.cache.clear)
+        assert e.memory().report.kv_cells_used == 0, "dropping the entries frees their cells"
 
 
 def test_prefix_cache_stays_within_its_byte_budget():
