@@ -3,13 +3,14 @@ PYTHON ?= python3
 CUDA   ?= auto
 export PYLLAMA_SSM_CACHE ?= $(HOME)/.cache/pyllama-ssm
 
-.PHONY: help deps vendor patches patches-edit patches-refresh build models test demo bench fuzz clean distclean
+.PHONY: help deps vendor patches patches-edit patches-refresh build models test demo bench soak fuzz clean distclean
 
 help:
 	@echo "make build            pin + patches + both libllama builds + cffi bindings (CUDA=1 to force CUDA)"
 	@echo "make test             build, generate the model zoo, run the test suite"
 	@echo "make demo             build and serve several sequences at once on one model"
 	@echo "make bench            run the benchmarks under bench/ (results in bench/results/)"
+	@echo "make soak             64 clients on the OpenAI server for 400 requests (SOAK_MODEL=path.gguf)"
 	@echo "make gpu-check        on an NVIDIA GPU: CUDA builds, GPU tests and benchmarks"
 	@echo "make fuzz             load 20000 mutated GGUF files (FUZZ_CASES=N, FUZZ_SEED=S)"
 	@echo "make vendor           fetch + verify the pinned llama.cpp into vendor/llama.cpp"
@@ -52,6 +53,11 @@ test: build models
 demo: build models
 	$(PYTHON) tests/models/generate.py --size small --arch qwen35
 	$(PYTHON) -m pyllama_ssm.demo
+
+soak: build models
+	$(PYTHON) tests/models/generate.py --size small --arch qwen35
+	$(PYTHON) bench/soak.py --model $(or $(SOAK_MODEL),build/models/qwen35-small.gguf) --clients 64 --requests 400 \
+		--json bench/results/soak.json
 
 bench: build models
 	$(PYTHON) tests/models/generate.py --size small --arch qwen35,jamba,granitehybrid,nemotron_h
