@@ -17,12 +17,16 @@ _ROOT = Path(__file__).resolve().parents[2]
 
 
 class ServerProcess:
-    """`python -m pyllama_ssm.server ARGS --port 0`, waited for until it listens; stop() sends SIGTERM."""
+    """`python -m pyllama_ssm.server ARGS --port 0`, waited for until it listens; stop() sends SIGTERM.
 
-    def __init__(self, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None):
+    module="llama_cpp.server" runs stock llama-cpp-python's server the same way (give it its env).
+    """
+
+    def __init__(self, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None,
+                 module: str = "pyllama_ssm.server"):
         env = {**os.environ, **(env or {})}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_ROOT), env.get("PYTHONPATH", "")) if p)
-        self.proc = subprocess.Popen([sys.executable, "-m", "pyllama_ssm.server", *args, "--port", "0"],
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(_ROOT)) if p)
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *args, "--host", "127.0.0.1", "--port", "0"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         self.log: deque[str] = deque(maxlen=400)
         self._port: int | None = None
