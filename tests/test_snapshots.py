@@ -193,3 +193,50 @@ def test_memory_goal_8_live_plus_prefix_plus_4_rollbacks_cost_13_cells(name):
         rows = upstream_style.memory_report()
     if rows.rs_n_rs_seq == 4:  # the arch supports upstream's per-token rollback
         assert rows.rs_bytes == 40 * report.rs_bytes_per_cell
+
+
+IDLE_POOL = """
+import json, sys
+import pyllama_ssm as ps
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
+
+model = ps.Model(sys.argv[1])
+with ps.Context(model, n_ctx=256, n_seq_max=1, n_rs_pool=1) as probe:
+    per_cell = probe.memory_report().rs_bytes_per_cell
+n_pool = (256 << 20) // per_cell  # a 256 MiB pool
+prompt = model.tokenize("The shared recurrent pool", add_special=True)
+before = rss()
+n_use = min(n_pool // 4, 1000)
+with ps.Context(model, n_ctx=n_use + 64, n_seq_max=1, n_rs_pool=n_pool) as ctx:
+    created = rss()
+    ctx.decode_tokens(prompt, seq_id=0)
+    pos = len(prompt)
+    handles = []
+    for i in range(n_use):  # each snapshot, then a write: the sequence moves to a fresh cell
+        handles.append(ctx.snapshot(0))
+        ctx.decode_tokens([prompt[-1]], seq_id=0, pos0=pos)
+        pos += 1
+    used = rss()
+    ctx.clear()
+    cleared = rss()
+    pool = ctx.memory_report().rs_bytes
+print(json.dumps({"pool": pool, "per_cell": per_cell, "n_used": len(handles) + 1,
+                  "created": created - before, "used": used - created, "cleared": used - cleared}))
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/status")
+def test_idle_pool_cells_cost_no_ram():
+    """Patch 0006: resident memory follows the cells in use, not the pool's size."""
+    import json
+
+    from conftest import run_with_build, zoo_path
+    r = json.loads(run_with_build("patched", IDLE_POOL, str(zoo_path("mamba2"))).splitlines()[-1])
+    assert r["pool"] >= 250 << 20
+    assert r["created"] < 0.1 * r["pool"], "an idle pool must not be resident"
+    in_use = r["n_used"] * r["per_cell"]
+    assert r["used"] > 0.5 * in_use, "cells in use are resident"
+    assert r["cleared"] > 0.5 * in_use, "clearing the memory returns its pages"
