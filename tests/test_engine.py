@@ -187,11 +187,13 @@ class EngineMachine(RuleBasedStateMachine):
             assert mem.report.rs_snapshots == 0
 
 
-@pytest.mark.skipif("qwen35" not in zoo_names(), reason="needs the qwen35 zoo model")
-def test_engine_state_machine():
-    EngineMachine.TestCase.settings = settings(max_examples=6, stateful_step_count=8, deadline=None,
-                                               suppress_health_check=list(HealthCheck))
-    EngineMachine.TestCase().runTest()
+@pytest.mark.parametrize("name", [n for n in zoo_names() if n in ("qwen35", "jamba", "mamba2", "llama")])
+def test_engine_state_machine(name):
+    """Hybrid (delta net, mamba1), recurrent and attention-only models: each prefix store and memory."""
+    machine = type(f"EngineMachine_{name}", (EngineMachine,), {"name": name})
+    machine.TestCase.settings = settings(max_examples=4, stateful_step_count=8, deadline=None,
+                                         suppress_health_check=list(HealthCheck))
+    machine.TestCase().runTest()
 
 
 def test_logprobs_match_the_models_distribution():
