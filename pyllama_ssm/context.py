@@ -79,9 +79,10 @@ class Context:
         p.swa_full = swa_full
         set_fields(p, overrides or {}, "llama_context_params")  # rope, yarn, type_k/v, pooling, ...
         self.params = p
-        planner.preflight(model.path, planner.ContextShape(
-            n_ctx or model.n_ctx_train, n_seq_max, n_rs_pool, n_rs_seq, p.n_ubatch, p.type_k, p.type_v,
-            kv_unified, swa_full, flash_attn is not False, model.n_gpu_layers))
+        if model.facts is not None:  # else an architecture the planner does not model: llama.cpp decides
+            planner.preflight(model.path, planner.ContextShape(
+                n_ctx or model.n_ctx_train, n_seq_max, n_rs_pool, n_rs_seq, p.n_ubatch, p.type_k, p.type_v,
+                kv_unified, swa_full, flash_attn is not False, model.n_gpu_layers), model.facts)
         _runtime.clear_errors()
         ptr = lib.llama_init_from_model(model.ptr, p)
         if ptr == ffi.NULL:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import _runtime, gguf
+from . import _runtime, gguf, planner
 from .bindings import ffi, lib, set_fields
 from .errors import ModelLoadError, TokenError
 
@@ -24,7 +24,11 @@ class Model:
         _runtime.init()
         self.path = Path(path)
         self.n_gpu_layers = n_gpu_layers
-        gguf.read(self.path)  # a corrupt file must not reach llama.cpp, which may abort on it
+        parsed = gguf.read(self.path)  # a corrupt file must not reach llama.cpp, which may abort on it
+        try:  # what the context preflight needs, without parsing the file again
+            self.facts: planner.ModelFacts | None = planner.facts_of(parsed)
+        except ValueError:  # an architecture the planner does not model
+            self.facts = None
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
         if not use_mmap:  # else keep upstream's default (auto-detected)

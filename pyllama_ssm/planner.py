@@ -50,7 +50,11 @@ class ModelFacts:
 
 @functools.lru_cache(maxsize=16)
 def _facts(path: str, mtime_ns: int, size: int) -> ModelFacts:  # noqa: ARG001 - cache key
-    g = gguf.read(path, check_data=False)
+    return facts_of(gguf.read(path, check_data=False))
+
+
+def facts_of(g: gguf.GGUFFile) -> ModelFacts:
+    """The planner's view of a parsed GGUF file."""
     hp = derive(g)
     layers = [0] * hp.n_layer_all
     inp = out = 0
@@ -285,10 +289,13 @@ def available_memory() -> dict[str, int | None]:
     return {"CPU": ram, "GPU": vram}
 
 
-def preflight(path: str | os.PathLike, shape: ContextShape) -> None:
-    """Raise ContextError before allocating a context the machine's memory cannot hold."""
+def preflight(path: str | os.PathLike, shape: ContextShape, facts: ModelFacts | None = None) -> None:
+    """Raise ContextError before allocating a context the machine's memory cannot hold.
+
+    facts: the file's, when already known (a loaded Model's), so it is not parsed again.
+    """
     try:
-        sizes = context_bytes(model_facts(path), shape)
+        sizes = context_bytes(facts or model_facts(path), shape)
     except ValueError:
         return  # an architecture or cache type the planner does not model: llama.cpp decides
     need = {"CPU": 0, "GPU": 0}

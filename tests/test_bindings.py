@@ -63,7 +63,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         ps.Model(bad)
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(zoo_path("llama").read_bytes()[:5000])
-    with pytest.raises(ps.ModelLoadError, match="could not load"):
+    with pytest.raises(ps.ModelLoadError, match="truncated"):  # validated before llama.cpp sees it
         ps.Model(cut)
     model = zoo_model("llama")
     with pytest.raises(ps.TokenError, match="out of range"):
