@@ -140,7 +140,7 @@ async def load(url: str, headers: dict, plan: list[tuple[Variant, str]], clients
 
     async def client_loop() -> None:
         nonlocal done
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as client:
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as client:
             while not queue.empty():
                 v, mode = queue.get_nowait()
                 while True:
@@ -193,7 +193,7 @@ def leaks(snapshot: dict) -> list[str]:
 
 async def soak(url: str, *, api_key: str | None = None, clients: int = 64, requests: int = 400,
                n_variants: int = 32, long_words: int = 300, disconnect_share: float = 0.15, seed: int = 0,
-               rss_slack_bytes: int = 64 * MiB) -> Report:
+               rss_slack_bytes: int = 64 * MiB, time_limit_s: float = 1800) -> Report:
     rng = random.Random(seed)
     vs = variants(rng, n_variants, long_words)
     modes = rng.choices(["plain", "stream", "disconnect"],
@@ -203,12 +203,19 @@ async def soak(url: str, *, api_key: str | None = None, clients: int = 64, reque
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     report = Report()
     results: list[tuple[Variant, tuple[str, str]]] = []
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300) as admin:
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as admin:
         async def on_warm() -> None:
             report.rss_warm_bytes = (await stats(admin))["rss_bytes"]
 
         t0 = time.perf_counter()
-        await load(url, headers, plan, clients, report, results, on_warm)
+        try:
+            await asyncio.wait_for(load(url, headers, plan, clients, report, results, on_warm), time_limit_s)
+        except asyncio.TimeoutError:  # a stuck server must not hang the soak: report what it holds
+            report.seconds = time.perf_counter() - t0
+            report.server_errors.append(f"the load did not finish within {time_limit_s:.0f}s "
+                                        f"({report.requests}/{len(plan)} requests done); the server holds: "
+                                        f"{json.dumps((await stats(admin))['models'])}")
+            return report
         report.seconds = time.perf_counter() - t0
         # the streams cut on purpose are freed at the Engine's next step: give it a moment
         for _ in range(50):
@@ -248,13 +255,14 @@ def main() -> int:
     p.add_argument("--long-words", type=int, default=300, help="words in a long prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rss-slack-mib", type=int, default=64)
+    p.add_argument("--time-limit", type=float, default=1800, help="seconds the load may take before it fails")
     p.add_argument("--json", help="also write the report here")
     args = p.parse_args()
 
     def run(url: str) -> Report:
         return asyncio.run(soak(url, api_key=args.api_key, clients=args.clients, requests=args.requests,
                                 n_variants=args.variants, long_words=args.long_words, seed=args.seed,
-                                rss_slack_bytes=args.rss_slack_mib * MiB))
+                                rss_slack_bytes=args.rss_slack_mib * MiB, time_limit_s=args.time_limit))
 
     if args.url:
         report = run(args.url)

@@ -28,7 +28,7 @@ def test_short_soak_loses_and_leaks_nothing(name):
     with ServerProcess(*flags) as server:
         # 16 clients on 8 places: some get 429 and retry after Retry-After
         report = asyncio.run(soak.soak(server.url, clients=16, requests=40, n_variants=10, long_words=150,
-                                       disconnect_share=0.2, seed=1))
+                                       disconnect_share=0.2, seed=1, time_limit_s=120))
     print(report.summary())
     assert report.passed, "\n".join([report.summary(), *report.server_errors, *report.mismatches, *report.leaks])
     assert report.completed >= 20 and report.disconnected >= 1

@@ -23,6 +23,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from .. import __version__
+from ..llama import LlamaGrammar, LogitsProcessorList, MinTokensLogitsProcessor
 from . import errors, stats
 from .errors import ApiError, bad_request, from_exception
 from .registry import ModelRegistry, ServedModel
@@ -99,18 +100,16 @@ def _max_tokens(request: Request, value: int | None) -> int | None:
 def _generation_kwargs(request: Request, served: ServedModel,
                        body: CreateCompletionRequest | CreateChatCompletionRequest) -> dict[str, Any]:
     """The body as Llama keyword arguments, with what only the model can check (ids, grammar)."""
-    from ..llama import LlamaGrammar, LogitsProcessorList, MinTokensLogitsProcessor
-
     llama = served.llama
-    kwargs = body.model_dump(exclude=_NOT_KWARGS, exclude_none=False, by_alias=True)
+    kwargs = body.model_dump(exclude=_NOT_KWARGS, by_alias=True)
     kwargs["max_tokens"] = _max_tokens(request, body.max_tokens)
     if body.logit_bias:
         kwargs["logit_bias"] = _logit_bias(llama, body.logit_bias, body.logit_bias_type)
     if body.grammar is not None:
         try:
             kwargs["grammar"] = LlamaGrammar.from_string(body.grammar, verbose=False)
-        except (ValueError, RuntimeError) as e:
-            raise bad_request("grammar", f"invalid GBNF grammar: {e}") from None
+        except (ValueError, TypeError) as e:
+            raise bad_request("grammar", str(e).removeprefix("grammar: ")) from None
     if body.min_tokens > 0:
         kwargs["logits_processor"] = LogitsProcessorList([MinTokensLogitsProcessor(body.min_tokens,
                                                                                    llama.token_eos())])

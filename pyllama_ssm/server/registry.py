@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import anyio
 
+from ..llama import Llama, LlamaDiskCache, LlamaRAMCache
 from .errors import ApiError, unavailable
 from .settings import ModelSettings
 
@@ -69,20 +70,18 @@ def llama_kwargs(s: ModelSettings) -> dict[str, Any]:
 
 def load_llama(s: ModelSettings):
     """A Llama for these settings, with its cache and chat template arguments."""
-    from .. import llama as llama_mod  # the drop-in API; imported late so settings parse without it
-
     kwargs = llama_kwargs(s)
     if s.hf_model_repo_id is not None:
-        model = llama_mod.Llama.from_pretrained(repo_id=s.hf_model_repo_id, filename=s.model, **kwargs)
+        model = Llama.from_pretrained(repo_id=s.hf_model_repo_id, filename=s.model, **kwargs)
     else:
-        model = llama_mod.Llama(model_path=s.model, **kwargs)
+        model = Llama(model_path=s.model, **kwargs)
     if s.chat_template_kwargs:
         model.chat_template_kwargs = dict(s.chat_template_kwargs)
     if s.cache and s.n_parallel > 1:
         logger.warning("model %r: --cache applies to n_parallel=1; with n_parallel=%d the Engine's shared prefix "
                        "cache serves repeated prefixes", s.alias, s.n_parallel)
     elif s.cache:
-        cache_cls = llama_mod.LlamaDiskCache if s.cache_type == "disk" else llama_mod.LlamaRAMCache
+        cache_cls = LlamaDiskCache if s.cache_type == "disk" else LlamaRAMCache
         model.set_cache(cache_cls(capacity_bytes=s.cache_size))
     return model
 

@@ -8,7 +8,6 @@ an empty prompt) are refused with the field named.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -56,14 +55,6 @@ class _Sampling(_Body):
         if isinstance(stop, list) and len(stop) > 16:
             raise ValueError(f"at most 16 stop strings, got {len(stop)}")
         return stop
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _finite_bias(cls, bias: Optional[dict[str, float]]) -> Optional[dict[str, float]]:
-        for key, value in (bias or {}).items():
-            if math.isnan(value):
-                raise ValueError(f"bias of {key!r} is not a number")
-        return bias
 
 
 TokenIds = list[int]
