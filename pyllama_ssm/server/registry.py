@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import anyio
 
+from ..engine import Engine
 from ..llama import Llama, LlamaDiskCache, LlamaRAMCache
 from .errors import ApiError, unavailable
 from .settings import ModelSettings
@@ -68,7 +69,7 @@ def llama_kwargs(s: ModelSettings) -> dict[str, Any]:
     return kwargs
 
 
-def load_llama(s: ModelSettings):
+def load_llama(s: ModelSettings) -> Llama:
     """A Llama for these settings, with its cache and chat template arguments."""
     kwargs = llama_kwargs(s)
     if s.hf_model_repo_id is not None:
@@ -92,7 +93,7 @@ class ServedModel:
 
     alias: str
     settings: ModelSettings
-    llama: Any
+    llama: Llama
     capacity: int                     # n_parallel + max_queued_requests
     in_flight: int = 0
     served: int = 0
@@ -109,7 +110,7 @@ class ServedModel:
         self.generation_lock = self.embedding_lock if self.settings.n_parallel == 1 else None
 
     @property
-    def engine(self):
+    def engine(self) -> Optional[Engine]:
         """The Engine of an n_parallel > 1 model (None for n_parallel=1, which drives one sequence itself)."""
         return self.llama._engine  # pyllama_ssm.Llama keeps it private; the stats need it
 
