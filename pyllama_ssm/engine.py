@@ -339,16 +339,29 @@ class Engine:
 
     def _admit(self) -> None:
         # resume swapped-out sequences only once memory was freed since they left,
-        # else the next step would preempt them again (thrashing)
+        # else the next step would preempt them again (thrashing); with nothing
+        # running, nothing else will free memory
+        if not self._running:
+            self._resume_blocked = False
         while self._free and self._preempted and not self._resume_blocked:
             slot, state = self._preempted[0]
             seq = self._free.pop()
             try:
                 self.ctx.set_seq_state(seq, state)
-            except StateError:  # still no room: wait for running sequences to finish
+            except StateError:
                 self.ctx.seq_rm(seq)
                 self._free.append(seq)
-                self._resume_blocked = True
+                if self.cache.entries:  # cached prefixes give way to a request in progress
+                    self.cache.clear()
+                    continue
+                if not self._running:  # alone in an empty memory and still no room: it never will be
+                    self._preempted.popleft()
+                    slot.sampler.close()
+                    slot.req._finish("error", MemoryFullError(
+                        f"request {slot.req.id}: {slot.pos} tokens do not fit the memory of this context "
+                        f"(n_ctx={self.n_ctx})"))
+                    continue
+                self._resume_blocked = True  # wait for running sequences to finish
                 return
             self._preempted.popleft()
             slot.seq = seq

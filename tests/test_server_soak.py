@@ -32,3 +32,18 @@ def test_short_soak_loses_and_leaks_nothing(name):
     print(report.summary())
     assert report.passed, "\n".join([report.summary(), *report.server_errors, *report.mismatches, *report.leaks])
     assert report.completed >= 20 and report.disconnected >= 1
+
+
+def test_soak_under_memory_pressure_finishes():
+    """A context too small for its clients: preemption, cached prefixes and resumption never stall.
+
+    (Seen once: with nothing running, a swapped-out sequence waited forever for memory that
+    only cached prefixes held.)
+    """
+    flags = ["--model", str(zoo_path("qwen35")), "--n_ctx", "1024", "--n_parallel", "8",
+             "--max_queued_requests", "64", "--n_threads", "2", "--verbose", "false"]
+    with ServerProcess(*flags) as server:
+        report = asyncio.run(soak.soak(server.url, clients=32, requests=120, n_variants=10, long_words=300,
+                                       disconnect_share=0.1, seed=3, time_limit_s=90))
+    print(report.summary())
+    assert report.passed, "\n".join([report.summary(), *report.server_errors, *report.mismatches, *report.leaks])
