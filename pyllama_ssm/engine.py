@@ -439,7 +439,11 @@ class Engine:
         for slot, idx in outputs:
             if slot.next_token is not None:
                 slot.pos += 1
-            self._sample(slot, idx)
+            try:
+                self._sample(slot, idx)
+            except Exception as e:  # the request's own logits processor or grammar: it alone fails
+                if slot.seq in self._running:
+                    self._release(slot, "error", e)
         self._t_step += time.perf_counter() - t0
 
     def _sample(self, slot: _Slot, idx: int) -> None:

@@ -244,3 +244,26 @@ def test_prefix_cache_stays_within_its_byte_budget():
         assert e.memory().cached_bytes == e.cache.bytes
         b = e.generate(long_system + "User: question four", GREEDY, max_tokens=4)
         assert b.usage.cached_tokens >= 64, "the most recent entries survive eviction"
+
+
+def test_a_failing_logits_processor_fails_only_its_request():
+    """An exception in one request's callback fails that request; the others go on untouched."""
+    import dataclasses
+    name = "qwen35" if "qwen35" in zoo_names() else zoo_names()[0]
+
+    def explode(tokens, logits):
+        if len(tokens) >= 2:
+            raise RuntimeError("processor bug")
+        return logits
+
+    bad = dataclasses.replace(GREEDY, logits_processor=explode)
+    with Engine(zoo_model(name), n_ctx=1024, parallel=2, prefix_cache=0) as e:
+        good = e.submit(PROMPTS[0], GREEDY, max_tokens=N_GEN)
+        broken = e.submit(PROMPTS[1], bad, max_tokens=N_GEN)
+        with pytest.raises(RuntimeError, match="processor bug"):
+            broken.result(timeout=60)
+        assert good.result(timeout=60).tokens == alone(name, PROMPTS[0])
+        assert broken.finish_reason == "error"
+        report = e.memory().report
+    if report is not None:
+        assert report.kv_cells_used == 0 and report.rs_cells_live == 0, "the failed request's cells were freed"
