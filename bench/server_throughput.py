@@ -54,8 +54,9 @@ def summarize(runs: dict[tuple[str, int, str], list[dict]]) -> list[dict]:
                      "tokens": samples[0]["tokens"], "rounds": samples})
     ours = {(r["model"], r["clients"]): r["tok_per_s"] for r in rows if r["server"] == "pyllama-ssm"}
     for r in rows:
-        r["ours_over_this"] = ours[(r["model"], r["clients"])] / r["tok_per_s"] if r["server"] != "pyllama-ssm" else None
-        bound = TARGETS.get(r["server"]) if r["clients"] == 8 else None
+        base = ours.get((r["model"], r["clients"])) if r["server"] != "pyllama-ssm" else None
+        r["ours_over_this"] = None if base is None else base / r["tok_per_s"]
+        bound = TARGETS.get(r["server"]) if r["clients"] == 8 and base is not None else None
         r["target"] = None if bound is None else f">= {bound:g}x"
         r["verdict"] = None if bound is None else target(r["ours_over_this"], bound, at_least=True)
     return rows

@@ -58,9 +58,13 @@ with Engine(path, n_ctx=n_ctx, parallel=clients, n_threads=threads, prefix_cache
     def watch(tokens, logits):
         # a logits processor runs on the engine thread between decodes: the moment to read the memory
         # in use (from another thread, Engine.memory() waits for the engine's lock until it idles)
-        rep, pool = engine.ctx.memory_report(), engine.ctx.pool_stats() if cache else None
+        rep = engine.ctx.memory_report()
+        rs_cells = rep.rs_cells_live
+        if cache:  # the snapshot pool: live states and the cache's snapshots
+            pool = engine.ctx.pool_stats()
+            rs_cells = pool.n_cells_live + pool.n_cells_snapshot
         peak["kv_cells"] = max(peak["kv_cells"], rep.kv_cells_used)
-        peak["rs_cells"] = max(peak["rs_cells"], pool.n_cells_live + pool.n_cells_snapshot if pool else rep.rs_cells_live)
+        peak["rs_cells"] = max(peak["rs_cells"], rs_cells)
         return logits
 
     def serve(batch, params):
