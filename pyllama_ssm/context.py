@@ -78,6 +78,8 @@ class Context:
         p.embeddings = embeddings
         p.swa_full = swa_full
         set_fields(p, overrides or {}, "llama_context_params")  # rope, yarn, type_k/v, pooling, ...
+        if 0 < p.n_outputs_max < n_seq_max:  # llama.cpp asserts (aborts) on this at the first decode
+            raise ContextError(f"n_outputs_max={p.n_outputs_max}: must be 0 (= n_batch) or >= n_seq_max={n_seq_max}")
         self.params = p
         if model.facts is not None:  # else an architecture the planner does not model: llama.cpp decides
             planner.preflight(model.path, planner.ContextShape(

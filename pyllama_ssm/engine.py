@@ -9,18 +9,21 @@ models, spare sequence ids holding shared KV cells).  When the memory cannot
 hold a step, cached prefixes are dropped first, then the newest sequence is
 preempted to host memory and resumed later, bit-identical.
 
-All llama.cpp calls happen on the engine's own thread; submit() and cancel()
-are safe from any thread, and requests stream through sync or async iterators.
+All llama.cpp calls happen on the engine's own thread, which owns the memory and
+takes no lock while it works: submit(), cancel() and the readers post to its
+inbox from any thread and never wait for a step to end. Requests stream through
+sync or async iterators.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,7 +112,8 @@ class Request:
         return self.finish_reason is not None
 
     def cancel(self) -> None:
-        """Stop generating; the sequence's memory is freed at the next step."""
+        """Stop generating; the sequence's memory is freed at the next step (queued: it never starts).
+        Returns at once, from any thread."""
         self.cancelled = True
         self.engine._wake()
 
@@ -199,9 +203,13 @@ class Engine:
 
     def __init__(self, model: Model | str, *, n_ctx: int = 4096, parallel: int = 4, n_batch: int = 512,
                  n_threads: int | None = None, prefix_cache: int = 8, prefix_cache_bytes: int | None = 256 << 20,
-                 flash_attn: bool | str = "auto", context_overrides: Mapping[str, Any] | None = None):
+                 flash_attn: bool | str = "auto", context_overrides: Mapping[str, Any] | None = None,
+                 n_gpu_layers: int = 0, rpc_servers: str | Sequence[str] | None = None):
+        """n_gpu_layers and rpc_servers (Model's) apply when `model` is a path; a Model carries its own."""
         self._own_model = not isinstance(model, Model)
-        self.model = Model(model) if self._own_model else model
+        if not self._own_model and (n_gpu_layers or rpc_servers is not None):
+            raise ValueError("n_gpu_layers, rpc_servers: give them to the Model when passing a loaded one")
+        self.model = Model(model, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers) if self._own_model else model
         if not 1 <= parallel <= MAX_SEQ:
             raise ValueError(f"parallel={parallel}: must be in 1..{MAX_SEQ}")
         stateful = self.model.is_recurrent or self.model.is_hybrid
@@ -212,17 +220,21 @@ class Engine:
             n_rs_pool = self.n_cache + parallel if self.n_cache else 0
         else:  # prefixes are held by spare sequence ids sharing their cells
             self.n_cache = n_holders = max(0, min(prefix_cache, MAX_SEQ - parallel))
+        # a step outputs logits for at most one token per sequence: size the output buffer to that
+        # (upstream sizes it to n_batch rows of n_vocab floats: 300 MiB for 512 x 152k)
+        overrides = {"n_outputs_max": parallel + n_holders, **(context_overrides or {})}
         self.ctx = Context(self.model, n_ctx=n_ctx, n_seq_max=parallel + n_holders, n_rs_pool=n_rs_pool,
                            n_batch=n_batch, n_ubatch=n_batch, n_threads=n_threads, kv_unified=True,
-                           flash_attn=flash_attn, overrides=context_overrides)
+                           flash_attn=flash_attn, overrides=overrides)
         self.parallel = parallel
         self.n_ctx = self.ctx.n_ctx
         self.n_batch = self.ctx.n_batch
         store = HolderStore(self.ctx, range(parallel, parallel + n_holders)) if n_holders else PoolStore(self.ctx)
         self.cache = PrefixCache(self.ctx, store, self.n_cache, prefix_cache_bytes)
         self._batch = Batch(self.n_batch, 1)
-        self._lock = threading.Lock()
-        self._wakeup = threading.Condition(self._lock)
+        # other threads post requests and calls here (deque appends are atomic) and set the event
+        self._inbox: collections.deque[Request | tuple[Any, concurrent.futures.Future]] = collections.deque()
+        self._event = threading.Event()
         self._pending: collections.deque[Request] = collections.deque()
         self._running: dict[int, _Slot] = {}
         self._preempted: collections.deque[tuple[_Slot, bytes]] = collections.deque()
@@ -262,9 +274,8 @@ class Engine:
         if max_tokens == 0:
             req._finish("length")
             return req
-        with self._lock:
-            self._pending.append(req)
-            self._wakeup.notify()
+        self._inbox.append(req)
+        self._event.set()
         return req
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, **kw) -> Completion:
@@ -274,7 +285,8 @@ class Engine:
         c = self._counters
         elapsed = max(time.perf_counter() - self._t_start, 1e-9)
         return EngineStats(
-            queued=len(self._pending), running=len(self._running), preempted=len(self._preempted),
+            queued=len(self._pending) + sum(isinstance(x, Request) for x in list(self._inbox)),
+            running=len(self._running), preempted=len(self._preempted),
             steps=c["steps"], tokens_decoded=c["decoded"], tokens_generated=c["generated"],
             tokens_per_second=c["generated"] / elapsed, decode_seconds=self._t_decode, step_seconds=self._t_step,
             prefix_hits=self.cache.hits, prefix_misses=self.cache.misses, cached_prefixes=len(self.cache.entries))
@@ -290,11 +302,10 @@ class Engine:
         return EngineMemory(report, swapped, len(self.cache.entries), cached, pool)
 
     def close(self) -> None:
-        with self._lock:
-            if self._closing:
-                return
-            self._closing = True
-            self._wakeup.notify()
+        if self._closing:
+            return
+        self._closing = True
+        self._event.set()
         self._thread.join()
         self.cache.clear()
         self._batch.close()
@@ -310,26 +321,43 @@ class Engine:
 
     # -- engine thread ---------------------------------------------------------------------
     def _wake(self) -> None:
-        with self._lock:
-            self._wakeup.notify()
+        self._event.set()  # a cancelled request is dropped at the start of the next step
 
     def _call(self, fn):
-        """Run fn on the engine thread's lock (reads of the context between steps)."""
-        with self._lock:
+        """Run fn on the engine thread, between steps (reads of the context); returns its result."""
+        if threading.current_thread() is self._thread or not self._thread.is_alive():
             return fn()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.append((fn, future))
+        self._event.set()
+        return future.result()
+
+    def _take_inbox(self) -> None:
+        while self._inbox:
+            item = self._inbox.popleft()
+            if isinstance(item, Request):
+                self._pending.append(item)
+                continue
+            fn, future = item
+            try:
+                future.set_result(fn())
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                future.set_exception(e)
 
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                self._wakeup.wait_for(lambda: self._closing or self._pending or self._running
-                                      or self._preempted, timeout=0.5)
-                if self._closing:
-                    break
-                try:
-                    self._step()
-                except Exception as e:  # a bug must not hang clients: fail what is running
-                    for slot in list(self._running.values()):
-                        self._release(slot, "error", e)
+        while not self._closing:
+            if not (self._pending or self._running or self._preempted):
+                self._event.wait(timeout=0.5)
+            self._event.clear()  # before taking the inbox: a later post sets it again
+            self._take_inbox()
+            if self._closing:
+                break
+            try:
+                self._step()
+            except Exception as e:  # a bug must not hang clients: fail what is running
+                for slot in list(self._running.values()):
+                    self._release(slot, "error", e)
+        self._take_inbox()  # calls posted while closing still get their answer
         for req in list(self._pending):
             req._finish("cancelled", RuntimeError("engine closed"))
         for slot in list(self._running.values()):
@@ -394,6 +422,9 @@ class Engine:
             self._preempted.remove(entry)
             entry[0].sampler.close()
             entry[0].req._finish("cancelled")
+        for req in [r for r in self._pending if r.cancelled]:  # queued: it leaves the queue now
+            self._pending.remove(req)
+            req._finish("cancelled")
         self._admit()
         if not self._running:
             return
@@ -410,9 +441,11 @@ class Engine:
             if slot.next_token is not None or remaining <= 0 or budget <= 0:
                 continue
             n = min(budget, remaining)
-            boundary = (slot.cursor // CHECKPOINT_INTERVAL + 1) * CHECKPOINT_INTERVAL
-            if self.n_cache and slot.cursor + n > boundary and boundary < len(slot.req.prompt):
-                n = boundary - slot.cursor  # end the chunk on a checkpoint
+            end = (slot.cursor + n) // CHECKPOINT_INTERVAL * CHECKPOINT_INTERVAL
+            if self.n_cache and n < remaining and end > slot.cursor:
+                n = end - slot.cursor  # a chunk that stops short of the prompt's end stops on a checkpoint
+            elif self.n_cache and n == remaining and slot.cursor < end < slot.cursor + n:
+                n = end - slot.cursor  # the last full interval gets its checkpoint, the tail follows
             chunk = slot.req.prompt[slot.cursor:slot.cursor + n]
             last = batch.add_sequence(chunk, slot.pos, slot.seq, logits_last=slot.cursor + n == len(slot.req.prompt))
             prefill.append((slot, n))

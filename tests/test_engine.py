@@ -267,3 +267,24 @@ def test_a_failing_logits_processor_fails_only_its_request():
         report = e.memory().report
     if report is not None:
         assert report.kv_cells_used == 0 and report.rs_cells_live == 0, "the failed request's cells were freed"
+
+
+def test_a_request_submitted_while_others_decode_joins_at_the_next_step():
+    """submit() never waits for the engine's step: a late short request finishes long before the long ones."""
+    name = "qwen35" if "qwen35" in zoo_names() else zoo_names()[0]
+    with Engine(zoo_model(name), n_ctx=2048, parallel=4, prefix_cache=0) as e:
+        long = [e.submit(p, GREEDY, max_tokens=400) for p in PROMPTS[:2]]
+        for r in long:
+            next(iter(r))  # both are decoding
+        late = e.submit(PROMPTS[2], GREEDY, max_tokens=2)
+        late.result(timeout=60)
+        assert not any(r.done for r in long), "the late request waited for the running ones"
+        assert e.stats().running == 2
+        for r in long:
+            r.cancel()
+
+
+def test_output_rows_below_the_sequences_are_refused():
+    model = zoo_model(zoo_names()[0])
+    with pytest.raises(ps.ContextError, match="n_outputs_max=2"):
+        ps.Context(model, n_ctx=256, n_seq_max=4, overrides={"n_outputs_max": 2})
