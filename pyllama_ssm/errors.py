@@ -41,3 +41,7 @@ class TokenError(PyllamaError, ValueError):
 
 class StateError(PyllamaError, ValueError):
     """A saved state that cannot be restored into this context."""
+
+
+class RpcError(PyllamaError, ConnectionError):
+    """An RPC server (rpc_servers) that cannot be reached or does not speak ggml's RPC protocol."""

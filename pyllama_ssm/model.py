@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _runtime, gguf, planner
+from . import _runtime, gguf, planner, rpc
 from .bindings import ffi, lib, set_fields
 from .errors import ModelLoadError, TokenError
 
@@ -18,12 +18,16 @@ class Model:
     _free = lib.llama_model_free  # kept on the class: __del__ may run after module teardown
 
     def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = 0, use_mmap: bool = True,
-                 vocab_only: bool = False, check_tensors: bool = False, overrides: Mapping[str, Any] | None = None):
+                 vocab_only: bool = False, check_tensors: bool = False, overrides: Mapping[str, Any] | None = None,
+                 rpc_servers: str | Sequence[str] | None = None):
         """overrides: further llama_model_params fields by name (the drop-in Llama passes
-        llama-cpp-python's: split_mode, load_mode, kv_overrides, ...); arrays must outlive the call."""
+        llama-cpp-python's: split_mode, load_mode, kv_overrides, ...); arrays must outlive the call.
+        rpc_servers: 'host:port,...' or a list of them, ggml-rpc-server endpoints whose devices take
+        layers (n_gpu_layers) before the local GPUs; each is checked first (pyllama_ssm.rpc)."""
         _runtime.init()
         self.path = Path(path)
         self.n_gpu_layers = n_gpu_layers
+        self.rpc_servers = rpc.parse(rpc_servers) if rpc_servers is not None else []
         parsed = gguf.read(self.path)  # a corrupt file must not reach llama.cpp, which may abort on it
         try:  # what the context preflight needs, without parsing the file again
             self.facts: planner.ModelFacts | None = planner.facts_of(parsed)
@@ -36,10 +40,15 @@ class Model:
         params.vocab_only = vocab_only
         params.check_tensors = check_tensors
         set_fields(params, overrides or {}, "llama_model_params")
+        if self.rpc_servers:  # the RPC devices first, as llama.cpp orders them, then the local GPUs
+            self._devices = ffi.new("ggml_backend_dev_t[]", [*rpc.connect(self.rpc_servers), *rpc.local_devices(),
+                                                             ffi.NULL])
+            params.devices = self._devices
         self.params = params
         _runtime.clear_errors()
         ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if ptr == ffi.NULL:
+            rpc.release(self.rpc_servers)
             raise ModelLoadError(f"{self.path}: llama.cpp could not load the model: "
                                  f"{_runtime.take_errors() or 'no reason given'}")
         self._ptr = ptr
@@ -60,6 +69,7 @@ class Model:
                 ctx.close()
             self._free(self._ptr)
             self._ptr = None
+            rpc.release(self.rpc_servers)
 
     def __enter__(self) -> "Model":
         return self

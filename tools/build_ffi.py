@@ -62,10 +62,11 @@ def build(flavour: str) -> Path:
     ffi.cdef(cdef + CALLBACKS)
     ffi.set_source(
         f"pyllama_ssm.{name}",
-        "".join(f'#include "{h}"\n' for h in [*gen_cdef.roots([incdir]), "gguf.h", "ggml-backend.h"]),
+        "".join(f'#include "{h}"\n' for h in [*gen_cdef.headers([incdir]), "gguf.h", "ggml-backend.h"]),
         include_dirs=[str(incdir)],
         library_dirs=[str(libdir)],
-        libraries=["llama", "ggml", "ggml-base"],
+        # ggml-rpc: the RPC backend's entry points (ggml_backend_rpc_add_server); tools/build.py builds it
+        libraries=["llama", "ggml", "ggml-base", "ggml-rpc"],
         extra_link_args=[f"-Wl,-rpath,{libdir}"],
         extra_compile_args=["-O1", "-Wno-deprecated-declarations"],
     )

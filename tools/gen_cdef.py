@@ -4,7 +4,7 @@
 
 The header is run through the C preprocessor, parsed with pycparser, and every
 declaration of llama.h is kept together with the ggml/gguf declarations it
-needs (transitively), plus EXTRA_GGML below.  Enums are written as
+needs (transitively), plus EXTRA_GGML below (from ggml-rpc.h too).  Enums are written as
 `{ A, B, ... }` and integer #defines as `#define X ...` so their values come
 from the C compiler; structs keep their fields so cffi's API mode makes the
 compiler check every layout.
@@ -30,6 +30,8 @@ EXTRA_GGML = {
     "ggml_backend_dev_count", "ggml_backend_dev_get", "ggml_backend_dev_name",
     "ggml_backend_dev_description", "ggml_backend_dev_type", "ggml_backend_dev_memory",
     "ggml_backend_buft_name", "ggml_type_name",
+    # RPC devices (Model(rpc_servers=...)): ggml-rpc.h
+    "ggml_backend_rpc_add_server", "ggml_backend_reg_dev_count", "ggml_backend_reg_dev_get",
 }
 
 # Names that the C library headers define; cffi knows them, pycparser must be told.
@@ -39,16 +41,24 @@ STRIP_MACROS = [
     "-D__attribute__(x)=", "-D__extension__=", "-D__restrict=", "-D__restrict__=", "-D__inline=",
     "-D__inline__=", "-D__asm__(x)=", "-D__asm(x)=", "-D__declspec(x)=", "-D__THROW=",
 ]
-DEFINE_RE = re.compile(r"^\s*#\s*define\s+(LLAMA_[A-Z0-9_]+)\s+(\(?-?(0x[0-9a-fA-F]+|\d+)u?\)?)\s*(//.*)?$")
+DEFINE_RE = re.compile(
+    r"^\s*#\s*define\s+((?:LLAMA|RPC_PROTO)_[A-Z0-9_]+)\s+(\(?-?(0x[0-9a-fA-F]+|\d+)u?\)?)\s*(//.*)?$")
 MARKER_RE = re.compile(r'^# \d+ "([^"]+)"')
 
 
 # The headers whose declarations are all kept; llama-ssm.h is our patch series' API.
 ROOT_HEADERS = ("llama.h", "llama-ssm.h")
+# Headers llama.h does not include that EXTRA_GGML picks from (each where the build has it).
+EXTRA_HEADERS = ("ggml-rpc.h",)
 
 
 def roots(include_dirs: list[Path]) -> list[str]:
     return [h for h in ROOT_HEADERS if any((d / h).exists() for d in include_dirs)]
+
+
+def headers(include_dirs: list[Path]) -> list[str]:
+    """Every header the cdef is generated from: the roots, then the extra headers present."""
+    return roots(include_dirs) + [h for h in EXTRA_HEADERS if any((d / h).exists() for d in include_dirs)]
 
 
 def preprocess(include_dirs: list[Path], cc: str = "gcc") -> str:
@@ -58,7 +68,7 @@ def preprocess(include_dirs: list[Path], cc: str = "gcc") -> str:
     """
     out = subprocess.run(
         [cc, "-E", "-std=c11", *STRIP_MACROS, *(f"-I{d}" for d in include_dirs), "-"],
-        input="".join(f'#include "{h}"\n' for h in roots(include_dirs)),
+        input="".join(f'#include "{h}"\n' for h in headers(include_dirs)),
         capture_output=True, text=True, check=True).stdout
     own = {p.name for d in include_dirs for p in d.glob("*.h")}
     keep, lines = False, []
@@ -170,7 +180,7 @@ def generate(include_dirs: list[Path], cc: str = "gcc") -> str:
                 continue
             typedefs.add(node.name)
         lines.append(gen.visit(node) + ";")
-    for header in roots(include_dirs):
+    for header in headers(include_dirs):
         path = next(d / header for d in include_dirs if (d / header).exists())
         for line in path.read_text().splitlines():
             m = DEFINE_RE.match(line)
