@@ -12,6 +12,10 @@ and meaning) plus n_parallel; an unknown keyword is a TypeError.
   each on its own sequence.  The single-sequence methods (eval, sample,
   generate, save_state, load_state, set_cache) then say they need n_parallel=1.
 
+A streamed completion or chat completion is a CompletionStream: an iterator of
+chunks whose cancel() works from any thread.  rpc_servers puts layers on other
+machines (pyllama_ssm.rpc).
+
 Responses are llama_cpp.llama_types dicts.  Not supported, with a clear error:
 suffix (fill-in-the-middle), draft_model (speculative decoding), lora_base.
 """
@@ -54,7 +58,7 @@ from .sampling import Sampler, SamplingParams
 
 __all__ = ["Llama", "LlamaState", "LlamaTokenizer", "LogitsProcessor", "LogitsProcessorList", "StoppingCriteria",
            "StoppingCriteriaList", "MinTokensLogitsProcessor", "StopOnTokenIds", "LlamaGrammar", "BaseLlamaCache",
-           "LlamaCache", "LlamaRAMCache", "LlamaDiskCache"]
+           "LlamaCache", "LlamaRAMCache", "LlamaDiskCache", "CompletionStream"]
 
 # -- callbacks, as llama_cpp.llama defines them ------------------------------------------
 LogitsProcessor = Callable[[npt.NDArray[np.intc], npt.NDArray[np.single]], npt.NDArray[np.single]]
@@ -138,6 +142,71 @@ class LlamaTokenizer:
         return self.detokenize(tokens).decode("utf-8", errors="ignore")
 
 
+class _Cancellation:
+    """A flag set from any thread; hooks added run when it is set (at once if it already is)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hooks: list[Callable[[], None]] = []
+        self.is_set = False
+
+    def set(self) -> None:
+        with self._lock:
+            if self.is_set:
+                return
+            self.is_set = True
+            hooks, self._hooks = self._hooks, []
+        for hook in hooks:
+            hook()
+
+    def on_set(self, hook: Callable[[], None]) -> None:
+        with self._lock:
+            if not self.is_set:
+                self._hooks.append(hook)
+                return
+        hook()
+
+
+_chat_scope = threading.local()  # .cancellation: the chat stream whose handler is running on this thread
+
+
+class CompletionStream(Iterator[Any]):
+    """The chunks of create_completion / create_chat_completion(stream=True).
+
+    cancel() may be called from any thread, also while another one waits in
+    next(): no chunk follows, and with n_parallel > 1 the sequence leaves the
+    Engine at its next step, whether it was queued, in its prefill or
+    generating (n_parallel=1: after the token being computed).
+    """
+
+    def __init__(self, chunks: Iterator[Any], cancellation: _Cancellation):
+        self._chunks = chunks
+        self._cancellation = cancellation
+
+    def __iter__(self) -> "CompletionStream":
+        return self
+
+    def __next__(self) -> Any:
+        if self._cancellation.is_set:
+            self.close()
+            raise StopIteration
+        return next(self._chunks)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancellation.is_set
+
+    def cancel(self) -> None:
+        """Stop the completion; returns at once, from any thread."""
+        self._cancellation.set()
+
+    def close(self) -> None:
+        """Cancel, and end the generator behind the stream when no other thread is inside it."""
+        self.cancel()
+        with contextlib.suppress(ValueError):  # "generator already executing": that thread's next() ends it
+            getattr(self._chunks, "close", lambda: None)()
+
+
 # -- the model ----------------------------------------------------------------------------
 _UNLIMITED = (None, 0, -1)  # max_tokens values meaning "up to the context size" (llama-cpp-python)
 
@@ -158,6 +227,7 @@ class Llama:
         use_mmap: bool = True,
         use_mlock: bool = False,
         kv_overrides: Optional[dict[str, Union[bool, int, float, str]]] = None,
+        rpc_servers: Optional[Union[str, list[str]]] = None,
         # context
         seed: int = lib.LLAMA_DEFAULT_SEED,
         n_ctx: int = 512,
@@ -245,7 +315,7 @@ class Llama:
                                                    use_mmap and lora_path is None, use_mlock, kv_overrides)
         with contextlib.ExitStack() as stack:  # anything opened is closed again if a later step fails
             self._model = Model(model_path, n_gpu_layers=0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers,
-                                vocab_only=vocab_only, overrides=self._model_overrides)
+                                vocab_only=vocab_only, overrides=self._model_overrides, rpc_servers=rpc_servers)
             stack.callback(self._model.close)
             if n_ctx == 0:
                 n_ctx = self._model.n_ctx_train
@@ -395,6 +465,11 @@ class Llama:
     def model(self):
         """The raw llama_model pointer (cffi)."""
         return self._model.ptr
+
+    @property
+    def engine(self) -> Optional[Engine]:
+        """The Engine serving completions when n_parallel > 1 (its stats(), memory()); None otherwise."""
+        return self._engine
 
     @property
     def _context(self) -> Optional[Context]:
@@ -793,8 +868,9 @@ class Llama:
 
         max_tokens None, 0 or -1: up to the context size.  logprobs=k reports each token's
         log-probability and the k best alternatives (n_parallel=1 needs logits_all=True).
-        stream=True returns an iterator of chunks; with n_parallel>1, closing it early frees
-        the sequence.  Bad arguments raise ValueError/TypeError before anything runs.
+        stream=True returns a CompletionStream of chunks: closing or cancelling it early (cancel()
+        from any thread) frees the sequence.  Bad arguments raise ValueError/TypeError before
+        anything runs.
         """
         self._require_context("create_completion")
         if suffix is not None:
@@ -830,12 +906,14 @@ class Llama:
         head = (f"cmpl-{uuid.uuid4()}", int(time.time()), model if model is not None else self.model_path)
         echo_text = "" if not echo else prompt if isinstance(prompt, str) else \
             self.detokenize(prompt_tokens).decode("utf-8", errors="ignore")
-        request = _Request(prompt, prompt_tokens, max_tokens, stops, logprobs, echo, echo_text, stream)
+        # inside create_chat_completion, the chat stream's cancellation
+        cancellation = getattr(_chat_scope, "cancellation", None) or _Cancellation()
+        request = _Request(prompt, prompt_tokens, max_tokens, stops, logprobs, echo, echo_text, stream, cancellation)
         if self._engine is not None:
             out = self._engine_completion(request, params, head, stopping_criteria)
         else:
             out = self._direct_completion(request, params, head, stopping_criteria)
-        return out if stream else next(out)
+        return CompletionStream(out, cancellation) if stream else next(out)
 
     __call__ = create_completion
 
@@ -850,6 +928,8 @@ class Llama:
         stream = _StreamText(stop_bytes)
         text, finish_reason, multibyte_fix = b"", "length", 0
         for token in self._generate(r.prompt_tokens, params, stopping_criteria=stopping_criteria):
+            if r.cancellation.is_set:
+                return
             if self._model.is_eog(token):
                 text, finish_reason = self.detokenize(completion, prev_tokens=r.prompt_tokens), "stop"
                 break
@@ -958,11 +1038,16 @@ class Llama:
         return self._engine_responses(r, params, head)
 
     def _engine_responses(self, r: "_Request", params: SamplingParams, head: tuple[str, int, str]) -> Iterator[Any]:
+        if r.cancellation.is_set:  # cancelled before its first next(): never submitted
+            return
         req = self._engine.submit(r.prompt_tokens, params, max_tokens=r.max_tokens, stop=r.stop, logprobs=r.logprobs)
+        r.cancellation.on_set(req.cancel)
         try:
             if r.stream:
                 sent = ""
                 for chunk in req:
+                    if r.cancellation.is_set:
+                        return
                     lp = None
                     if r.logprobs is not None and chunk.logprob is not None:
                         lp = self._stream_logprobs(self._token_logprobs(
@@ -970,7 +1055,8 @@ class Llama:
                     if chunk.text or lp is not None:
                         sent += chunk.text
                         yield self._completion_chunk(*head, chunk.text, lp)
-                yield self._completion_chunk(*head, "", finish_reason=req.result().finish_reason)
+                if not r.cancellation.is_set:
+                    yield self._completion_chunk(*head, "", finish_reason=req.result().finish_reason)
                 return
             result = req.result()
             completion = result.tokens[:-1] if result.tokens and self._model.is_eog(result.tokens[-1]) \
@@ -1016,14 +1102,21 @@ class Llama:
             raise TypeError("messages: expected a list of {'role': ..., 'content': ...} dicts")
         handler = (self.chat_handler or self._chat_handlers.get(self.chat_format)
                    or llama_chat_format.get_chat_completion_handler(self.chat_format))
-        return handler(
-            llama=self, messages=messages, functions=functions, function_call=function_call, tools=tools,
-            tool_choice=tool_choice, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-            typical_p=typical_p, logprobs=logprobs, top_logprobs=top_logprobs, stream=stream, stop=stop, seed=seed,
-            response_format=response_format, max_tokens=max_tokens, presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, tfs_z=tfs_z,
-            mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, model=model,
-            logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias, **self.chat_template_kwargs)
+        # the completions the handler starts share the chat stream's cancellation
+        outer, _chat_scope.cancellation = getattr(_chat_scope, "cancellation", None), _Cancellation()
+        try:
+            out = handler(
+                llama=self, messages=messages, functions=functions, function_call=function_call, tools=tools,
+                tool_choice=tool_choice, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                typical_p=typical_p, logprobs=logprobs, top_logprobs=top_logprobs, stream=stream, stop=stop,
+                seed=seed, response_format=response_format, max_tokens=max_tokens, presence_penalty=presence_penalty,
+                frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, tfs_z=tfs_z,
+                mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, model=model,
+                logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias,
+                **self.chat_template_kwargs)
+            return CompletionStream(out, _chat_scope.cancellation) if stream else out
+        finally:
+            _chat_scope.cancellation = outer
 
     def create_chat_completion_openai_v1(self, *args: Any, **kwargs: Any):
         """create_chat_completion() as the openai package's ChatCompletion (or chunk) objects."""
@@ -1097,6 +1190,7 @@ class _Request:
     echo: bool
     echo_text: str   # the prompt's text when echo=True, else ""
     stream: bool
+    cancellation: _Cancellation
 
 
 class _StreamText:

@@ -13,6 +13,7 @@ import json
 import pickle
 import sys
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -395,6 +396,42 @@ def test_parallel_stream_closed_early_frees_its_sequence(par):
     stream.close()
     assert par(PROMPT, max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2
     assert par._engine.stats().running == 0
+
+
+def read_in_threads(streams) -> tuple[list[threading.Thread], list[list]]:
+    chunks: list[list] = [[] for _ in streams]
+    readers = [threading.Thread(target=chunks[i].extend, args=(s,)) for i, s in enumerate(streams)]
+    for reader in readers:
+        reader.start()
+    return readers, chunks
+
+
+@pytest.mark.parametrize("n_parallel", [1, 2])
+def test_a_stream_cancelled_from_another_thread_ends_at_once(n_parallel):
+    """cancel() while readers wait in next(): running or queued (n_parallel=2), nothing more comes."""
+    endless = LlamaGrammar.from_string('root ::= "a" root', verbose=False)
+    with Llama(str(zoo_path("llama")), n_ctx=4096, n_parallel=n_parallel, verbose=False) as llm:
+        assert (llm.engine is None) == (n_parallel == 1)
+        streams = [llm(f"{i} {PROMPT}", max_tokens=3000, grammar=endless, stream=True) for i in range(n_parallel)]
+        if n_parallel > 1:  # one completion and one chat wait in the Engine's queue behind them
+            streams += [llm("queued", max_tokens=3000, stream=True),
+                        llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=3000, stream=True)]
+        readers, chunks = read_in_threads(streams)
+        deadline = time.monotonic() + 30
+        while not all(chunks[:n_parallel]) or (llm.engine is not None and llm.engine.stats().queued < 2):
+            assert time.monotonic() < deadline, [len(c) for c in chunks]
+            time.sleep(0.001)
+        for stream in streams:
+            stream.cancel()
+        for reader in readers:
+            reader.join(5)
+            assert not reader.is_alive(), "a cancelled stream kept its reader waiting"
+        assert all(len(c) < 200 for c in chunks), [len(c) for c in chunks]
+        assert all(s.cancelled and next(s, None) is None for s in streams)
+        if llm.engine is not None:
+            assert llm.engine.stats().running == llm.engine.stats().queued == 0
+            assert chunks[2:] == [[], []], "the queued requests started"
+        assert llm(PROMPT, max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2
 
 
 def test_parallel_mode_refuses_the_single_sequence_api(par):

@@ -1,7 +1,7 @@
 """The OpenAI-compatible server, run as `python -m pyllama_ssm.server` on 127.0.0.1 with zoo models.
 
 Every route, streaming, the API key, 400s that name the field, 413, 429 with
-Retry-After, a disconnect that frees its sequence, concurrent greedy answers
+Retry-After, disconnects (mid-stream, queued, in a prefill) that free their sequence, concurrent greedy answers
 equal to each alone, config files with aliases, CORS, and SIGTERM/SIGINT.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -279,6 +280,37 @@ def test_disconnect_mid_stream_frees_the_sequence(any_model):
         assert s["engine"]["tokens_generated"] - before < 250, "the cancelled sequence kept generating"
         assert s["memory"]["rs_cells_live"] == 0
         assert s["memory"]["kv_cells_used"] <= s["memory"]["kv_cells_cached_max"]
+
+
+def test_disconnect_in_the_queue_or_the_prefill_frees_the_sequence_at_once():
+    """Hanging up before the first token (headers not even sent) cancels at the Engine's next step."""
+    prompt_tokens = 1500  # on the small model, in steps of 64 tokens: seconds of prefill for two
+    with ServerProcess("--model", str(zoo_path("qwen35", "small")), "--n_ctx", "4096", "--n_parallel", "2",
+                       "--n_batch", "64", "--n_threads", "2", "--verbose", "false") as server, \
+            httpx.Client(base_url=server.url, timeout=60) as c:
+        host, port = server.url.removeprefix("http://").split(":")
+        sockets = []
+        for i in range(3):  # two in their prefill, one queued behind them
+            body = json.dumps({"prompt": f"{i} " + "hello " * prompt_tokens, "max_tokens": 4, "stream": True})
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+            sockets.append(sock)
+        deadline = time.monotonic() + 20
+        while (s := stats(c))["engine"]["running"] < 2 or s["engine"]["queued"] < 1 \
+                or s["engine"]["tokens_decoded"] == 0:
+            assert time.monotonic() < deadline, s
+            time.sleep(0.02)
+        for sock in sockets:
+            sock.close()
+        t0 = time.monotonic()
+        while (s := stats(c))["engine"]["running"] or s["engine"]["queued"] or s["in_flight"]:
+            assert time.monotonic() - t0 < 1.0, f"still busy 1 s after the clients left: {s}"
+            time.sleep(0.02)
+        decoded = s["engine"]["tokens_decoded"]
+        assert decoded < 2 * prompt_tokens, f"{decoded} tokens decoded: the prefills ran on"
+        time.sleep(0.3)
+        assert stats(c)["engine"]["tokens_decoded"] == decoded and s["engine"]["tokens_generated"] == 0
 
 
 def test_a_full_queue_gets_429_with_retry_after():

@@ -4,18 +4,21 @@ Each request is admitted to its model (or refused with 429), then runs on a
 worker thread inside that model's Llama(n_parallel=P): P requests decode
 together in one batch, the rest wait in the Engine's queue.  Streams are
 server-sent events ending with `data: [DONE]`; a client that goes away
-cancels its stream, which frees the sequence.
+cancels its stream, which frees the sequence: before the first token
+(queued, or in its prefill) at the Engine's next step, later at its next token.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
+import numpy as np
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -23,7 +26,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from .. import __version__
-from ..llama import LlamaGrammar, LogitsProcessorList, MinTokensLogitsProcessor
+from ..llama import CompletionStream, LlamaGrammar, LogitsProcessorList, MinTokensLogitsProcessor
 from . import errors, stats
 from .errors import ApiError, bad_request, from_exception
 from .registry import ModelRegistry, ServedModel
@@ -163,11 +166,11 @@ async def _generate(request: Request, served: ServedModel, body: Any, call: Call
 
 
 class _Stream:
-    """A streaming call: its chunk generator (run on worker threads) and its admission to the model.
+    """A streaming call: its CompletionStream (iterated on worker threads) and its admission to the model.
 
-    Cancelled (client gone, shutdown), it closes the generator, which frees the
-    sequence.  close() runs when the events end and again after the response, in
-    case the events never started.
+    Cancelled (client gone, shutdown), it cancels and closes the stream, which
+    frees the sequence.  close() runs when the events end and again after the
+    response, in case the events never started.
     """
 
     def __init__(self, request: Request, served: ServedModel, admission: contextlib.ExitStack, fields: set[str]):
@@ -175,20 +178,46 @@ class _Stream:
         self.served = served
         self.admission = admission
         self.fields = fields
-        self.chunks: Iterator[dict] | None = None
+        self.chunks: CompletionStream | None = None
         self.first: Any = _END
 
     async def _next(self) -> Any:
         return await anyio.to_thread.run_sync(next, self.chunks, _END, limiter=self.served.limiter)
 
-    async def start(self, call: Callable[[], Iterator[dict]]) -> None:
-        """Take the first chunk before answering 200, so that bad input still gets its 400."""
+    async def start(self, call: Callable[[], CompletionStream]) -> None:
+        """Take the first chunk before answering 200, so that bad input still gets its 400.
+
+        Until then the request may wait in the Engine's queue or run a long prefill:
+        a client that hangs up meanwhile cancels it at once.
+        """
         try:
             self.chunks = await anyio.to_thread.run_sync(call, limiter=self.served.limiter)
-            self.first = await self._next()
+            self.first = await self._first_chunk()
         except Exception as e:
             await self.close()
             raise _failure(self.request, e, self.fields) from None
+        if self.chunks.cancelled:
+            await self.close()
+            raise ApiError(499, "the client closed the connection before the first token", code="client_closed")
+
+    async def _first_chunk(self) -> Any:
+        failure: Exception | None = None
+        async with anyio.create_task_group() as watch:
+            watch.start_soon(self._cancel_on_disconnect)
+            try:
+                first = await self._next()
+            except Exception as e:  # raised below: out of a task group it would come as an ExceptionGroup
+                failure = e
+            watch.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return first
+
+    async def _cancel_on_disconnect(self) -> None:
+        # the body was read: what receive() gives next is the client's hang-up
+        while (await self.request.receive())["type"] != "http.disconnect":
+            pass
+        self.chunks.cancel()
 
     async def events(self) -> AsyncIterator[dict[str, str]]:
         try:
@@ -209,6 +238,7 @@ class _Stream:
         with anyio.CancelScope(shield=True):
             if self.chunks is not None:
                 chunks, self.chunks = self.chunks, None
+                chunks.cancel()  # returns at once; a worker still in next() comes back at the next step
                 await anyio.to_thread.run_sync(chunks.close)
             self.admission.close()
 
@@ -250,10 +280,18 @@ async def create_embedding(request: Request, body: CreateEmbeddingRequest) -> An
     with served.admit():
         async with served.embedding_lock:
             try:
-                return await anyio.to_thread.run_sync(
+                result = await anyio.to_thread.run_sync(
                     lambda: served.llama.create_embedding(input=body.input, model=body.model), limiter=served.limiter)
             except Exception as e:
                 raise _failure(request, e, set(type(body).model_fields)) from None
+    if body.encoding_format == "base64":  # OpenAI's encoding: the little-endian float32 bytes of each vector
+        for item in result["data"]:
+            vector = np.asarray(item["embedding"], dtype="<f4")
+            if vector.ndim != 1:
+                raise bad_request("encoding_format", "base64 encodes one vector per input; this model pools "
+                                                     "nothing (one vector per token): ask for 'float'")
+            item["embedding"] = base64.b64encode(vector.tobytes()).decode("ascii")
+    return result
 
 
 @router.get("/v1/models", summary="Models", tags=["OpenAI V1"])

@@ -53,8 +53,7 @@ def parse_kv_overrides(items: list[str]) -> dict[str, bool | int | float | str]:
 
 def llama_kwargs(s: ModelSettings) -> dict[str, Any]:
     """Llama's keyword arguments for one model's settings (what llama_cpp.server passes, plus n_parallel)."""
-    for name in ("clip_model_path", "hf_pretrained_model_name_or_path", "hf_tokenizer_config_path", "draft_model",
-                 "rpc_servers"):
+    for name in ("clip_model_path", "hf_pretrained_model_name_or_path", "hf_tokenizer_config_path", "draft_model"):
         if getattr(s, name) is not None:
             raise ValueError(f"{name}: not supported by pyllama_ssm.server (model {s.alias!r})")
     if s.chat_format in _UNSUPPORTED_CHAT_FORMATS:
@@ -63,8 +62,7 @@ def llama_kwargs(s: ModelSettings) -> dict[str, Any]:
     kwargs = s.model_dump(exclude={
         "model", "model_alias", "hf_model_repo_id", "kv_overrides", "chat_template_kwargs", "cache", "cache_type",
         "cache_size", "clip_model_path", "hf_pretrained_model_name_or_path", "hf_tokenizer_config_path",
-        "draft_model", "draft_model_num_pred_tokens", "rpc_servers",
-        "mul_mat_q"})  # accepted for compatibility: stock Llama ignores it too
+        "draft_model", "draft_model_num_pred_tokens", "mul_mat_q"})  # mul_mat_q: accepted, ignored as stock does
     kwargs["kv_overrides"] = parse_kv_overrides(s.kv_overrides) if s.kv_overrides else None
     return kwargs
 
@@ -112,7 +110,7 @@ class ServedModel:
     @property
     def engine(self) -> Optional[Engine]:
         """The Engine of an n_parallel > 1 model (None for n_parallel=1, which drives one sequence itself)."""
-        return self.llama._engine  # pyllama_ssm.Llama keeps it private; the stats need it
+        return self.llama.engine
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:

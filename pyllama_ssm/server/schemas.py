@@ -119,7 +119,8 @@ class CreateEmbeddingRequest(_Body):
     model: Optional[str] = Field(default=None)
     input: Union[str, list[str]] = Field(description="The text (or texts) to embed.")
     user: Optional[str] = Field(default=None)
-    encoding_format: Optional[Literal["float"]] = Field(default=None, description="Only 'float' is supported.")
+    encoding_format: Optional[Literal["float", "base64"]] = Field(
+        default=None, description="'float' (the default) or 'base64' (float32, what the openai client asks for).")
 
     @field_validator("input")
     @classmethod

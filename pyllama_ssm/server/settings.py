@@ -49,7 +49,8 @@ class ModelSettings(_Strict):
     use_mlock: bool = Field(default=True, description="Use mlock.")
     kv_overrides: Optional[list[str]] = Field(
         default=None, description="Model kv overrides, key=type:value with type bool, int, float or str.")
-    rpc_servers: Optional[str] = Field(default=None, description="Comma separated list of rpc servers.")
+    rpc_servers: Optional[Union[str, list[str]]] = Field(
+        default=None, description="ggml-rpc-server endpoints (host:port, comma separated) that take layers.")
     # Context params
     seed: int = Field(default=LLAMA_DEFAULT_SEED, description="Random seed. -1 for random.")
     n_ctx: int = Field(default=2048, ge=0, description="The context size.")
