@@ -69,7 +69,8 @@ class Model:
                 ctx.close()
             self._free(self._ptr)
             self._ptr = None
-            rpc.release(self.rpc_servers)
+            if self.rpc_servers:
+                rpc.release(self.rpc_servers)
 
     def __enter__(self) -> "Model":
         return self

@@ -60,22 +60,25 @@ def parse(servers: str | Sequence[str]) -> list[str]:
 def probe(endpoint: str, timeout: float) -> None:
     """Connect and exchange HELLO as llama.cpp will; RpcError naming the endpoint if that would fail."""
     host, _, port = endpoint.partition(":")
-    try:
-        address = socket.gethostbyname(host)  # IPv4, as llama.cpp resolves it
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect((address, int(port)))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # IPv4, as llama.cpp connects
+        sock.settimeout(timeout)
+        try:
+            sock.connect((socket.gethostbyname(host), int(port)))
+        except OSError as e:
+            raise RpcError(f"rpc_servers: cannot reach {endpoint}: {e.strerror or e}") from None
+        try:
             sock.sendall(struct.pack("=BQ", _CMD_HELLO, _CAPS_SIZE) + bytes(_CAPS_SIZE))
             (size,) = struct.unpack("=Q", _receive(sock, 8))
-            if size != _HELLO_REPLY.size:
-                raise RpcError(f"rpc_servers: {endpoint} answered HELLO with {size} bytes, not "
-                               f"{_HELLO_REPLY.size}: not a ggml-rpc-server of this protocol")
-            major, minor, patch = _HELLO_REPLY.unpack(_receive(sock, size))
-    except socket.timeout:
-        raise RpcError(f"rpc_servers: {endpoint} did not answer within {timeout:g}s (is ggml-rpc-server running "
-                       f"there? it serves one client at a time)") from None
-    except OSError as e:
-        raise RpcError(f"rpc_servers: cannot reach {endpoint}: {e.strerror or e}") from None
+            reply = _receive(sock, size) if size == _HELLO_REPLY.size else None
+        except socket.timeout:
+            raise RpcError(f"rpc_servers: {endpoint} did not answer within {timeout:g}s (is ggml-rpc-server "
+                           f"running there? it serves one client at a time)") from None
+        except OSError as e:
+            raise RpcError(f"rpc_servers: {endpoint} broke off the HELLO handshake: {e.strerror or e}") from None
+    if reply is None:
+        raise RpcError(f"rpc_servers: {endpoint} answered HELLO with {size} bytes, not {_HELLO_REPLY.size}: "
+                       f"not a ggml-rpc-server of this protocol")
+    major, minor, patch = _HELLO_REPLY.unpack(reply)
     if major != lib.RPC_PROTO_MAJOR_VERSION or minor > lib.RPC_PROTO_MINOR_VERSION:
         raise RpcError(f"rpc_servers: {endpoint} speaks RPC protocol {major}.{minor}.{patch}, this build "
                        f"{lib.RPC_PROTO_MAJOR_VERSION}.{lib.RPC_PROTO_MINOR_VERSION}: use the same llama.cpp on both")
@@ -86,7 +89,7 @@ def _receive(sock: socket.socket, n: int) -> bytes:
     while len(data) < n:
         part = sock.recv(n - len(data))
         if not part:
-            raise ConnectionResetError(0, "the connection closed during the HELLO handshake")
+            raise ConnectionResetError(0, "it closed the connection")
         data += part
     return data
 
