@@ -218,8 +218,11 @@ class Engine:
             self.n_cache = prefix_cache if has("llama_memory_rs_snapshot") else 0
             # one state cell per sequence + the prefix cache + one copy-on-write cell per sequence
             n_rs_pool = self.n_cache + parallel if self.n_cache else 0
-        else:  # prefixes are held by spare sequence ids sharing their cells
+        elif memory_mod.available():  # prefixes are held by spare sequence ids sharing their cells
+            # (the patched build: entry sizes come from its memory report)
             self.n_cache = n_holders = max(0, min(prefix_cache, MAX_SEQ - parallel))
+        else:
+            self.n_cache = 0
         # a step outputs logits for at most one token per sequence: size the output buffer to that
         # (upstream sizes it to n_batch rows of n_vocab floats: 300 MiB for 512 x 152k)
         overrides = {"n_outputs_max": parallel + n_holders, **(context_overrides or {})}

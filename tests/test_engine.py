@@ -288,3 +288,21 @@ def test_output_rows_below_the_sequences_are_refused():
     model = zoo_model(zoo_names()[0])
     with pytest.raises(ps.ContextError, match="n_outputs_max=2"):
         ps.Context(model, n_ctx=256, n_seq_max=4, overrides={"n_outputs_max": 2})
+
+
+@pytest.mark.skipif("llama" not in zoo_names(), reason="needs the llama zoo model")
+def test_engine_on_the_upstream_build_serves_without_a_prefix_cache():
+    """The pristine library has no memory report or snapshot pool: the Engine still serves, uncached."""
+    from conftest import run_with_build, zoo_path
+    code = """
+import sys
+import pyllama_ssm as ps
+from pyllama_ssm.engine import Engine
+from pyllama_ssm.sampling import SamplingParams
+for path in sys.argv[1:]:
+    with Engine(ps.Model(path), n_ctx=512, parallel=2) as e:
+        reqs = [e.submit(p, SamplingParams(temperature=0), max_tokens=4) for p in ("Hello there", "Hello again")]
+        print(e.n_cache, [r.result(timeout=60).finish_reason for r in reqs])
+"""
+    out = run_with_build("upstream", code, str(zoo_path("llama")), str(zoo_path("qwen35"))).splitlines()
+    assert out[-2:] == ["0 ['length', 'length']"] * 2
