@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import json
 import os
 import random
@@ -211,6 +212,15 @@ class CompletionStream(Iterator[Any]):
 _UNLIMITED = (None, 0, -1)  # max_tokens values meaning "up to the context size" (llama-cpp-python)
 
 
+def _one_at_a_time(method):
+    """Serialize a single-sequence method on its Llama (see Llama._direct_lock)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._direct_lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class Llama:
     """A GGUF model with llama-cpp-python's API; n_parallel > 1 serves concurrent calls."""
 
@@ -308,6 +318,10 @@ class Llama:
         self._logits_all = logits_all
         self._seed = seed or lib.LLAMA_DEFAULT_SEED
         self._seed_lock = threading.Lock()
+        # n_parallel=1 is one call at a time, as in llama-cpp-python; threads that share the object
+        # anyway take turns per llama.cpp call (interleaved state, but never two calls on one context)
+        self._direct_lock = threading.RLock()
+        self._generating: Optional[int] = None  # the thread whose generation holds _direct_lock
         self._embed_lock = threading.Lock()  # embeddings decode on one context, one call at a time
 
         # as llama-cpp-python: no mmap with a LoRA; the arrays live as long as model_params refers to them
@@ -551,6 +565,7 @@ class Llama:
                 raise TypeError(f"set_cache: expected a LlamaRAMCache or LlamaDiskCache, got {type(cache).__name__}")
         self.cache = cache
 
+    @_one_at_a_time
     def reset(self) -> None:
         """Forget the evaluated tokens (recurrent memory cannot be truncated, so it is cleared)."""
         if self._engine is not None:
@@ -560,6 +575,7 @@ class Llama:
         if self._is_recurrent or self._is_hybrid:
             self._ctx.clear(True)
 
+    @_one_at_a_time
     def eval(self, tokens: Sequence[int]) -> None:
         """Decode tokens after the n_tokens already evaluated."""
         ctx = self._direct("eval")
@@ -618,6 +634,7 @@ class Llama:
                               logit_bias=bias, grammar=grammar._grammar if grammar is not None else None,
                               seed=self._seed if seed is None else seed, logits_processor=processor)
 
+    @_one_at_a_time
     def sample(self, top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0,
                temp: float = 0.80, repeat_penalty: float = 1.0, frequency_penalty: float = 0.0,
                presence_penalty: float = 0.0, tfs_z: float = 1.0, mirostat_mode: int = 0, mirostat_eta: float = 0.1,
@@ -678,6 +695,19 @@ class Llama:
 
     def _generate_with(self, sampler: Sampler, tokens: list[int], reset: bool,
                        stopping_criteria: Optional[StoppingCriteria]) -> Iterator[int]:
+        # a generation owns the single sequence until it ends: other threads wait their turn
+        if self._generating == threading.get_ident():
+            raise RuntimeError("a generation of this Llama is still open on this thread (finish or close its "
+                               "stream first; n_parallel > 1 serves several at once)")
+        with self._direct_lock:
+            self._generating = threading.get_ident()
+            try:
+                yield from self._generate_locked(sampler, tokens, reset, stopping_criteria)
+            finally:
+                self._generating = None
+
+    def _generate_locked(self, sampler: Sampler, tokens: list[int], reset: bool,
+                         stopping_criteria: Optional[StoppingCriteria]) -> Iterator[int]:
         if reset and self.n_tokens > 0:
             longest = longest_token_prefix(self._input_ids.tolist(), tokens)
             consumed = longest == len(tokens)
@@ -711,12 +741,14 @@ class Llama:
                     self._requires_eval = True
                     break
 
+    @_one_at_a_time
     def save_state(self) -> LlamaState:
         ctx = self._direct("save_state")
         data = ctx.state()
         return LlamaState(input_ids=self.input_ids.copy(), scores=self._scores.copy(), n_tokens=self.n_tokens,
                           llama_state=data, llama_state_size=len(data), seed=self._seed)
 
+    @_one_at_a_time
     def load_state(self, state: LlamaState) -> None:
         ctx = self._direct("load_state")
         if not isinstance(state, LlamaState):

@@ -646,3 +646,25 @@ def test_install_as_llama_cpp():
         for name in [k for k in sys.modules if k == "llama_cpp" or k.startswith("llama_cpp.")]:
             del sys.modules[name]
         sys.modules.update(before)
+
+
+def test_threads_sharing_a_single_sequence_llama_never_crash_it():
+    """n_parallel=1 is one call at a time; threads that share it anyway take turns, they do not crash it."""
+    import threading
+    llm = Llama(model_path=str(zoo_path("qwen35")), n_ctx=512, verbose=False)
+    results, errors = [], []
+
+    def work(i):
+        try:
+            results.append(llm.create_completion(f"Thread {i} says", max_tokens=8, temperature=0))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    llm.close()
+    assert not errors and len(results) == 4
+    assert all(r["choices"][0]["finish_reason"] in ("length", "stop") for r in results)
