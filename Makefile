@@ -46,6 +46,7 @@ build: deps vendor
 
 models: build
 	$(PYTHON) tests/models/generate.py
+	$(PYTHON) tests/models/generate.py --size small --arch qwen35  # tests that need seconds of prefill
 
 test: build models
 	$(PYTHON) -m pytest -q tests

@@ -73,6 +73,8 @@ def probe(endpoint: str, timeout: float) -> None:
         except socket.timeout:
             raise RpcError(f"rpc_servers: {endpoint} did not answer within {timeout:g}s (is ggml-rpc-server "
                            f"running there? it serves one client at a time)") from None
+        except ConnectionResetError:  # a clean close or a reset: which one depends on timing
+            raise RpcError(f"rpc_servers: {endpoint} broke off the HELLO handshake: it closed the connection") from None
         except OSError as e:
             raise RpcError(f"rpc_servers: {endpoint} broke off the HELLO handshake: {e.strerror or e}") from None
     if reply is None:
