@@ -37,9 +37,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-ZOO = ROOT / "build" / "models"
-RESULTS = ROOT / "bench" / "results"
+from load import BenchError, Progress, child_env, run_main, write_results, zoo_model
+
 LIBS = {  # name -> environment of the child
     "upstream": {"PYLLAMA_SSM_BUILD": "upstream"},
     "copy": {"PYLLAMA_SSM_BUILD": "patched", "LLAMA_RS_INPLACE": "0"},
@@ -49,7 +48,7 @@ LIBS = {  # name -> environment of the child
 # The child: prefill n prompts, time `steps` decode steps; with a perf control fifo,
 # sample only the decode steps. Prints tokens/s.
 CHILD = r"""
-import os, sys, time
+import json, os, sys, time
 import pyllama_ssm as ps
 path, n, steps, ngl = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 ctl, ack = os.environ.get("PERF_CTL"), os.environ.get("PERF_ACK")
@@ -79,20 +78,20 @@ with ps.Context(model, n_ctx=4096, n_seq_max=n, n_batch=512) as ctx, ps.Batch(51
         ctx.decode(batch)
     elapsed = time.perf_counter() - t0
     perf("disable")
-print(n * steps / elapsed)
+print(json.dumps({"tok_per_s": n * steps / elapsed}))
 """
 
 
-def child_env(lib: str) -> dict[str, str]:
-    return {**os.environ, **LIBS[lib], "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+def lib_env(lib: str) -> dict[str, str]:
+    return {**child_env("pyllama-ssm"), **LIBS[lib]}
 
 
 def measure(lib: str, model: Path, n: int, steps: int, ngl: int) -> float:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(model), str(n), str(steps), str(ngl)], env=child_env(lib),
+    out = subprocess.run([sys.executable, "-c", CHILD, str(model), str(n), str(steps), str(ngl)], env=lib_env(lib),
                          capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
-        raise SystemExit(f"{lib} {model.name} n={n} failed:\n{out.stderr[-2000:]}")
-    return float(out.stdout.split()[-1])
+        raise BenchError(f"{lib} {model.name} n={n} failed:\n{out.stderr[-2000:]}")
+    return float(json.loads(out.stdout.splitlines()[-1])["tok_per_s"])
 
 
 def profile(lib: str, model: Path, n: int, steps: int, ngl: int) -> dict[str, float]:
@@ -101,7 +100,7 @@ def profile(lib: str, model: Path, n: int, steps: int, ngl: int) -> dict[str, fl
         ctl, ack, data = Path(tmp, "ctl"), Path(tmp, "ack"), Path(tmp, "perf.data")
         os.mkfifo(ctl)
         os.mkfifo(ack)
-        env = {**child_env(lib), "PERF_CTL": str(ctl), "PERF_ACK": str(ack)}
+        env = {**lib_env(lib), "PERF_CTL": str(ctl), "PERF_ACK": str(ack)}
         subprocess.run(["perf", "record", "-q", "-e", "cpu-clock", "-D", "-1", f"--control=fifo:{ctl},{ack}",
                         "-o", str(data), "--", sys.executable, "-c", CHILD, str(model), str(n), str(steps), str(ngl)],
                        env=env, capture_output=True, text=True, check=True, timeout=900)
@@ -151,22 +150,19 @@ def main() -> int:
     ap.add_argument("--n-gpu-layers", type=int, default=0, help="offload layers (CUDA build)")
     ap.add_argument("--tag", default="", help="suffix of the result files, e.g. cuda")
     args = ap.parse_args()
-    models = [m for m in args.models.split(",") if (ZOO / f"{m}.gguf").exists()]
-    missing = sorted(set(args.models.split(",")) - set(models))
-    if missing:
-        print(f"not in the zoo (make bench generates them): {', '.join(missing)}", file=sys.stderr)
+    models = {m: zoo_model(m) for m in args.models.split(",")}
     seqs = [int(n) for n in args.seqs.split(",")]
 
     jobs = [(m, n) for m in models for n in seqs]
     samples: dict[tuple[str, int, str], list[float]] = {}
-    total, done = len(jobs) * args.rounds * len(LIBS), 0
+    progress = Progress(len(jobs) * args.rounds * len(LIBS))
     for _ in range(args.rounds):
         for m, n in jobs:
             for lib in LIBS:  # interleaved: the libraries share whatever load the machine has
-                samples.setdefault((m, n, lib), []).append(measure(lib, ZOO / f"{m}.gguf", n, args.steps, args.n_gpu_layers))
-                done += 1
-                print(f"\r[{done}/{total}] {m} n={n} {lib}            ", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+                progress.show(f"{m} n={n} {lib}")
+                samples.setdefault((m, n, lib), []).append(measure(lib, models[m], n, args.steps, args.n_gpu_layers))
+                progress.advance()
+    progress.close()
     throughput = [{"model": m, "seqs": n, **{lib: statistics.median(samples[(m, n, lib)]) for lib in LIBS},
                    "samples": {lib: samples[(m, n, lib)] for lib in LIBS}} for m, n in jobs]
 
@@ -174,7 +170,7 @@ def main() -> int:
     if not args.no_profile and shutil.which("perf"):
         for m in models:
             for lib in ("upstream", "inplace"):
-                shares = profile(lib, ZOO / f"{m}.gguf", max(seqs), args.steps, args.n_gpu_layers)
+                shares = profile(lib, models[m], max(seqs), args.steps, args.n_gpu_layers)
                 prof.append({"model": m, "seqs": max(seqs), "lib": lib, **shares})
     elif not args.no_profile:
         print("perf not found: no profile (apt-get install linux-perf)", file=sys.stderr)
@@ -182,14 +178,9 @@ def main() -> int:
     results = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpu": gpu_name()},
                "n_gpu_layers": args.n_gpu_layers, "steps": args.steps, "rounds": args.rounds,
                "throughput": throughput, "profile": prof}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = "inplace_decode" + (f"_{args.tag}" if args.tag else "")
-    (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown(results)
-    (RESULTS / f"{stem}.md").write_text(table)
-    print(table)
+    write_results("inplace_decode" + (f"_{args.tag}" if args.tag else ""), results, markdown(results))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -109,14 +109,17 @@ def token_gaps(route: str, data: dict) -> list[tuple[int, float]]:
     if route.endswith("chat/completions"):
         out, offset = [], 0
         for tok in choice["logprobs"]["content"]:
-            lps = sorted((t["logprob"] for t in tok["top_logprobs"]), reverse=True) + [float("-inf")]
-            out.append((offset, lps[0] - lps[1]))
+            out.append((offset, _top2_gap(t["logprob"] for t in tok["top_logprobs"])))
             offset += len(tok["token"])
         return out
     lp = choice["logprobs"]  # completions: offsets count from the answer's first token (no echo)
     base = lp["text_offset"][0] if lp["text_offset"] else 0
-    return [(off - base, (lambda v: v[0] - v[1])(sorted(top.values(), reverse=True) + [float("-inf")]))
-            for off, top in zip(lp["text_offset"], lp["top_logprobs"])]
+    return [(off - base, _top2_gap(top.values())) for off, top in zip(lp["text_offset"], lp["top_logprobs"])]
+
+
+def _top2_gap(logprobs) -> float:
+    best = sorted(logprobs, reverse=True) + [float("-inf")]
+    return best[0] - best[1]
 
 
 def parts_at_near_tie(text: str, alone: str, gaps: list[tuple[int, float]]) -> bool:

@@ -233,7 +233,7 @@ class Engine:
         self.n_ctx = self.ctx.n_ctx
         self.n_batch = self.ctx.n_batch
         store = HolderStore(self.ctx, range(parallel, parallel + n_holders)) if n_holders else PoolStore(self.ctx)
-        self.cache = PrefixCache(self.ctx, store, self.n_cache, prefix_cache_bytes)
+        self.cache = PrefixCache(store, self.n_cache, prefix_cache_bytes)
         self._batch = Batch(self.n_batch, 1)
         # other threads post requests and calls here (deque appends are atomic) and set the event
         self._inbox: collections.deque[Request | tuple[Any, concurrent.futures.Future]] = collections.deque()
@@ -445,10 +445,8 @@ class Engine:
                 continue
             n = min(budget, remaining)
             end = (slot.cursor + n) // CHECKPOINT_INTERVAL * CHECKPOINT_INTERVAL
-            if self.n_cache and n < remaining and end > slot.cursor:
-                n = end - slot.cursor  # a chunk that stops short of the prompt's end stops on a checkpoint
-            elif self.n_cache and n == remaining and slot.cursor < end < slot.cursor + n:
-                n = end - slot.cursor  # the last full interval gets its checkpoint, the tail follows
+            if self.n_cache and slot.cursor < end < slot.cursor + n:
+                n = end - slot.cursor  # the chunk ends on its last checkpoint; what is past it comes next step
             chunk = slot.req.prompt[slot.cursor:slot.cursor + n]
             last = batch.add_sequence(chunk, slot.pos, slot.seq, logits_last=slot.cursor + n == len(slot.req.prompt))
             prefill.append((slot, n))

@@ -87,7 +87,6 @@ class Hit:
 
 @dataclass
 class PrefixCache:
-    ctx: Context
     store: Store
     max_entries: int
     max_bytes: int | None = None
@@ -99,7 +98,7 @@ class PrefixCache:
 
     def entry_bytes(self, n_tokens: int) -> int:
         if self._cell_bytes is None:  # fixed by the context's shapes: read once
-            rep = self.ctx.memory_report()
+            rep = self.store.ctx.memory_report()
             self._cell_bytes = (rep.rs_bytes_per_cell, rep.kv_bytes_per_cell)
         rs, kv = self._cell_bytes
         return rs + n_tokens * kv
