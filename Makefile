@@ -61,7 +61,7 @@ soak: build models
 		--json bench/results/soak.json
 
 bench: build models
-	$(PYTHON) tests/models/generate.py --size small --arch qwen35,jamba,granitehybrid,nemotron_h
+	$(PYTHON) tests/models/generate.py --size small --arch qwen35,jamba,granitehybrid,nemotron_h,rwkv7
 	$(PYTHON) bench/run_all.py
 
 fuzz: build models

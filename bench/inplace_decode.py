@@ -1,7 +1,7 @@
 """Patch 0005 (rs-inplace): decode throughput with recurrent states updated in place.
 
-    python bench/inplace_decode.py [--models qwen35-small,...] [--seqs 1,8,16] [--steps 48] [--rounds 3]
-                                   [--n-gpu-layers N --tag cuda]
+    python bench/inplace_decode.py [--models qwen35-small,...] [--weights f16,q4_0] [--seqs 1,8,16]
+                                   [--steps 48] [--rounds 3] [--n-gpu-layers N --tag cuda]
 
 Three libraries side by side, same models, prompts and thread count:
   upstream  the pristine pin (build/upstream)
@@ -9,7 +9,11 @@ Three libraries side by side, same models, prompts and thread count:
             states into a temporary (get_rows) and copies the new ones back (cpy)
   inplace   our series as shipped: states read and updated where they lie
 Each measurement is a child process (one libllama per process) that prefills n
-prompts, then times `steps` decode steps of n tokens. Rounds interleave the three
+prompts, then times `steps` decode steps of n tokens. Weights: f16 is the zoo
+model as generated; q4_0, q8_0, ... are llama.cpp quantizations of it, made once
+with llama_model_quantize and kept in build/models/quantized/. Quantized weights
+are how models are served on CPUs, and they shrink the matmuls' share of a step,
+so the states' share (what the patch removes) grows. Rounds interleave the three
 libraries so that load from other users of the machine hits them alike; the table
 shows medians over rounds and the ratios inplace/upstream and inplace/copy.
 
@@ -37,7 +41,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from load import BenchError, Progress, child_env, run_main, write_results, zoo_model
+from load import ZOO, BenchError, Progress, child_env, run_main, write_results, zoo_model
 
 LIBS = {  # name -> environment of the child
     "upstream": {"PYLLAMA_SSM_BUILD": "upstream"},
@@ -80,6 +84,36 @@ with ps.Context(model, n_ctx=4096, n_seq_max=n, n_batch=512) as ctx, ps.Batch(51
     perf("disable")
 print(json.dumps({"tok_per_s": n * steps / elapsed}))
 """
+
+
+# The quantizer: llama_model_quantize from f16 to the named llama.cpp file type.
+QUANTIZE = r"""
+import sys
+from pyllama_ssm.bindings import ffi, lib
+src, dst, ftype = sys.argv[1], sys.argv[2], sys.argv[3]
+params = ffi.new("llama_model_quantize_params *", lib.llama_model_quantize_default_params())
+params.ftype = getattr(lib, "LLAMA_FTYPE_MOSTLY_" + ftype.upper())
+sys.exit(lib.llama_model_quantize(src.encode(), dst.encode(), params))
+"""
+
+
+def model_file(name: str, weights: str) -> Path:
+    """The zoo model with the given weights, quantized once (again when the zoo model changes)."""
+    src = zoo_model(name)
+    if weights == "f16":
+        return src
+    dst = ZOO / "quantized" / f"{name}-{weights}.gguf"
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
+        return dst
+    dst.parent.mkdir(exist_ok=True)
+    tmp = dst.with_suffix(".tmp")
+    out = subprocess.run([sys.executable, "-c", QUANTIZE, str(src), str(tmp), weights],
+                         env=lib_env("inplace"), capture_output=True, text=True, timeout=900)
+    if out.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise BenchError(f"quantizing {src.name} to {weights} failed (rc {out.returncode}):\n{out.stderr[-2000:]}")
+    tmp.replace(dst)
+    return dst
 
 
 def lib_env(lib: str) -> dict[str, str]:
@@ -127,22 +161,25 @@ def gpu_name() -> str | None:
 
 
 def markdown(results: dict) -> str:
-    rows = ["| model | seqs | upstream tok/s | copy tok/s | inplace tok/s | inplace / upstream | inplace / copy |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| model | weights | seqs | upstream tok/s | copy tok/s | inplace tok/s | inplace / upstream "
+            "| inplace / copy |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in results["throughput"]:
-        rows.append(f"| {r['model']} | {r['seqs']} | {r['upstream']:.1f} | {r['copy']:.1f} | {r['inplace']:.1f} "
-                    f"| {r['inplace'] / r['upstream']:.2f}x | {r['inplace'] / r['copy']:.2f}x |")
+        rows.append(f"| {r['model']} | {r['weights']} | {r['seqs']} | {r['upstream']:.1f} | {r['copy']:.1f} "
+                    f"| {r['inplace']:.1f} | {r['inplace'] / r['upstream']:.2f}x | {r['inplace'] / r['copy']:.2f}x |")
     if results["profile"]:
-        rows += ["", "| model | seqs | lib | get_rows % | copies % | state traffic % |", "|---|---:|---|---:|---:|---:|"]
+        rows += ["", "| model | weights | seqs | lib | get_rows % | copies % | state traffic % |",
+                 "|---|---|---:|---|---:|---:|---:|"]
         for p in results["profile"]:
-            rows.append(f"| {p['model']} | {p['seqs']} | {p['lib']} | {p['get_rows']:.1f} | {p['copies']:.1f} "
-                        f"| {p['get_rows'] + p['copies']:.1f} |")
+            rows.append(f"| {p['model']} | {p['weights']} | {p['seqs']} | {p['lib']} | {p['get_rows']:.1f} "
+                        f"| {p['copies']:.1f} | {p['get_rows'] + p['copies']:.1f} |")
     return "\n".join(rows) + "\n"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="qwen35-small,jamba-small,granitehybrid-small,nemotron_h-small")
+    ap.add_argument("--models", default="qwen35-small,jamba-small,granitehybrid-small,nemotron_h-small,rwkv7-small")
+    ap.add_argument("--weights", default="f16,q4_0", help="f16 (the zoo's) and/or llama.cpp quantizations")
     ap.add_argument("--seqs", default="1,8,16")
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=3)
@@ -150,28 +187,30 @@ def main() -> int:
     ap.add_argument("--n-gpu-layers", type=int, default=0, help="offload layers (CUDA build)")
     ap.add_argument("--tag", default="", help="suffix of the result files, e.g. cuda")
     args = ap.parse_args()
-    models = {m: zoo_model(m) for m in args.models.split(",")}
+    models = {(m, w): model_file(m, w) for m in args.models.split(",") for w in args.weights.split(",")}
     seqs = [int(n) for n in args.seqs.split(",")]
 
-    jobs = [(m, n) for m in models for n in seqs]
-    samples: dict[tuple[str, int, str], list[float]] = {}
+    jobs = [(m, w, n) for m, w in models for n in seqs]
+    samples: dict[tuple[str, str, int, str], list[float]] = {}
     progress = Progress(len(jobs) * args.rounds * len(LIBS))
     for _ in range(args.rounds):
-        for m, n in jobs:
+        for m, w, n in jobs:
             for lib in LIBS:  # interleaved: the libraries share whatever load the machine has
-                progress.show(f"{m} n={n} {lib}")
-                samples.setdefault((m, n, lib), []).append(measure(lib, models[m], n, args.steps, args.n_gpu_layers))
+                progress.show(f"{m} {w} n={n} {lib}")
+                samples.setdefault((m, w, n, lib), []).append(
+                    measure(lib, models[m, w], n, args.steps, args.n_gpu_layers))
                 progress.advance()
     progress.close()
-    throughput = [{"model": m, "seqs": n, **{lib: statistics.median(samples[(m, n, lib)]) for lib in LIBS},
-                   "samples": {lib: samples[(m, n, lib)] for lib in LIBS}} for m, n in jobs]
+    throughput = [{"model": m, "weights": w, "seqs": n,
+                   **{lib: statistics.median(samples[(m, w, n, lib)]) for lib in LIBS},
+                   "samples": {lib: samples[(m, w, n, lib)] for lib in LIBS}} for m, w, n in jobs]
 
     prof = []
     if not args.no_profile and shutil.which("perf"):
-        for m in models:
+        for m, w in models:
             for lib in ("upstream", "inplace"):
-                shares = profile(lib, models[m], max(seqs), args.steps, args.n_gpu_layers)
-                prof.append({"model": m, "seqs": max(seqs), "lib": lib, **shares})
+                shares = profile(lib, models[m, w], max(seqs), args.steps, args.n_gpu_layers)
+                prof.append({"model": m, "weights": w, "seqs": max(seqs), "lib": lib, **shares})
     elif not args.no_profile:
         print("perf not found: no profile (apt-get install linux-perf)", file=sys.stderr)
 
