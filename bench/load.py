@@ -38,6 +38,9 @@ from typing import NoReturn
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from pyllama_ssm.bindings import OPENMP_DEFAULTS  # noqa: E402 - after the path, for a fresh checkout
+
 ZOO = ROOT / "build" / "models"
 RESULTS = ROOT / "bench" / "results"
 STOCK = ROOT / "build" / "stock"
@@ -55,9 +58,12 @@ class BenchError(RuntimeError):
 def child_env(kind: str) -> dict[str, str]:
     """The environment of a child: pyllama-ssm or stock llama-cpp-python on the Python path.
 
-    Every child's OpenMP workers sleep between graphs, as pyllama-ssm sets by default: spinning
-    workers of one process slow every other process sharing the cores (and other users of the machine)."""
-    env = {**os.environ, "OMP_WAIT_POLICY": "passive"}
+    Every child's OpenMP workers wait as pyllama-ssm's do by default (a short spin, then sleep;
+    pyllama_ssm/bindings.py says why), stock llama-cpp-python and llama-server included, so that
+    the libraries compare alike; an OMP_WAIT_POLICY or GOMP_SPINCOUNT of the caller wins."""
+    env = dict(os.environ)
+    if not any(name in env for name in OPENMP_DEFAULTS):
+        env.update(OPENMP_DEFAULTS)
     if kind == "llama-server":
         return env
     path = [str(ROOT)]

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["memory_footprint.py", "engine_throughput.py", "inplace_decode.py", "memory_clients.py",
+SCRIPTS = ["memory_footprint.py", "engine_throughput.py", "inplace_decode.py", "openmp_wait.py", "memory_clients.py",
            "server_throughput.py", "shared_prefix.py"]
 
 if __name__ == "__main__":

@@ -18,12 +18,18 @@ from collections.abc import Mapping
 
 from .errors import BuildMissingError
 
-# ggml's CPU backend runs on OpenMP. Spinning worker threads (the default wait
-# policy) collapse by 100x when another process shares the cores, which is the
-# normal case on a shared host or beside a Python server thread; sleeping
-# workers cost microseconds per graph. Set before libgomp loads; export
-# OMP_WAIT_POLICY=active to choose otherwise on dedicated cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# ggml's CPU backend runs on OpenMP (libgomp): its threads meet at a barrier after
+# every op, about a thousand times per decode step. Sleeping at once at each one
+# (OMP_WAIT_POLICY=passive) pays a wake-up per op, and spinning without bound
+# (libgomp's default or active) starves a descheduled thread when another process
+# shares the cores. So workers spin 1000 times, then sleep. On a 2-core VM
+# (bench/openmp_wait.py): alone, 2.2-3.9x passive's tokens/s at 1 sequence and
+# 1.5x at 16, near active; two processes at once, 0.5-0.95x passive's, where
+# active falls to 0.01-0.2x. Set before libgomp loads; a user's own
+# OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "1000"}
+if not any(name in os.environ for name in OPENMP_DEFAULTS):
+    os.environ.update(OPENMP_DEFAULTS)
 
 BUILDS = ("patched", "upstream")
 BUILD = os.environ.get("PYLLAMA_SSM_BUILD", "patched")
@@ -56,4 +62,4 @@ def set_fields(struct, values: Mapping[str, object], what: str) -> None:
             raise ValueError(f"{what}.{name} = {value!r}: {e}") from None
 
 
-__all__ = ["BUILD", "ffi", "lib", "has", "set_fields"]
+__all__ = ["BUILD", "OPENMP_DEFAULTS", "ffi", "lib", "has", "set_fields"]

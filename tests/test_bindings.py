@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import pyllama_ssm as ps
-from conftest import run_with_build, zoo_model, zoo_names, zoo_path
+from conftest import ROOT, run_with_build, zoo_model, zoo_names, zoo_path
 from pyllama_ssm.bindings import ffi, lib
 
 
@@ -106,3 +111,17 @@ def test_logits_view_shares_the_context_buffer():
         assert np.array_equal(view, copied) and not view.flags.owndata and not view.flags.writeable
         ctx.decode_tokens(model.tokenize(" world", add_special=False))
         assert not np.array_equal(view, copied), "the view follows the buffer: valid until the next decode"
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, {"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "1000"}),  # a short spin, then sleep
+    ({"OMP_WAIT_POLICY": "active"}, {"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": None}),  # the user's wins
+    ({"GOMP_SPINCOUNT": "50"}, {"OMP_WAIT_POLICY": None, "GOMP_SPINCOUNT": "50"}),
+])
+def test_openmp_wait_defaults_leave_the_users_settings(env, expected):
+    """Set on import, before libgomp reads them; a user's own setting of either wins alone."""
+    code = "import os, json, pyllama_ssm; print(json.dumps({k: os.environ.get(k) for k in ('OMP_WAIT_POLICY', 'GOMP_SPINCOUNT')}))"
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                         cwd=ROOT, timeout=120, check=True).stdout
+    assert json.loads(out.splitlines()[-1]) == expected
