@@ -19,7 +19,7 @@ step zoo; $PY tests/models/generate.py
 $PY tests/models/generate.py --size small --arch "$(echo "$MODELS" | sed 's/-small//g')"
 step tests; $PY -m pytest -q -x -s tests/test_gpu.py
 step "bench (offloaded)"
-$PY bench/inplace_decode.py --models "$MODELS" --seqs 1,8,16 --rounds 2 --n-gpu-layers 999 --tag cuda --no-profile
+$PY bench/inplace_decode.py --models "$MODELS" --seqs 1,8,16 --rounds 2 --weights f16 --n-gpu-layers 999 --tag cuda --no-profile
 step "bench (CPU cores of this host)"
-$PY bench/inplace_decode.py --models "$MODELS" --seqs 1,8,16 --rounds 2 --tag cpu --no-profile
+$PY bench/inplace_decode.py --models "$MODELS" --seqs 1,8,16 --rounds 2 --weights f16,q4_0 --tag cpu  # issue #8: many cores
 step done
