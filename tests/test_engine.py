@@ -306,3 +306,30 @@ for path in sys.argv[1:]:
 """
     out = run_with_build("upstream", code, str(zoo_path("llama")), str(zoo_path("qwen35"))).splitlines()
     assert out[-2:] == ["0 ['length', 'length']"] * 2
+
+
+@pytest.mark.parametrize("name", ["qwen35", "llama"])
+def test_greedy_takes_the_tokens_llamas_greedy_sampler_takes(name):
+    """Plain greedy samples with numpy's argmax on the context's logits (no candidate copy):
+    the same token as llama.cpp's greedy sampler, output by output, step by step."""
+    from pyllama_ssm.bindings import lib
+    from pyllama_ssm.sampling import Sampler
+
+    model = zoo_model(name)
+    fast, reference = Sampler(model, GREEDY), lib.llama_sampler_init_greedy()
+    assert fast._argmax and not Sampler(model, SamplingParams(temperature=0, repeat_penalty=1.1))._argmax
+    try:
+        with ps.Context(model, n_ctx=512, n_seq_max=4) as ctx, ps.Batch(256, 4) as batch:
+            prompts = [model.tokenize(p) for p in PROMPTS]
+            outputs = [batch.add_sequence(p, 0, s) for s, p in enumerate(prompts)]
+            pos = [len(p) for p in prompts]
+            for _ in range(8):
+                ctx.decode(batch)
+                tokens = [fast.sample(ctx.ptr, i) for i in outputs]
+                assert tokens == [lib.llama_sampler_sample(reference, ctx.ptr, i) for i in outputs]
+                batch.clear()
+                outputs = [batch.add(t, pos[s], s, logits=True) for s, t in enumerate(tokens)]
+                pos = [p + 1 for p in pos]
+    finally:
+        fast.close()
+        lib.llama_sampler_free(reference)
