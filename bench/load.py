@@ -241,7 +241,9 @@ def percentile(values: list[float], p: float) -> float:
 
 
 async def stream_completion(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Sample:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    # plain greedy for every server: llama-cpp-python's (and ours, as a drop-in) default to a 1.1
+    # repeat penalty, llama-server to none, and the penalty costs a pass over the vocabulary
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "repeat_penalty": 1.0, "stream": True}
     t0 = time.perf_counter()
     ttft, chunks, finish, usage = None, 0, None, None
     async with client.stream("POST", "/v1/completions", json=body) as r:
