@@ -9,6 +9,7 @@ rewrites the raw logits before the chain sees them.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -75,7 +76,8 @@ class Sampler:
                 model.check_token(tok)
             biases = ffi.new("llama_logit_bias[]", [(t, b) for t, b in p.logit_bias.items()])
             add(lib.llama_sampler_init_logit_bias(n_vocab, len(p.logit_bias), biases))
-        penalties = p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+        # llama.cpp's test: a window of <= 0 tokens (-1 too) or neutral factors disable the penalties
+        penalties = p.penalty_last_n > 0 and (p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty)
         if penalties:
             add(lib.llama_sampler_init_penalties(n_vocab, p.penalty_last_n, p.repeat_penalty,
                                                  p.frequency_penalty, p.presence_penalty))
@@ -85,10 +87,15 @@ class Sampler:
                 self.close()
                 raise ValueError("grammar: llama.cpp could not parse the GBNF grammar")
             add(g)
-        # greedy alone: llama_sampler_sample would copy all n_vocab logits into candidates to
-        # pick the first maximum (~0.4 ms per token for 150k); numpy's argmax picks the same
-        # token from the context's buffer (~10x faster), so sample() takes it directly
-        self._argmax = p.temperature == 0 and not (p.logit_bias or penalties or p.grammar or p.logits_processor)
+        # Greedy, with or without penalties: llama_sampler_sample would copy all n_vocab logits
+        # into candidates (~0.4 ms per token for 150k) to pick the first maximum. numpy's argmax
+        # reads the context's buffer instead. Penalties change only the logits of the last
+        # penalty_last_n sampled tokens (the window), so the first maximum is among the window and
+        # the raw first maximum when that is outside it: the chain runs on those few candidates,
+        # sorted by id as in the full array, and on the full vocabulary only otherwise.
+        plain = p.temperature == 0 and not (p.logit_bias or p.grammar or p.logits_processor)
+        self._argmax = plain and not penalties
+        self._window: deque[int] | None = deque(maxlen=p.penalty_last_n) if plain and penalties else None
         seed = DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF
         if p.temperature < 0:
             add(lib.llama_sampler_init_dist(seed))
@@ -110,12 +117,30 @@ class Sampler:
         """Sample from batch output idx and accept the token into the chain's state."""
         if self._argmax:
             return int(np.argmax(self._logits(ctx_ptr, idx)))  # the first maximum, as llama's greedy
+        if self._window is not None:
+            token = self._sample_penalized(ctx_ptr, idx)
+            self._window.append(token)
+            return token
         if self.params.logits_processor is None:
             return lib.llama_sampler_sample(self._chain, ctx_ptr, idx)
         logits = self._logits(ctx_ptr, idx)
         logits[:] = self.params.logits_processor(self._generated, logits.copy())
         token = lib.llama_sampler_sample(self._chain, ctx_ptr, idx)
         self._generated.append(token)
+        return token
+
+    def _sample_penalized(self, ctx_ptr, idx: int) -> int:
+        """Penalties then greedy, on the window and the raw first maximum (see __init__)."""
+        logits = self._logits(ctx_ptr, idx)
+        top = int(np.argmax(logits))
+        if top in self._window:  # penalized itself: the next best may be anywhere
+            return lib.llama_sampler_sample(self._chain, ctx_ptr, idx)
+        ids = sorted({top, *self._window})
+        data = ffi.new("llama_token_data[]", [(t, float(logits[t]), 0.0) for t in ids])
+        candidates = ffi.new("llama_token_data_array *", (data, len(ids), -1, False))
+        lib.llama_sampler_apply(self._chain, candidates)
+        token = data[candidates.selected].id
+        lib.llama_sampler_accept(self._chain, token)
         return token
 
     def _logits(self, ctx_ptr, idx: int) -> np.ndarray:

@@ -308,28 +308,55 @@ for path in sys.argv[1:]:
     assert out[-2:] == ["0 ['length', 'length']"] * 2
 
 
+PENALIZED = SamplingParams(temperature=0, repeat_penalty=1.5, frequency_penalty=0.5, presence_penalty=0.5,
+                           penalty_last_n=16)
+
+
+@pytest.mark.parametrize("params", [GREEDY, PENALIZED], ids=["greedy", "penalized"])
 @pytest.mark.parametrize("name", ["qwen35", "llama"])
-def test_greedy_takes_the_tokens_llamas_greedy_sampler_takes(name):
-    """Plain greedy samples with numpy's argmax on the context's logits (no candidate copy):
-    the same token as llama.cpp's greedy sampler, output by output, step by step."""
+def test_greedy_takes_the_tokens_llamas_sampler_chain_takes(name, params):
+    """Greedy reads the context's logits with numpy (no copy of the vocabulary into candidates);
+    with penalties the chain runs on the penalty window and the raw first maximum, or on the
+    whole vocabulary when that maximum is in the window. Either way: llama.cpp's chain's token,
+    output by output, step by step, and both penalized cases occur."""
     from pyllama_ssm.bindings import lib
     from pyllama_ssm.sampling import Sampler
 
     model = zoo_model(name)
-    fast, reference = Sampler(model, GREEDY), lib.llama_sampler_init_greedy()
-    assert fast._argmax and not Sampler(model, SamplingParams(temperature=0, repeat_penalty=1.1))._argmax
+    n = len(PROMPTS)
+    samplers = [Sampler(model, params) for _ in range(n)]
+    references = []
+    for _ in range(n):
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if params is PENALIZED:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_penalties(
+                model.n_vocab, params.penalty_last_n, params.repeat_penalty, params.frequency_penalty,
+                params.presence_penalty))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+        references.append(chain)
+    history: list[list[int]] = [[] for _ in range(n)]
+    raw_max_in_window = []
     try:
-        with ps.Context(model, n_ctx=512, n_seq_max=4) as ctx, ps.Batch(256, 4) as batch:
+        with ps.Context(model, n_ctx=512, n_seq_max=n) as ctx, ps.Batch(256, n) as batch:
             prompts = [model.tokenize(p) for p in PROMPTS]
             outputs = [batch.add_sequence(p, 0, s) for s, p in enumerate(prompts)]
             pos = [len(p) for p in prompts]
-            for _ in range(8):
+            for _ in range(24):
                 ctx.decode(batch)
-                tokens = [fast.sample(ctx.ptr, i) for i in outputs]
-                assert tokens == [lib.llama_sampler_sample(reference, ctx.ptr, i) for i in outputs]
+                for s, i in enumerate(outputs):
+                    raw_max_in_window.append(int(ctx.logits(i).argmax()) in history[s][-params.penalty_last_n:])
+                tokens = [samplers[s].sample(ctx.ptr, i) for s, i in enumerate(outputs)]
+                assert tokens == [lib.llama_sampler_sample(references[s], ctx.ptr, i) for s, i in enumerate(outputs)]
                 batch.clear()
                 outputs = [batch.add(t, pos[s], s, logits=True) for s, t in enumerate(tokens)]
                 pos = [p + 1 for p in pos]
+                for s, t in enumerate(tokens):
+                    history[s].append(t)
     finally:
-        fast.close()
-        lib.llama_sampler_free(reference)
+        for sampler in samplers:
+            sampler.close()
+        for chain in references:
+            lib.llama_sampler_free(chain)
+    assert samplers[0]._argmax == (params is GREEDY)
+    if params is PENALIZED:  # the shortcut and the whole-vocabulary fallback both ran
+        assert any(raw_max_in_window) and not all(raw_max_in_window), raw_max_in_window
