@@ -39,7 +39,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from pyllama_ssm.bindings import OPENMP_DEFAULTS  # noqa: E402 - after the path, for a fresh checkout
+# imported for its effect: os.environ gets pyllama-ssm's OpenMP wait (bindings.OPENMP_DEFAULTS)
+# unless the caller chose one, and every child inherits it
+import pyllama_ssm.bindings  # noqa: E402, F401 - after the path, for a fresh checkout
 
 ZOO = ROOT / "build" / "models"
 RESULTS = ROOT / "bench" / "results"
@@ -58,12 +60,10 @@ class BenchError(RuntimeError):
 def child_env(kind: str) -> dict[str, str]:
     """The environment of a child: pyllama-ssm or stock llama-cpp-python on the Python path.
 
-    Every child's OpenMP workers wait as pyllama-ssm's do by default (a short spin, then sleep;
-    pyllama_ssm/bindings.py says why), stock llama-cpp-python and llama-server included, so that
-    the libraries compare alike; an OMP_WAIT_POLICY or GOMP_SPINCOUNT of the caller wins."""
+    Every child's OpenMP workers wait as pyllama-ssm's do (the import above set os.environ; a short
+    spin, then sleep: pyllama_ssm/bindings.py says why), stock llama-cpp-python and llama-server
+    included, so that the libraries compare alike."""
     env = dict(os.environ)
-    if not any(name in env for name in OPENMP_DEFAULTS):
-        env.update(OPENMP_DEFAULTS)
     if kind == "llama-server":
         return env
     path = [str(ROOT)]

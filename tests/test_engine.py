@@ -12,8 +12,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import pyllama_ssm as ps
 from conftest import zoo_model, zoo_names
+from pyllama_ssm.bindings import lib
 from pyllama_ssm.engine import Engine
-from pyllama_ssm.sampling import SamplingParams
+from pyllama_ssm.sampling import Sampler, SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
 SYSTEM = "System: you are a helpful assistant that answers briefly. "
@@ -319,9 +320,6 @@ def test_greedy_takes_the_tokens_llamas_sampler_chain_takes(name, params):
     with penalties the chain runs on the penalty window and the raw first maximum, or on the
     whole vocabulary when that maximum is in the window. Either way: llama.cpp's chain's token,
     output by output, step by step, and both penalized cases occur."""
-    from pyllama_ssm.bindings import lib
-    from pyllama_ssm.sampling import Sampler
-
     model = zoo_model(name)
     n = len(PROMPTS)
     samplers = [Sampler(model, params) for _ in range(n)]
