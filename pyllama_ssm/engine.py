@@ -66,6 +66,9 @@ class Completion:
     usage: Usage
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
+    # prompt_logprobs=True: entry i scores prompt token i given tokens 0..i-1 (None for token 0)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
 
 
 class Request:
@@ -74,7 +77,7 @@ class Request:
     _ids = itertools.count()
 
     def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams, max_tokens: int,
-                 stop: list[str], logprobs: int | None = None):
+                 stop: list[str], logprobs: int | None = None, prompt_logprobs: bool = False):
         self.id = next(self._ids)
         self.engine = engine
         self.prompt = prompt
@@ -84,6 +87,9 @@ class Request:
         self.n_logprobs = logprobs
         self.logprobs: list[float] | None = [] if logprobs is not None else None
         self.top_logprobs: list[dict[int, float]] | None = [] if logprobs is not None else None
+        self.prompt_logprobs: list[float | None] | None = [None] * len(prompt) if prompt_logprobs else None
+        self.prompt_top_logprobs: list[dict[int, float] | None] | None = \
+            [None] * len(prompt) if prompt_logprobs else None
         self.tokens: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None
@@ -150,7 +156,7 @@ class Request:
         if self.error is not None:
             raise self.error
         return Completion(self.text, list(self.tokens), self.finish_reason, self.usage,
-                          self.logprobs, self.top_logprobs)
+                          self.logprobs, self.top_logprobs, self.prompt_logprobs, self.prompt_top_logprobs)
 
 
 @dataclass
@@ -166,6 +172,7 @@ class _Slot:
     pending_bytes: bytes = b""
     emitted: int = 0         # characters of req.text already streamed
     admitted: int = 0
+    relocated_at: int = -1   # position at which its cells were last moved (see _relieve_memory)
 
 
 @dataclass
@@ -202,10 +209,18 @@ class Engine:
     """Serve `parallel` sequences at once from one model and one context."""
 
     def __init__(self, model: Model | str, *, n_ctx: int = 4096, parallel: int = 4, n_batch: int = 512,
-                 n_threads: int | None = None, prefix_cache: int = 8, prefix_cache_bytes: int | None = 256 << 20,
-                 flash_attn: bool | str = "auto", context_overrides: Mapping[str, Any] | None = None,
+                 n_threads: int | None = None, n_threads_batch: int | None = None, prefix_cache: int = 8,
+                 prefix_cache_bytes: int | None = 256 << 20,
+                 flash_attn: bool | str = "auto", batch_invariant: bool | None = None,
+                 context_overrides: Mapping[str, Any] | None = None,
                  n_gpu_layers: int = 0, rpc_servers: str | Sequence[str] | None = None):
-        """n_gpu_layers and rpc_servers (Model's) apply when `model` is a path; a Model carries its own."""
+        """n_gpu_layers and rpc_servers (Model's) apply when `model` is a path; a Model carries its own.
+
+        batch_invariant (default: on where the build has patch 0007) makes a request's output
+        independent of what else runs and of prefix-cache hits: the same tokens and logprobs as
+        its lone run.  It holds with flash attention ("auto" picks it on the CPU); without it the
+        attention of a unified KV cache sums over every cell, so results depend on where a
+        sequence's cells lie."""
         self._own_model = not isinstance(model, Model)
         if not self._own_model and (n_gpu_layers or rpc_servers is not None):
             raise ValueError("n_gpu_layers, rpc_servers: give them to the Model when passing a loaded one")
@@ -226,9 +241,13 @@ class Engine:
         # a step outputs logits for at most one token per sequence: size the output buffer to that
         # (upstream sizes it to n_batch rows of n_vocab floats: 300 MiB for 512 x 152k)
         overrides = {"n_outputs_max": parallel + n_holders, **(context_overrides or {})}
+        self._n_outputs = overrides["n_outputs_max"] or n_batch  # 0: llama.cpp's default, n_batch
+        if batch_invariant is None:
+            batch_invariant = has("llama_set_batch_invariant")
         self.ctx = Context(self.model, n_ctx=n_ctx, n_seq_max=parallel + n_holders, n_rs_pool=n_rs_pool,
-                           n_batch=n_batch, n_ubatch=n_batch, n_threads=n_threads, kv_unified=True,
-                           flash_attn=flash_attn, overrides=overrides)
+                           n_batch=n_batch, n_ubatch=n_batch, n_threads=n_threads,
+                           n_threads_batch=n_threads_batch, kv_unified=True,
+                           flash_attn=flash_attn, batch_invariant=batch_invariant, overrides=overrides)
         self.parallel = parallel
         self.n_ctx = self.ctx.n_ctx
         self.n_batch = self.ctx.n_batch
@@ -255,9 +274,11 @@ class Engine:
     # -- public API ------------------------------------------------------------------------
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None, *, max_tokens: int = 128,
                stop: list[str] | str | None = None, add_special: bool = True,
-               logprobs: int | None = None) -> Request:
+               logprobs: int | None = None, prompt_logprobs: bool = False) -> Request:
         """Queue a generation.  logprobs=k reports each token's log-probability and the k most
-        likely alternatives (from the model's raw logits, as llama-cpp-python does)."""
+        likely alternatives (from the model's raw logits, as llama-cpp-python does).
+        prompt_logprobs=True scores the prompt too, each token by the logits of the position
+        before it (the prompt is then computed whole, not taken from the prefix cache)."""
         if self._closing:
             raise RuntimeError("engine is closed")
         tokens = self.model.tokenize(prompt, add_special=add_special) if isinstance(prompt, str) else list(prompt)
@@ -273,8 +294,8 @@ class Engine:
         if logprobs is not None and not 0 <= logprobs <= self.model.n_vocab:
             raise ValueError(f"logprobs={logprobs}: must be in 0..{self.model.n_vocab}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        req = Request(self, tokens, params or SamplingParams(), max_tokens, stops, logprobs)
-        if max_tokens == 0:
+        req = Request(self, tokens, params or SamplingParams(), max_tokens, stops, logprobs, prompt_logprobs)
+        if max_tokens == 0 and not prompt_logprobs:
             req._finish("length")
             return req
         self._inbox.append(req)
@@ -410,7 +431,7 @@ class Engine:
                 req._finish("error", e)
                 continue
             slot = _Slot(req, self._free.pop(), sampler, admitted=next(self._admissions))
-            hit = self.cache.lookup(req.prompt) if self.n_cache else None
+            hit = self.cache.lookup(req.prompt) if self.n_cache and req.prompt_logprobs is None else None
             if hit is not None:
                 self.cache.restore(hit, slot.seq)
                 slot.cursor = slot.pos = hit.n_tokens
@@ -439,11 +460,25 @@ class Engine:
             if slot.next_token is not None:
                 outputs.append((slot, batch.add(slot.next_token, slot.pos, slot.seq, logits=True)))
         budget = self.n_batch - batch.n_tokens
+        rows = self._n_outputs - len(outputs)  # logits rows the context can still return this step
+        scored: list[tuple[_Slot, int, int]] = []  # (slot, first batch index, n): prompt logprobs
         for slot in sorted(self._running.values(), key=lambda s: s.admitted):
             remaining = len(slot.req.prompt) - slot.cursor
-            if slot.next_token is not None or remaining <= 0 or budget <= 0:
+            if slot.next_token is not None or remaining <= 0 or budget <= 0 or rows <= 0:
                 continue
             n = min(budget, remaining)
+            if slot.req.prompt_logprobs is not None:  # every position's logits: within the output rows
+                n = min(n, rows)
+                first = batch.n_tokens
+                for k, t in enumerate(slot.req.prompt[slot.cursor:slot.cursor + n]):
+                    last = batch.add(t, slot.pos + k, slot.seq, logits=True)
+                scored.append((slot, first, n))
+                prefill.append((slot, n))
+                rows -= n
+                if slot.cursor + n == len(slot.req.prompt):
+                    outputs.append((slot, last))
+                budget -= n
+                continue
             end = (slot.cursor + n) // CHECKPOINT_INTERVAL * CHECKPOINT_INTERVAL
             if self.n_cache and slot.cursor < end < slot.cursor + n:
                 n = end - slot.cursor  # the chunk ends on its last checkpoint; what is past it comes next step
@@ -452,6 +487,7 @@ class Engine:
             prefill.append((slot, n))
             if slot.cursor + n == len(slot.req.prompt):
                 outputs.append((slot, last))
+                rows -= 1
             budget -= n
         if batch.n_tokens == 0:
             return
@@ -465,14 +501,26 @@ class Engine:
         self._t_decode += time.perf_counter() - t1
         self._counters["steps"] += 1
         self._counters["decoded"] += batch.n_tokens
+        for slot, first, n in scored:
+            try:
+                self._record_prompt_logprobs(slot, first, n)
+            except Exception as e:  # noqa: BLE001 - this request alone fails
+                self._release(slot, "error", e)
         for slot, n in prefill:
+            if slot.seq not in self._running:
+                continue
             slot.cursor += n
             slot.pos += n
             if self.n_cache and slot.cursor % CHECKPOINT_INTERVAL == 0 and slot.cursor < len(slot.req.prompt):
                 self.cache.add(slot.seq, slot.req.prompt[:slot.cursor])
         for slot, idx in outputs:
+            if slot.seq not in self._running:  # failed while scoring its prompt
+                continue
             if slot.next_token is not None:
                 slot.pos += 1
+            if slot.req.max_tokens == 0:  # prompt logprobs only
+                self._release(slot, "length")
+                continue
             try:
                 self._sample(slot, idx)
             except Exception as e:  # the request's own logits processor or grammar: it alone fails
@@ -510,13 +558,26 @@ class Engine:
             slot.next_token = tok
 
     def _record_logprobs(self, req: Request, idx: int, tok: int) -> None:
+        lp, top = self._logprobs_at(idx, tok, req.n_logprobs or 0)
+        req.logprobs.append(lp)
+        req.top_logprobs.append(top)
+
+    def _record_prompt_logprobs(self, slot: _Slot, first: int, n: int) -> None:
+        """Batch rows first..first+n-1 hold the logits after prompt tokens cursor..cursor+n-1:
+        they score the prompt tokens one position later."""
+        req = slot.req
+        for k in range(n):
+            target = slot.cursor + k + 1
+            if target < len(req.prompt):
+                req.prompt_logprobs[target], req.prompt_top_logprobs[target] = self._logprobs_at(
+                    first + k, req.prompt[target], req.n_logprobs or 0)
+
+    def _logprobs_at(self, idx: int, tok: int, k: int) -> tuple[float, dict[int, float]]:
         logits = self.ctx.logits(idx, copy=False).astype(np.float64)  # one copy, in float64
         m = logits.max()
         logp = logits - (m + np.log(np.exp(logits - m).sum()))
-        k = req.n_logprobs
         top = np.argpartition(-logp, k - 1)[:k] if k else []
-        req.logprobs.append(float(logp[tok]))
-        req.top_logprobs.append({int(t): float(logp[t]) for t in sorted(top, key=lambda t: -logp[t])})
+        return float(logp[tok]), {int(t): float(logp[t]) for t in sorted(top, key=lambda t: -logp[t])}
 
     def _emit(self, slot: _Slot, tok: int, final: bool = False) -> None:
         """Stream new text, holding back a tail that could still become a stop string."""
@@ -562,6 +623,18 @@ class Engine:
             self._counters["preemptions"] += 1
             return
         slot = next(iter(self._running.values()))
+        if self.ctx.batch_invariant and slot.relocated_at != slot.pos:
+            # ordered KV cells put a sequence's next token after its last cell: the free cells may all
+            # lie below it.  Alone in the memory now, it moves down, bit-identical, and goes on.
+            state = self.ctx.seq_state(slot.seq)
+            self.ctx.seq_rm(slot.seq)
+            try:
+                self.ctx.set_seq_state(slot.seq, state)
+                slot.relocated_at = slot.pos
+                self._counters["relocations"] += 1
+                return
+            except StateError:
+                self.ctx.seq_rm(slot.seq)
         self._release(slot, "error", MemoryFullError(
             f"request {slot.req.id}: {slot.pos} tokens do not fit the memory of this context (n_ctx={self.n_ctx})"))
 

@@ -258,7 +258,7 @@ class Llama:
         logits_all: bool = False,
         embedding: bool = False,
         offload_kqv: bool = True,
-        flash_attn: bool = False,
+        flash_attn: Optional[bool] = None,
         op_offload: Optional[bool] = None,
         swa_full: Optional[bool] = None,
         # sampling
@@ -282,6 +282,7 @@ class Llama:
         verbose: bool = True,
         # pyllama-ssm
         n_parallel: int = 1,
+        batch_invariant: Optional[bool] = None,
     ):
         self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self._model = self._ctx = self._engine = self._batch = self._lora = None  # for close()
@@ -356,14 +357,17 @@ class Llama:
                                     n_seq_max=min(self.n_batch, lib.llama_max_parallel_sequences()) if embedding
                                     else 1, n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
                                     kv_unified=embedding, flash_attn=bool(flash_attn), embeddings=embedding,
-                                    overrides=context_params)
+                                    batch_invariant=bool(batch_invariant), overrides=context_params)
                 stack.callback(self._ctx.close)
                 self._batch = Batch(self.n_batch, 1)
                 stack.callback(self._batch.close)
             if not vocab_only and n_parallel > 1:
+                # flash attention unless refused: with it a request's output does not depend on the
+                # other sequences of the shared KV cache (see Engine's batch_invariant)
                 self._engine = Engine(self._model, n_ctx=n_ctx, parallel=n_parallel, n_batch=self.n_batch,
-                                      n_threads=self.n_threads, flash_attn=bool(flash_attn),
-                                      context_overrides=context_params)
+                                      n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
+                                      flash_attn="auto" if flash_attn is None else bool(flash_attn),
+                                      batch_invariant=batch_invariant, context_overrides=context_params)
                 stack.callback(self._engine.close)
             self._lora = self._load_lora(lora_path, lora_scale) if lora_path else None
             stack.pop_all()
@@ -922,8 +926,9 @@ class Llama:
                 raise ValueError(f"logprobs={logprobs!r}: must be an int in 0..{self._n_vocab}")
             if self._engine is None and not self._logits_all:
                 raise ValueError("logprobs is not supported for models created with logits_all=False")
-            if self._engine is not None and echo:
-                raise ValueError("logprobs with echo=True: prompt logprobs need n_parallel=1 and logits_all=True")
+            if self._engine is not None and echo and stream:
+                raise ValueError("logprobs with echo=True and stream=True: prompt logprobs come with "
+                                 "stream=False (or n_parallel=1)")
         if seed is not None and not isinstance(seed, int):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
         with self._seed_lock:  # llama-cpp-python draws each call's seed from the previous one
@@ -1039,25 +1044,37 @@ class Llama:
             yield self._completion_chunk(*head, shown.decode("utf-8", errors="ignore"), self._stream_logprobs(entry))
 
     def _direct_logprobs(self, r: "_Request", completion: list[int]) -> CompletionLogprobs:
-        """llama-cpp-python's logprobs of a finished completion (from the scores of logits_all)."""
-        if r.echo:
-            bos_first = r.prompt_tokens[:1] == [self.token_bos()]
-            tokens, text_offset, row0 = r.prompt_tokens[int(bos_first):] + completion, 0, 0
-        else:
-            tokens, text_offset, row0 = completion, len(r.prompt), len(r.prompt_tokens) - 1
-        rows = Llama.logits_to_logprobs(self._scores)[row0:]
+        """The logprobs of a finished completion, from the scores of logits_all: row j holds the
+        logits after token j, so it scores token j + 1."""
+        rows = Llama.logits_to_logprobs(self._scores)
+        first = 0 if r.echo else len(r.prompt_tokens)
+        tokens = r.prompt_tokens + completion
+        scored = [(None, None) if i == 0 else (float(rows[i - 1][tokens[i]]), self._top_of(rows[i - 1], r.logprobs))
+                  for i in range(first, len(tokens))]
+        return self._logprobs_of(r, completion, scored)
+
+    def _logprobs_of(self, r: "_Request", completion: list[int],
+                     scored: list[tuple[Optional[float], Optional[Iterable[tuple[int, float]]]]]) -> CompletionLogprobs:
+        """OpenAI's completion logprobs: one entry per token of the completion, preceded with echo=True by
+        one per prompt token; `scored` holds each one's (logprob, top alternatives).  Deliberately unlike
+        llama-cpp-python, which scores each echoed prompt token with the logits at its own position (the
+        prediction of the next token): here token i is scored given tokens 0..i-1, so loglikelihoods
+        (lm-eval) are right.  The first prompt token has none; a BOS that the tokenizer added to a text
+        prompt is not listed, and one the caller sent as a token id is."""
+        tokens = (r.prompt_tokens + completion) if r.echo else completion
+        skip = int(r.echo and isinstance(r.prompt, str) and r.prompt_tokens[:1] == [self.token_bos()])
+        base = 0 if r.echo else len(r.prompt)
         out: CompletionLogprobs = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
-        for i, (token, row) in enumerate(zip(tokens, rows)):
-            if token == self.token_bos():
-                continue
-            offset = text_offset + len(self.detokenize(tokens[:i]).decode("utf-8", errors="ignore"))
-            text, offset, logprob, top = self._token_logprobs(token, offset, row[token], self._top_of(row, r.logprobs))
+        for i in range(skip, len(tokens)):
+            offset = base + len(self.detokenize(tokens[skip:i]).decode("utf-8", errors="ignore"))
+            logprob, top = scored[i]
+            text = self.detokenize([tokens[i]]).decode("utf-8", errors="ignore")
+            if logprob is not None:
+                text, offset, logprob, top = self._token_logprobs(tokens[i], offset, logprob, top)
             out["tokens"].append(text)
             out["text_offset"].append(offset)
             out["token_logprobs"].append(logprob)
             out["top_logprobs"].append(top)
-        if r.echo and out["tokens"]:  # OpenAI reports no logprob for the first token
-            out["token_logprobs"][0] = out["top_logprobs"][0] = None
         return out
 
     def _engine_completion(self, r: "_Request", params: SamplingParams, head: tuple[str, int, str],
@@ -1072,7 +1089,8 @@ class Llama:
     def _engine_responses(self, r: "_Request", params: SamplingParams, head: tuple[str, int, str]) -> Iterator[Any]:
         if r.cancellation.is_set:  # cancelled before its first next(): never submitted
             return
-        req = self._engine.submit(r.prompt_tokens, params, max_tokens=r.max_tokens, stop=r.stop, logprobs=r.logprobs)
+        req = self._engine.submit(r.prompt_tokens, params, max_tokens=r.max_tokens, stop=r.stop, logprobs=r.logprobs,
+                                  prompt_logprobs=r.echo and r.logprobs is not None and not r.stream)
         r.cancellation.on_set(req.cancel)
         try:
             if r.stream:
@@ -1095,15 +1113,11 @@ class Llama:
                 else result.tokens
             lp = None
             if r.logprobs is not None:
-                lp = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
-                for i, token in enumerate(completion):
-                    offset = len(r.prompt) + len(self.detokenize(completion[:i]).decode("utf-8", errors="ignore"))
-                    text, offset, logprob, top = self._token_logprobs(token, offset, result.logprobs[i],
-                                                                      result.top_logprobs[i].items())
-                    lp["tokens"].append(text)
-                    lp["text_offset"].append(offset)
-                    lp["token_logprobs"].append(logprob)
-                    lp["top_logprobs"].append(top)
+                scored = [(lp_, top.items()) for lp_, top in zip(result.logprobs, result.top_logprobs)]
+                if r.echo:
+                    scored = [(lp_, top and top.items()) for lp_, top in
+                              zip(result.prompt_logprobs, result.prompt_top_logprobs)] + scored
+                lp = self._logprobs_of(r, completion, scored)
             yield {**self._completion_chunk(*head, r.echo_text + result.text, lp,
                                             result.finish_reason),
                    "usage": _usage(len(r.prompt_tokens), len(completion))}

@@ -190,7 +190,11 @@ def test_logprobs_shape(llm, par):
             assert isinstance(logprob, float) and logprob <= 0 and 1 <= len(top) <= 4 and top[token] == logprob
             assert logprob == pytest.approx(max(top.values()), abs=1e-6)  # greedy: the best token
     echoed = llm(PROMPT, max_tokens=2, temperature=0, logprobs=1, echo=True)["choices"][0]["logprobs"]
-    assert echoed["token_logprobs"][0] is None and len(echoed["tokens"]) == 2 + 2  # BOS is not reported
+    # the BOS the tokenizer added is not reported; the first token reported is scored given it
+    assert len(echoed["tokens"]) == 2 + 2 and echoed["token_logprobs"][0] <= 0
+    ids = llm.tokenize(PROMPT.encode())  # token ids sent: every one is reported, the first has no logprob
+    echoed = llm(ids, max_tokens=2, temperature=0, logprobs=1, echo=True)["choices"][0]["logprobs"]
+    assert echoed["token_logprobs"][0] is None and len(echoed["tokens"]) == len(ids) + 2
 
 
 def test_logprobs_need_logits_all_with_one_sequence():
@@ -441,8 +445,8 @@ def test_parallel_mode_refuses_the_single_sequence_api(par):
             call()
     with pytest.raises(ValueError, match="stopping_criteria"):
         par(PROMPT, max_tokens=2, stopping_criteria=StoppingCriteriaList([lambda ids, logits: False]))
-    with pytest.raises(ValueError, match="echo"):
-        par(PROMPT, max_tokens=2, logprobs=1, echo=True)
+    with pytest.raises(ValueError, match="echo"):  # prompt logprobs come whole, not streamed
+        list(par(PROMPT, max_tokens=2, logprobs=1, echo=True, stream=True))
 
 
 def test_parallel_recurrent_and_hybrid_models():
