@@ -137,11 +137,15 @@ class Jinja2ChatFormatter(ChatFormatter):
         def raise_exception(message: str):
             raise ValueError(f"chat template: {message}")
 
-        prompt = self._environment.render(
-            messages=messages, eos_token=self.eos_token, bos_token=self.bos_token,
-            raise_exception=raise_exception, add_generation_prompt=self.add_generation_prompt,
-            functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
-            strftime_now=self.strftime_now, **kwargs)
+        try:
+            prompt = self._environment.render(
+                messages=messages, eos_token=self.eos_token, bos_token=self.bos_token,
+                raise_exception=raise_exception, add_generation_prompt=self.add_generation_prompt,
+                functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
+                strftime_now=self.strftime_now, **kwargs)
+        except (jinja2.TemplateError, TypeError, AttributeError, KeyError, IndexError) as e:
+            # the messages do not have the shape the template expects: the caller's input, not a bug
+            raise ValueError(f"messages: the chat template cannot render them ({type(e).__name__}: {e})") from e
         stopping_criteria = None
         if self.stop_token_ids is not None:
             from .llama import StoppingCriteriaList, StopOnTokenIds

@@ -3,21 +3,29 @@
 A fault on the Engine's thread (a value cffi refuses, a failing prefix restore,
 detokenizer or decode, a swap-out that fails) fails its own request only and
 frees its sequence; a dead Engine fails every waiting and later request at once
-with EngineError.
+with EngineError; out-of-range numbers are refused at the edge, naming the
+field and its range; and over the whole sampling parameter space every call
+returns or raises within a bound, leaking no cell, snapshot, sequence or thread.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import math
 import threading
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import pyllama_ssm as ps
-from conftest import zoo_model, zoo_names
+from conftest import zoo_model, zoo_names, zoo_path
 from pyllama_ssm import engine as engine_mod
 from pyllama_ssm.engine import Engine
 from pyllama_ssm.errors import EngineError
+from pyllama_ssm.limits import FLOAT_MAX, INT32_MAX
 from pyllama_ssm.sampling import SamplingParams
 
 NAME = "qwen35" if "qwen35" in zoo_names() else (zoo_names() or ["qwen35"])[0]
@@ -159,3 +167,129 @@ def test_a_dead_engine_fails_every_request_at_once_and_refuses_new_ones(monkeypa
         assert e.stats().queued == 0 and e.memory() is not None  # reads still answer
     finally:
         e.close()
+
+
+def test_a_dead_engine_turns_the_servers_health_503_and_its_answers_503(monkeypatch):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from pyllama_ssm.server.app import create_app
+    from pyllama_ssm.server.settings import ModelSettings, ServerSettings
+
+    app = create_app(ServerSettings(), [ModelSettings(model=str(zoo_path(NAME)), n_parallel=2, n_ctx=256,
+                                                      n_threads=2, verbose=False)])
+    with TestClient(app) as c:
+        assert c.get("/health").status_code == 200
+        engine = next(iter(app.state.registry.models.values())).engine
+
+        def dying_step():
+            raise Dying("the engine thread's own bug")
+
+        monkeypatch.setattr(engine, "_step", dying_step)
+        engine._wake()
+        deadline = time.monotonic() + 5
+        while engine.failure is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        health = c.get("/health")
+        assert health.status_code == 503 and "Dying" in health.json()["error"]["message"]
+        for stream in (False, True):
+            r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": stream})
+            assert r.status_code == 503 and r.headers["retry-after"], r.text
+            assert "engine stopped: Dying" in r.json()["error"]["message"]
+        assert next(iter(c.get("/extras/stats").json()["models"].values()))["in_flight"] == 0
+
+
+# -- one range check at the edge --------------------------------------------------------------------
+
+OUT_OF_RANGE = [
+    ("top_k", 11920657811558, r"top_k=11920657811558: must be an int in 0\.\.2147483647"),
+    ("top_k", -1, r"top_k=-1: must be an int in 0\.\.2147483647"),
+    ("temperature", float("nan"), r"temperature=nan: must be a number in \[-3\.40282e\+38, 3\.40282e\+38\]"),
+    ("temperature", 4.2e190, r"temperature=4\.2e\+190"),
+    ("temperature", float("inf"), r"temperature=inf"),
+    ("top_p", 1.5, r"top_p=1\.5: must be a number in \[0, 1\]"),
+    ("typical_p", 0.0, r"typical_p=0\.0: must be a number in \(0, 1\]"),
+    ("repeat_penalty", 0.0, r"repeat_penalty=0\.0: must be a number in \(0,"),
+    ("frequency_penalty", -math.inf, r"frequency_penalty=-inf"),
+    ("mirostat_mode", 3, r"mirostat_mode=3: must be an int in 0\.\.2"),
+    ("mirostat_tau", 1e39, r"mirostat_tau=1e\+39"),
+    ("seed", 2**64, r"seed=18446744073709551616"),
+    ("top_k", 4.5, r"top_k=4\.5: must be an int"),
+    ("top_p", "high", r"top_p='high': must be a number"),
+]
+
+
+@pytest.mark.parametrize("n_parallel", [1, 2])
+def test_the_python_api_refuses_out_of_range_numbers_naming_field_and_range(n_parallel):
+    with ps.Llama(str(zoo_path(NAME)), n_ctx=256, n_parallel=n_parallel, verbose=False) as llama:
+        for name, value, message in OUT_OF_RANGE:
+            with pytest.raises(ValueError, match=message):
+                llama.create_completion("x", max_tokens=4, **{name: value})
+        with pytest.raises(ValueError, match=r"logit_bias\[3\]=nan"):
+            llama.create_completion("x", max_tokens=4, logit_bias={3: float("nan")})
+        # what stays accepted: -inf biases ban a token, seeds past 32 bits wrap as llama-cpp-python's
+        out = llama.create_completion("x", max_tokens=4, temperature=0, logit_bias={3: float("-inf")}, seed=-5)
+        assert out["choices"][0]["finish_reason"] in ("length", "stop")
+        if llama.engine is not None:
+            assert_idle(llama.engine)
+
+
+# -- the whole sampling parameter space -------------------------------------------------------------
+
+_ints = st.one_of(st.integers(-3, 3), st.sampled_from([INT32_MAX, INT32_MAX + 1, -2**31 - 1, 2**32, 2**63, -2**70]),
+                  st.integers(-2**80, 2**80))
+_floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-3, 3),
+                    st.sampled_from([FLOAT_MAX, 3.5e38, -0.0, 1e-45, 4.2e190]))
+SPACE = st.fixed_dictionaries({}, optional={
+    "temperature": _floats, "top_k": _ints, "top_p": _floats, "min_p": _floats, "typical_p": _floats,
+    "repeat_penalty": _floats, "frequency_penalty": _floats, "presence_penalty": _floats,
+    "mirostat_mode": _ints, "mirostat_tau": _floats, "mirostat_eta": _floats, "seed": st.one_of(st.none(), _ints),
+    "max_tokens": st.one_of(st.none(), _ints), "logprobs": st.one_of(st.none(), _ints),
+    "logit_bias": st.dictionaries(_ints, _floats, max_size=2),
+})
+
+
+@pytest.fixture(scope="module")
+def llamas():
+    with ps.Llama(str(zoo_path(NAME)), n_ctx=128, n_parallel=1, logits_all=True, verbose=False) as one, \
+            ps.Llama(str(zoo_path(NAME)), n_ctx=128, n_parallel=2, verbose=False) as two:
+        yield one, two
+
+
+def test_every_sampling_call_returns_or_refuses_within_a_bound(llamas):
+    threads_before = threading.active_count()
+    calls = {"returned": 0, "refused": 0}
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+
+    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(kwargs=SPACE, which=st.integers(0, 1), stream=st.booleans())
+    def one_call(kwargs, which, stream):
+        llama = llamas[which]
+
+        def call():
+            out = llama.create_completion("Hello", stream=stream, **kwargs)
+            return list(out) if stream else out
+
+        future = pool.submit(call)
+        try:
+            future.result(timeout=BOUND)
+            calls["returned"] += 1
+        except concurrent.futures.TimeoutError:
+            raise AssertionError(f"create_completion({kwargs}) did not return within {BOUND}s") from None
+        except (ValueError, TypeError):  # refused at the edge, naming the field
+            calls["refused"] += 1
+
+    try:
+        one_call()
+    finally:
+        pool.shutdown(wait=True)
+    print(calls)
+    assert calls["returned"] and calls["refused"]
+    assert_idle(llamas[1].engine)
+    assert threading.active_count() <= threads_before, "a thread was left behind"
+
+
+def test_dataclass_replace_keeps_the_check():
+    with pytest.raises(ValueError, match="top_k"):
+        dataclasses.replace(GREEDY, top_k=2**40)
