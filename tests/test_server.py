@@ -225,6 +225,8 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "model": "/etc/passwd"}, "model"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, "messages"),  # the template's
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "robot"}]}]}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                               "response_format": {"type": "xml"}}, "response_format"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),

@@ -33,6 +33,7 @@ from ..bindings import lib
 from ..errors import EngineError
 from ..llama import (Cancellation, CompletionStream, LlamaGrammar, LogitsProcessorList, MinTokensLogitsProcessor,
                      cancellation_scope)
+from ..llama_chat_format import TEMPLATE_REFUSED
 from . import errors, stats
 from .errors import ERROR_RESPONSES, ApiError, bad_request, from_exception
 from .registry import ModelRegistry, ServedModel
@@ -344,6 +345,8 @@ def _failure(request: Request, error: BaseException, fields: set[str]) -> ApiErr
         return errors.unavailable("the server is shutting down")
     if isinstance(error, EngineError):
         return errors.unavailable(f"the model cannot serve: {error}")
+    if TEMPLATE_REFUSED in getattr(error, "__notes__", ()):  # the client's messages, not a server bug
+        return bad_request("messages", f"{TEMPLATE_REFUSED} ({type(error).__name__}: {error})")
     return from_exception(error, fields)
 
 
