@@ -297,6 +297,24 @@ def test_the_openapi_schema_is_the_enforced_contract(qwen):
         assert "text/event-stream" in schema["paths"][path]["post"]["responses"]["200"]["content"]
 
 
+def test_the_schema_states_what_a_model_setup_refuses():
+    """n_parallel=1 without logits_all reports no logprobs, and a model without --embedding none."""
+    from fastapi.testclient import TestClient
+
+    from pyllama_ssm.server.app import create_app
+    from pyllama_ssm.server.settings import ModelSettings, ServerSettings
+
+    app = create_app(ServerSettings(), [ModelSettings(model=str(zoo_path("qwen35")), n_parallel=1, n_ctx=256,
+                                                      logits_all=False, n_threads=2, verbose=False)])
+    with TestClient(app) as c:
+        schema = c.get("/openapi.json").json()
+        refused = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "logprobs": 2})
+        no_embeddings = c.post("/v1/embeddings", json={"input": "x"})
+    assert "/v1/embeddings" not in schema["paths"] and no_embeddings.status_code == 400
+    assert schema["components"]["schemas"]["CreateCompletionRequest"]["properties"]["logprobs"]["type"] == "null"
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "logprobs"
+
+
 def test_invalid_json_and_non_objects_are_400(qwen):
     with client(qwen) as c:
         for content in (b'{"prompt": ', b"[1, 2]", b""):

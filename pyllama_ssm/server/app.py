@@ -89,8 +89,8 @@ def create_app(server_settings: ServerSettings, model_settings: list[ModelSettin
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema with the bounds that depend on the loaded models and the settings filled in
-    (the fields marked x-limit): token ids below the smallest vocabulary, max_tokens_limit."""
+    """FastAPI's schema with what depends on the loaded models and the settings: the bounds marked
+    x-limit (token ids below the smallest vocabulary, max_tokens_limit) and the rules below."""
     if app.openapi_schema is not None:
         return app.openapi_schema
     registry: ModelRegistry = app.state.registry
@@ -98,39 +98,47 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     if not registry.models:  # not loaded yet: do not keep a schema without the model bounds
         app.openapi_schema = None
         return schema
-    n_vocab = min(served.llama.n_vocab() for served in registry.models.values())
-    bounds = {"token": n_vocab - 1, "logprobs": n_vocab, "max_tokens": app.state.settings.max_tokens_limit}
+    models = list(registry.models.values())
+    n_vocab = min(served.llama.n_vocab() for served in models)
+    _fill_bounds(schema, {"token": n_vocab - 1, "logprobs": n_vocab,
+                          "max_tokens": app.state.settings.max_tokens_limit})
+    _add_model_rules(schema, models, n_vocab)
+    return schema
 
-    def fill(node: Any, limit: str | None = None) -> None:
-        if isinstance(node, dict):
-            limit = node.get("x-limit", limit)
-            if limit is not None and bounds.get(limit) is not None and node.get("type") == "integer":
-                node["maximum"] = min(node.get("maximum", bounds[limit]), bounds[limit])
-            for value in node.values():
-                fill(value, limit)
-        elif isinstance(node, list):
-            for value in node:
-                fill(value, limit)
 
-    fill(schema)
+def _fill_bounds(node: Any, bounds: dict[str, int | None], limit: str | None = None) -> None:
+    if isinstance(node, dict):
+        limit = node.get("x-limit", limit)
+        if limit is not None and bounds.get(limit) is not None and node.get("type") == "integer":
+            node["maximum"] = min(node.get("maximum", bounds[limit]), bounds[limit])
+        for value in node.values():
+            _fill_bounds(value, bounds, limit)
+    elif isinstance(node, list):
+        for value in node:
+            _fill_bounds(value, bounds, limit)
+
+
+def _add_model_rules(schema: dict[str, Any], models: list[ServedModel], n_vocab: int) -> None:
+    """The refusals that depend on the served models, as schema rules."""
     bodies = schema["components"]["schemas"]
-    for name in ("CreateCompletionRequest", "CreateChatCompletionRequest"):  # logit_bias keys: ids, or any text
-        bodies[name].setdefault("allOf", []).append({
+    completion, chat = bodies["CreateCompletionRequest"], bodies["CreateChatCompletionRequest"]
+    for body in (completion, chat):  # logit_bias keys: token ids, or any text with logit_bias_type=tokens
+        body.setdefault("allOf", []).append({
             "if": {"required": ["logit_bias_type"], "properties": {"logit_bias_type": {"const": "tokens"}}},
             "else": {"properties": {"logit_bias": {"propertyNames": {"pattern": _numbers_below(n_vocab)}}}}})
-    if any(served.llama.engine is not None for served in registry.models.values()):
-        # n_parallel > 1 reports no prompt logprobs: echo=true takes no logprobs
-        bodies["CreateCompletionRequest"]["allOf"].append({
-            "if": {"required": ["echo"], "properties": {"echo": {"const": True}}},
-            "then": {"properties": {"logprobs": {"type": "null"}}}})
-    embedders = [served for served in registry.models.values() if served.settings.embedding]
+    if any(served.engine is None and not served.settings.logits_all for served in models):
+        # n_parallel=1 without logits_all keeps no logits to report
+        completion["properties"]["logprobs"] = {"type": "null", "description": "Not with logits_all=false."}
+        chat["properties"]["logprobs"] = {"enum": [False, None], "description": "Not with logits_all=false."}
+    elif any(served.engine is not None for served in models):  # n_parallel > 1 reports no prompt logprobs
+        completion["allOf"].append({"if": {"required": ["echo"], "properties": {"echo": {"const": True}}},
+                                    "then": {"properties": {"logprobs": {"type": "null"}}}})
+    embedders = [served for served in models if served.settings.embedding]
     if not embedders:  # every embedding request would be refused: the route is not offered
         schema["paths"].pop("/v1/embeddings", None)
     elif any(served.llama.pooling_type() == lib.LLAMA_POOLING_TYPE_NONE for served in embedders):
         # a vector per token has no single base64 encoding
-        schema["components"]["schemas"]["CreateEmbeddingRequest"]["properties"]["encoding_format"]["anyOf"][0][
-            "enum"] = ["float"]
-    return schema
+        bodies["CreateEmbeddingRequest"]["properties"]["encoding_format"]["anyOf"][0]["enum"] = ["float"]
 
 
 def _numbers_below(n: int) -> str:
