@@ -383,7 +383,8 @@ class Engine:
             while not self._closing:  # keep answering the inbox (requests fail at once) until close()
                 self._event.wait(timeout=0.5)
                 self._event.clear()
-                self._take_inbox()
+                with contextlib.suppress(BaseException):  # a failing read must not stop the answers
+                    self._take_inbox()
         self._take_inbox()  # calls posted while closing still get their answer
         for req in list(self._pending):
             req._finish("cancelled", RuntimeError("engine closed"))
@@ -411,7 +412,8 @@ class Engine:
                 with contextlib.suppress(Exception):
                     slot.sampler.close()
             req._finish("error", self._failed())
-        self._take_inbox()
+        with contextlib.suppress(BaseException):  # what it leaves, the loop after takes
+            self._take_inbox()
 
     def _admit(self) -> None:
         # resume swapped-out sequences only once memory was freed since they left,
