@@ -5,8 +5,12 @@
 
 Clients send greedy requests drawn from a fixed set of variants: short
 prompts, long prompts, prompts sharing a long prefix, chat conversations;
-streamed or not; some clients hang up mid-stream.  Pass criteria:
+streamed or not; some clients hang up mid-stream, some give up on a
+non-streaming request after a short wait (abandoned), and some send a fuzzed
+body (a variant with one field broken: out-of-range numbers, wrong types,
+empty prompts, unknown fields, invalid JSON).  Pass criteria:
 - no 5xx answer (429 is allowed: the client waits Retry-After and tries again);
+- a fuzzed body gets 200 or a 4xx naming a field, never a hang;
 - every completed answer equals what the same variant gives alone, asked after the load,
   or parts from it only where the lone run's two best tokens are within TIE_NATS
   (a near-tie: a batch of other sequences changes the kernels' rounding, ~1e-3 on
@@ -50,6 +54,8 @@ class Report:
     requests: int = 0
     completed: int = 0
     disconnected: int = 0
+    abandoned: int = 0        # non-streaming requests whose client gave up before the answer
+    fuzzed: int = 0           # fuzzed bodies sent (refused with 4xx or, when still valid, answered)
     retried_429: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
     mismatches: list[str] = field(default_factory=list)
@@ -73,6 +79,7 @@ class Report:
                 f"({self.requests / max(self.seconds, 1e-9):.1f} req/s, "
                 f"{self.completion_tokens / max(self.seconds, 1e-9):.0f} generated tok/s), "
                 f"{self.completed} completed, {self.disconnected} disconnected on purpose, "
+                f"{self.abandoned} abandoned, {self.fuzzed} fuzzed, "
                 f"{self.retried_429} retries after 429, statuses {self.statuses}, {rss}, "
                 f"{len(self.mismatches)} mismatches ({self.near_ties} near-tie partings), "
                 f"{len(self.server_errors)} server errors, {len(self.leaks)} leaks")
@@ -97,6 +104,25 @@ def variants(rng: random.Random, n: int, long_words: int) -> list[Variant]:
                   "shared": f"{shared}\nQuestion {i}: {words}?"}[kind]
         out.append(Variant(f"{kind}-{i}", "/v1/completions", {"prompt": prompt, **common}))
     return out
+
+
+# values past what llama.cpp accepts, of the wrong type, or empty (a fuzzed body breaks one field)
+_BROKEN = [2**31, 2**63, -2**40, 1e39, -1e39, 4.2e190, -1, 0, "", "x", None, [], {}, True, [[]]]
+_FIELDS = ["top_k", "temperature", "top_p", "min_p", "max_tokens", "seed", "repeat_penalty", "presence_penalty",
+           "frequency_penalty", "mirostat_mode", "mirostat_tau", "mirostat_eta", "logprobs", "top_logprobs",
+           "logit_bias", "stop", "n", "prompt", "messages", "grammar", "no_such_field"]
+
+
+def fuzzed(rng: random.Random, v: Variant) -> tuple[str, bytes]:
+    """The variant's body with one field broken, as raw bytes (sometimes not even JSON)."""
+    body = dict(v.body)
+    if rng.random() < 0.1:
+        return v.route, json.dumps(body).encode()[:rng.randint(0, 40)]  # cut short: invalid JSON
+    field, value = rng.choice(_FIELDS), rng.choice(_BROKEN)
+    if field == "max_tokens" and value in (0, None):  # valid, and up to the whole context: not a fuzz case
+        value = -1
+    body[field] = value
+    return v.route, json.dumps(body, allow_nan=True).encode()
 
 
 _LOGPROBS = {"/v1/completions": {"logprobs": 2},
@@ -135,8 +161,24 @@ def answer_of(route: str, data: dict) -> tuple[str, str]:
     return text or "", choice["finish_reason"]
 
 
-async def one_request(client: httpx.AsyncClient, v: Variant, mode: str) -> tuple[int, tuple[str, str] | None, int]:
+async def one_request(client: httpx.AsyncClient, v: Variant, mode: str,
+                      rng: random.Random) -> tuple[int, tuple[str, str] | None, int]:
     """(status, (text, finish_reason) or None when disconnected on purpose, completion tokens)."""
+    if mode == "fuzz":
+        route, content = fuzzed(rng, v)
+        r = await client.post(route, content=content, headers={"Content-Type": "application/json"})
+        if r.status_code == 200:
+            return 200, None, 0
+        return r.status_code, (r.text, content.decode(errors="replace")), 0
+    if mode == "abandon":  # give up after a short wait: leaving closes the connection
+        try:
+            r = await client.post(v.route, json=v.body, timeout=httpx.Timeout(120, read=rng.uniform(0.01, 0.3)))
+        except httpx.ReadTimeout:
+            return 200, None, 0
+        if r.status_code != 200:
+            return r.status_code, (r.text, ""), 0
+        data = r.json()
+        return 200, answer_of(v.route, data), data["usage"]["completion_tokens"]
     if mode == "plain":
         r = await client.post(v.route, json=v.body)
         if r.status_code != 200:
@@ -167,20 +209,21 @@ async def one_request(client: httpx.AsyncClient, v: Variant, mode: str) -> tuple
 
 
 async def load(url: str, headers: dict, plan: list[tuple[Variant, str]], clients: int, report: Report,
-               results: list[tuple[Variant, tuple[str, str]]], on_warm) -> None:
+               results: list[tuple[Variant, tuple[str, str]]], on_warm, seed: int = 0) -> None:
     queue: asyncio.Queue = asyncio.Queue()
     for item in plan:
         queue.put_nowait(item)
     warm_at = len(plan) // 4
     done = 0
 
-    async def client_loop() -> None:
+    async def client_loop(k: int) -> None:
         nonlocal done
+        rng = random.Random(seed * 1000 + k)
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120) as client:
             while not queue.empty():
                 v, mode = queue.get_nowait()
                 while True:
-                    status, answer, n = await one_request(client, v, mode)
+                    status, answer, n = await one_request(client, v, mode, rng)
                     if status != 429:
                         break
                     report.retried_429 += 1
@@ -188,12 +231,18 @@ async def load(url: str, headers: dict, plan: list[tuple[Variant, str]], clients
                 report.requests += 1
                 report.statuses[str(status)] = report.statuses.get(str(status), 0) + 1
                 report.completion_tokens += n
+                report.fuzzed += mode == "fuzz"
                 if status >= 500:
                     report.server_errors.append(f"{v.name} ({mode}): {status} {answer[0][:300]}")
+                elif mode == "fuzz":
+                    if status != 200 and not _names_a_field(answer[0]):
+                        report.mismatches.append(f"{v.name} (fuzz {answer[1][:200]}): {status} names no field: "
+                                                 f"{answer[0][:300]}")
                 elif status != 200:
                     report.mismatches.append(f"{v.name} ({mode}): unexpected {status} {answer[0][:300]}")
                 elif answer is None:
-                    report.disconnected += 1
+                    report.abandoned += mode == "abandon"
+                    report.disconnected += mode == "disconnect"
                 else:
                     report.completed += 1
                     results.append((v, answer))
@@ -201,7 +250,15 @@ async def load(url: str, headers: dict, plan: list[tuple[Variant, str]], clients
                 if done == warm_at:
                     await on_warm()
 
-    await asyncio.gather(*(client_loop() for _ in range(clients)))
+    await asyncio.gather(*(client_loop(k) for k in range(clients)))
+
+
+def _names_a_field(text: str) -> bool:
+    try:
+        error = json.loads(text)["error"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return bool(error.get("param"))
 
 
 async def stats(client: httpx.AsyncClient) -> dict:
@@ -228,13 +285,14 @@ def leaks(snapshot: dict) -> list[str]:
 
 
 async def soak(url: str, *, api_key: str | None = None, clients: int = 64, requests: int = 400,
-               n_variants: int = 32, long_words: int = 300, disconnect_share: float = 0.15, seed: int = 0,
+               n_variants: int = 32, long_words: int = 300, disconnect_share: float = 0.15,
+               abandon_share: float = 0.1, fuzz_share: float = 0.1, seed: int = 0,
                rss_slack_bytes: int = 64 * MiB, time_limit_s: float = 1800) -> Report:
     rng = random.Random(seed)
     vs = variants(rng, n_variants, long_words)
-    modes = rng.choices(["plain", "stream", "disconnect"],
-                        weights=[(1 - disconnect_share) / 2, (1 - disconnect_share) / 2, disconnect_share],
-                        k=requests)
+    answered = (1 - disconnect_share - abandon_share - fuzz_share) / 2
+    modes = rng.choices(["plain", "stream", "disconnect", "abandon", "fuzz"],
+                        weights=[answered, answered, disconnect_share, abandon_share, fuzz_share], k=requests)
     plan = [(rng.choice(vs), mode) for mode in modes]
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     report = Report()
@@ -245,7 +303,7 @@ async def soak(url: str, *, api_key: str | None = None, clients: int = 64, reque
 
         t0 = time.perf_counter()
         try:
-            await asyncio.wait_for(load(url, headers, plan, clients, report, results, on_warm), time_limit_s)
+            await asyncio.wait_for(load(url, headers, plan, clients, report, results, on_warm, seed), time_limit_s)
         except asyncio.TimeoutError:  # a stuck server must not hang the soak: report what it holds
             report.seconds = time.perf_counter() - t0
             report.server_errors.append(f"the load did not finish within {time_limit_s:.0f}s "
@@ -296,6 +354,9 @@ def main() -> int:
     p.add_argument("--variants", type=int, default=32)
     p.add_argument("--long-words", type=int, default=300, help="words in a long prompt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--disconnect-share", type=float, default=0.15, help="streams cut after two chunks")
+    p.add_argument("--abandon-share", type=float, default=0.1, help="non-streaming requests given up on")
+    p.add_argument("--fuzz-share", type=float, default=0.1, help="requests with one field broken")
     p.add_argument("--rss-slack-mib", type=int, default=64)
     p.add_argument("--time-limit", type=float, default=1800, help="seconds the load may take before it fails")
     p.add_argument("--json", help="also write the report here")
@@ -304,6 +365,8 @@ def main() -> int:
     def run(url: str) -> Report:
         return asyncio.run(soak(url, api_key=args.api_key, clients=args.clients, requests=args.requests,
                                 n_variants=args.variants, long_words=args.long_words, seed=args.seed,
+                                disconnect_share=args.disconnect_share, abandon_share=args.abandon_share,
+                                fuzz_share=args.fuzz_share,
                                 rss_slack_bytes=args.rss_slack_mib * MiB, time_limit_s=args.time_limit))
 
     if args.url:

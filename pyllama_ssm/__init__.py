@@ -6,7 +6,7 @@ import types
 from .batch import Batch
 from .bindings import BUILD, ffi, lib
 from .context import Context
-from .errors import (ContextError, DecodeError, MemoryFullError, ModelLoadError, PoolExhaustedError,
+from .errors import (ContextError, DecodeError, EngineError, MemoryFullError, ModelLoadError, PoolExhaustedError,
                      PyllamaError, SnapshotError, StateError, TokenError)
 from .llama import Llama, LlamaGrammar
 from .memory import MemoryReport
@@ -44,7 +44,7 @@ def install_as_llama_cpp() -> None:
 
 
 __all__ = [
-    "BUILD", "Batch", "Context", "ContextError", "DecodeError", "Llama", "LlamaGrammar", "MemoryFullError",
+    "BUILD", "Batch", "Context", "ContextError", "DecodeError", "EngineError", "Llama", "LlamaGrammar", "MemoryFullError",
     "MemoryReport", "Model", "ModelLoadError", "PoolExhaustedError", "PyllamaError", "SnapshotError", "StateError",
     "TokenError", "ffi", "install_as_llama_cpp", "lib",
 ]

@@ -13,6 +13,12 @@ All llama.cpp calls happen on the engine's own thread, which owns the memory and
 takes no lock while it works: submit(), cancel() and the readers post to its
 inbox from any thread and never wait for a step to end. Requests stream through
 sync or async iterators.
+
+Every request taken from the inbox is owned by exactly one of pending, running
+or preempted until it finishes; an exception while handling one request fails
+that request only. Should the thread itself meet an exception it cannot pin on
+a request, every waiting request fails at once with EngineError (its cause
+attached), and so does every later one: nothing ever waits on a dead Engine.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import itertools
 import threading
 import time
@@ -33,7 +40,7 @@ from . import memory as memory_mod
 from .batch import Batch
 from .bindings import has
 from .context import MAX_SEQ, Context
-from .errors import MemoryFullError, PyllamaError, StateError
+from .errors import EngineError, MemoryFullError, StateError
 from .model import Model
 from .prefix_cache import HolderStore, PoolStore, PrefixCache
 from .sampling import Sampler, SamplingParams
@@ -95,6 +102,8 @@ class Request:
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self.usage = Usage(prompt_tokens=len(prompt))
+        self.restored_from: tuple[int, ...] | None = None  # the prefix-cache entry's tokens it resumed from
+        self.preemptions = 0
         self._chunks: collections.deque[Chunk] = collections.deque()
         self._cond = threading.Condition()
         self.cancelled = False
@@ -262,6 +271,7 @@ class Engine:
         self._preempted: collections.deque[tuple[_Slot, bytes]] = collections.deque()
         self._free = list(range(parallel - 1, -1, -1))
         self._closing = False
+        self.failure: BaseException | None = None  # what stopped the engine thread, if anything did
         self._resume_blocked = False
         self._admissions = itertools.count()
         self._counters = collections.Counter()
@@ -279,6 +289,8 @@ class Engine:
         likely alternatives (from the model's raw logits, as llama-cpp-python does).
         prompt_logprobs=True scores the prompt too, each token by the logits of the position
         before it (the prompt is then computed whole, not taken from the prefix cache)."""
+        if self.failure is not None:
+            raise self._failed()
         if self._closing:
             raise RuntimeError("engine is closed")
         tokens = self.model.tokenize(prompt, add_special=add_special) if isinstance(prompt, str) else list(prompt)
@@ -289,9 +301,9 @@ class Engine:
         if len(tokens) >= self.n_ctx:
             raise ValueError(f"prompt of {len(tokens)} tokens does not fit the context of {self.n_ctx} "
                              f"(one position must remain for generation)")
-        if max_tokens < 0:
-            raise ValueError(f"max_tokens={max_tokens}: must be >= 0")
-        if logprobs is not None and not 0 <= logprobs <= self.model.n_vocab:
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_tokens={max_tokens!r}: must be an int >= 0")
+        if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= self.model.n_vocab):
             raise ValueError(f"logprobs={logprobs}: must be in 0..{self.model.n_vocab}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         req = Request(self, tokens, params or SamplingParams(), max_tokens, stops, logprobs, prompt_logprobs)
@@ -360,27 +372,40 @@ class Engine:
         while self._inbox:
             item = self._inbox.popleft()
             if isinstance(item, Request):
-                self._pending.append(item)
+                if self.failure is None:
+                    self._pending.append(item)
+                else:
+                    item._finish("error", self._failed())
                 continue
             fn, future = item
             try:
                 future.set_result(fn())
-            except Exception as e:  # noqa: BLE001 - handed to the caller
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
                 future.set_exception(e)
+                if not isinstance(e, Exception):
+                    raise
 
     def _loop(self) -> None:
-        while not self._closing:
-            if not (self._pending or self._running or self._preempted):
+        try:
+            while not self._closing:
+                if not (self._pending or self._running or self._preempted):
+                    self._event.wait(timeout=0.5)
+                self._event.clear()  # before taking the inbox: a later post sets it again
+                self._take_inbox()
+                if self._closing:
+                    break
+                try:
+                    self._step()
+                except Exception as e:  # no single request to blame (a decode error...): fail what is running
+                    for slot in list(self._running.values()):
+                        self._release(slot, "error", e)
+        except BaseException as e:  # noqa: BLE001 - the thread is dying: nothing may wait on it
+            self._fail_all(e)
+            while not self._closing:  # keep answering the inbox (requests fail at once) until close()
                 self._event.wait(timeout=0.5)
-            self._event.clear()  # before taking the inbox: a later post sets it again
-            self._take_inbox()
-            if self._closing:
-                break
-            try:
-                self._step()
-            except Exception as e:  # a bug must not hang clients: fail what is running
-                for slot in list(self._running.values()):
-                    self._release(slot, "error", e)
+                self._event.clear()
+                with contextlib.suppress(BaseException):  # a failing read must not stop the answers
+                    self._take_inbox()
         self._take_inbox()  # calls posted while closing still get their answer
         for req in list(self._pending):
             req._finish("cancelled", RuntimeError("engine closed"))
@@ -388,6 +413,28 @@ class Engine:
             self._release(slot, "cancelled", RuntimeError("engine closed"))
         for slot, _ in self._preempted:
             slot.req._finish("cancelled", RuntimeError("engine closed"))
+
+    def _failed(self) -> EngineError:
+        cause = self.failure
+        error = EngineError(f"engine stopped: {type(cause).__name__}: {cause}")
+        error.__cause__ = cause
+        return error
+
+    def _fail_all(self, cause: BaseException) -> None:
+        """The engine thread stops: fail every request it owns, freeing what can be freed."""
+        self.failure = cause
+        owned = [(slot.req, slot) for slot in self._running.values()]
+        owned += [(slot.req, slot) for slot, _ in self._preempted] + [(req, None) for req in self._pending]
+        self._running.clear()
+        self._preempted.clear()
+        self._pending.clear()
+        for req, slot in owned:
+            if slot is not None:
+                with contextlib.suppress(Exception):
+                    slot.sampler.close()
+            req._finish("error", self._failed())
+        with contextlib.suppress(BaseException):  # what it leaves, the loop after takes
+            self._take_inbox()
 
     def _admit(self) -> None:
         # resume swapped-out sequences only once memory was freed since they left,
@@ -415,28 +462,46 @@ class Engine:
                     continue
                 self._resume_blocked = True  # wait for running sequences to finish
                 return
+            except Exception as e:  # noqa: BLE001 - anything else fails this request only
+                self._preempted.popleft()
+                self.ctx.seq_rm(seq)
+                self._free.append(seq)
+                slot.sampler.close()
+                slot.req._finish("error", e)
+                continue
             self._preempted.popleft()
             slot.seq = seq
             self._running[seq] = slot
         if self._preempted:
             return  # preempted sequences go first
         while self._free and self._pending:
-            req = self._pending.popleft()
+            req = self._pending[0]  # leaves the queue only once it is running or finished
             if req.cancelled:
+                self._pending.popleft()
                 req._finish("cancelled")
                 continue
-            try:
-                sampler = Sampler(self.model, req.params)
-            except (ValueError, PyllamaError) as e:
-                req._finish("error", e)
-                continue
-            slot = _Slot(req, self._free.pop(), sampler, admitted=next(self._admissions))
+            self._start(req)
+
+    def _start(self, req: Request) -> None:
+        """Move the queue's first request into a free sequence; anything it raises fails it alone."""
+        try:
+            sampler = Sampler(self.model, req.params)
+        except Exception as e:  # noqa: BLE001 - a grammar llama.cpp refuses, a value cffi cannot convert...
+            self._pending.popleft()
+            req._finish("error", e)
+            return
+        slot = _Slot(req, self._free.pop(), sampler, admitted=next(self._admissions))
+        self._pending.popleft()
+        self._running[slot.seq] = slot
+        try:
             hit = self.cache.lookup(req.prompt) if self.n_cache and req.prompt_logprobs is None else None
             if hit is not None:
                 self.cache.restore(hit, slot.seq)
                 slot.cursor = slot.pos = hit.n_tokens
                 req.usage.cached_tokens = slot.cursor
-            self._running[slot.seq] = slot
+                req.restored_from = hit.entry.tokens[:hit.n_tokens]
+        except Exception as e:  # noqa: BLE001
+            self._release(slot, "error", e)
 
     def _step(self) -> None:
         t0 = time.perf_counter()
@@ -600,12 +665,14 @@ class Engine:
         self._release(slot, reason)
 
     def _release(self, slot: _Slot, reason: str, error: BaseException | None = None) -> None:
-        self.ctx.seq_rm(slot.seq)
-        slot.sampler.close()
         del self._running[slot.seq]
-        self._free.append(slot.seq)
-        self._resume_blocked = False
-        slot.req._finish(reason, error)
+        try:
+            self.ctx.seq_rm(slot.seq)
+            self._free.append(slot.seq)  # only a cleared sequence id is used again
+        finally:
+            slot.sampler.close()
+            self._resume_blocked = False
+            slot.req._finish(reason, error)
 
     def _relieve_memory(self) -> None:
         """The step did not fit: drop cached prefixes, else swap the newest sequence out."""
@@ -614,11 +681,16 @@ class Engine:
             return
         if len(self._running) > 1:
             slot = max(self._running.values(), key=lambda s: s.admitted)
-            state = self.ctx.seq_state(slot.seq)
+            try:
+                state = self.ctx.seq_state(slot.seq)
+            except Exception as e:  # noqa: BLE001 - the sequence being swapped out fails alone
+                self._release(slot, "error", e)
+                return
             self.ctx.seq_rm(slot.seq)
             del self._running[slot.seq]
             self._free.append(slot.seq)
             self._preempted.append((slot, state))
+            slot.req.preemptions += 1
             self._resume_blocked = True
             self._counters["preemptions"] += 1
             return
@@ -626,14 +698,14 @@ class Engine:
         if self.ctx.batch_invariant and slot.relocated_at != slot.pos:
             # ordered KV cells put a sequence's next token after its last cell: the free cells may all
             # lie below it.  Alone in the memory now, it moves down, bit-identical, and goes on.
-            state = self.ctx.seq_state(slot.seq)
-            self.ctx.seq_rm(slot.seq)
             try:
+                state = self.ctx.seq_state(slot.seq)
+                self.ctx.seq_rm(slot.seq)
                 self.ctx.set_seq_state(slot.seq, state)
                 slot.relocated_at = slot.pos
                 self._counters["relocations"] += 1
                 return
-            except StateError:
+            except Exception:  # noqa: BLE001 - no room even from the bottom: it fails below
                 self.ctx.seq_rm(slot.seq)
         self._release(slot, "error", MemoryFullError(
             f"request {slot.req.id}: {slot.pos} tokens do not fit the memory of this context (n_ctx={self.n_ctx})"))

@@ -23,6 +23,11 @@ class DecodeError(PyllamaError, RuntimeError):
     """llama_decode failed; the message carries its return code and meaning."""
 
 
+class EngineError(PyllamaError, RuntimeError):
+    """The Engine's thread stopped on an unexpected exception (its __cause__): every waiting and later
+    request fails with this error instead of waiting."""
+
+
 class MemoryFullError(DecodeError):
     """The memory (KV cells or recurrent slots) cannot hold the request."""
 

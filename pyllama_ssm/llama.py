@@ -171,6 +171,20 @@ class _Cancellation:
 _chat_scope = threading.local()  # .cancellation: the chat stream whose handler is running on this thread
 
 
+@contextlib.contextmanager
+def cancellation_scope(cancellation: _Cancellation) -> Iterator[None]:
+    """Completions started inside, on this thread, stop when `cancellation` is set (from any thread):
+    how a server cancels a non-streaming call whose client went away."""
+    outer, _chat_scope.cancellation = getattr(_chat_scope, "cancellation", None), cancellation
+    try:
+        yield
+    finally:
+        _chat_scope.cancellation = outer
+
+
+Cancellation = _Cancellation
+
+
 class CompletionStream(Iterator[Any]):
     """The chunks of create_completion / create_chat_completion(stream=True).
 
@@ -1149,7 +1163,8 @@ class Llama:
         handler = (self.chat_handler or self._chat_handlers.get(self.chat_format)
                    or llama_chat_format.get_chat_completion_handler(self.chat_format))
         # the completions the handler starts share the chat stream's cancellation
-        outer, _chat_scope.cancellation = getattr(_chat_scope, "cancellation", None), _Cancellation()
+        outer = getattr(_chat_scope, "cancellation", None)
+        _chat_scope.cancellation = outer or _Cancellation()
         try:
             out = handler(
                 llama=self, messages=messages, functions=functions, function_call=function_call, tools=tools,

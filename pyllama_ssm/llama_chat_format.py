@@ -24,6 +24,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from . import llama_grammar
 from . import llama_types as T
 
+TEMPLATE_REFUSED = "the chat template cannot render these messages"  # note on what render() raised
 CHATML_CHAT_TEMPLATE = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"  # noqa: E501
 CHATML_BOS_TOKEN = "<s>"
 CHATML_EOS_TOKEN = "<|im_end|>"
@@ -137,11 +138,16 @@ class Jinja2ChatFormatter(ChatFormatter):
         def raise_exception(message: str):
             raise ValueError(f"chat template: {message}")
 
-        prompt = self._environment.render(
-            messages=messages, eos_token=self.eos_token, bos_token=self.bos_token,
-            raise_exception=raise_exception, add_generation_prompt=self.add_generation_prompt,
-            functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
-            strftime_now=self.strftime_now, **kwargs)
+        try:
+            prompt = self._environment.render(
+                messages=messages, eos_token=self.eos_token, bos_token=self.bos_token,
+                raise_exception=raise_exception, add_generation_prompt=self.add_generation_prompt,
+                functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
+                strftime_now=self.strftime_now, **kwargs)
+        except Exception as e:
+            # raised as stock raises it; the note tells a server that the messages did not fit the template
+            e.add_note(TEMPLATE_REFUSED)
+            raise
         stopping_criteria = None
         if self.stop_token_ids is not None:
             from .llama import StoppingCriteriaList, StopOnTokenIds

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import limits
 from .bindings import ffi, lib
 from .model import Model
 
@@ -42,19 +43,21 @@ class SamplingParams:
     logits_processor: Callable[[list[int], np.ndarray], np.ndarray] | None = None
 
     def __post_init__(self):
-        checks = [
-            (self.temperature == self.temperature, "temperature must be a number"),  # 0: greedy
-            (self.top_k >= 0, "top_k must be >= 0"),
-            (0.0 <= self.top_p <= 1.0, "top_p must be in [0, 1]"),
-            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
-            (0.0 < self.typical_p <= 1.0, "typical_p must be in (0, 1]"),
-            (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
-            (self.penalty_last_n >= -1, "penalty_last_n must be >= -1"),
-            (self.mirostat_mode in (0, 1, 2), "mirostat_mode must be 0, 1 or 2"),
-        ]
-        for ok, what in checks:
-            if not ok:
-                raise ValueError(f"sampling parameter: {what}")
+        """Every number within what llama.cpp accepts (pyllama_ssm.limits), as an int or a float."""
+        for name in _NUMERIC:
+            object.__setattr__(self, name, limits.check(name, getattr(self, name)))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", limits.check("seed", self.seed))
+        bias = {}
+        for tok, value in dict(self.logit_bias).items():
+            tok = limits.check("logit_bias", tok, "token")
+            value = float(value) if value == float("-inf") else limits.check(f"logit_bias[{tok}]", value, "logit_bias")
+            bias[tok] = value
+        object.__setattr__(self, "logit_bias", bias)
+
+
+_NUMERIC = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty",
+            "presence_penalty", "penalty_last_n", "mirostat_mode", "mirostat_tau", "mirostat_eta")
 
 
 class Sampler:

@@ -31,7 +31,7 @@ def test_short_soak_loses_and_leaks_nothing(name):
                                        disconnect_share=0.2, seed=1, time_limit_s=120))
     print(report.summary())
     assert report.passed, "\n".join([report.summary(), *report.server_errors, *report.mismatches, *report.leaks])
-    assert report.completed >= 20 and report.disconnected >= 1
+    assert report.completed >= 20 and report.disconnected >= 1 and report.abandoned >= 1 and report.fuzzed >= 1
 
 
 def test_soak_under_memory_pressure_finishes():

@@ -4,8 +4,10 @@ Each request is admitted to its model (or refused with 429), then runs on a
 worker thread inside that model's Llama(n_parallel=P): P requests decode
 together in one batch, the rest wait in the Engine's queue.  Streams are
 server-sent events ending with `data: [DONE]`; a client that goes away
-cancels its stream, which frees the sequence: before the first token
-(queued, or in its prefill) at the Engine's next step, later at its next token.
+cancels its request, streaming or not, which frees the sequence at the
+Engine's next step (queued, in its prefill or generating).  The OpenAPI
+schema states every bound the server enforces, the model-dependent ones
+included, and the error answers each route may give.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import base64
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -26,9 +29,13 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from .. import __version__
-from ..llama import CompletionStream, LlamaGrammar, LogitsProcessorList, MinTokensLogitsProcessor
+from ..bindings import lib
+from ..errors import EngineError
+from ..llama import (Cancellation, CompletionStream, LlamaGrammar, LogitsProcessorList, MinTokensLogitsProcessor,
+                     cancellation_scope)
+from ..llama_chat_format import TEMPLATE_REFUSED
 from . import errors, stats
-from .errors import ApiError, bad_request, from_exception
+from .errors import ERROR_RESPONSES, ApiError, bad_request, from_exception
 from .registry import ModelRegistry, ServedModel
 from .schemas import (CreateChatCompletionRequest, CreateCompletionRequest, CreateEmbeddingRequest,
                       DetokenizeInputRequest, TokenizeInputRequest)
@@ -37,7 +44,13 @@ from .settings import ModelSettings, ServerSettings
 
 logger = logging.getLogger("pyllama_ssm.server")
 
-router = APIRouter()
+router = APIRouter(responses=ERROR_RESPONSES)
+# a generation answers JSON, or server-sent events with stream=true
+_STREAMED = {200: {"description": "The completion, or with stream=true its chunks as server-sent events "
+                                  "(`data: {chunk}` lines, then `data: [DONE]`)",
+                   "content": {"text/event-stream": {"schema": {  # one event (OpenAPI 3.1)
+                       "type": "object", "required": ["data"],
+                       "properties": {"data": {"type": "string", "description": "A JSON chunk; `[DONE]` last"}}}}}}}
 _END = object()  # next()'s default: the stream is over
 
 # request fields that are not Llama keyword arguments
@@ -63,6 +76,7 @@ def create_app(server_settings: ServerSettings, model_settings: list[ModelSettin
     app.state.settings = server_settings
     errors.install(app)
     app.include_router(router)
+    app.openapi = lambda: _openapi(app)
     # the last added runs first: CORS (answers preflights), then the key, then the size limit
     app.add_middleware(BodyLimitMiddleware, limit=server_settings.max_request_bytes)
     if server_settings.api_key is not None:
@@ -72,6 +86,71 @@ def create_app(server_settings: ServerSettings, model_settings: list[ModelSettin
                            allow_credentials="*" not in server_settings.cors_origins,
                            allow_methods=["*"], allow_headers=["*"])
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema with what depends on the loaded models and the settings: the bounds marked
+    x-limit (token ids below the smallest vocabulary, max_tokens_limit) and the rules below."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    registry: ModelRegistry = app.state.registry
+    schema = FastAPI.openapi(app)
+    if not registry.models:  # not loaded yet: do not keep a schema without the model bounds
+        app.openapi_schema = None
+        return schema
+    models = list(registry.models.values())
+    n_vocab = min(served.llama.n_vocab() for served in models)
+    _fill_bounds(schema, {"token": n_vocab - 1, "logprobs": n_vocab,
+                          "max_tokens": app.state.settings.max_tokens_limit})
+    _add_model_rules(schema, models, n_vocab)
+    return schema
+
+
+def _fill_bounds(node: Any, bounds: dict[str, int | None], limit: str | None = None) -> None:
+    if isinstance(node, dict):
+        limit = node.get("x-limit", limit)
+        if limit is not None and bounds.get(limit) is not None and node.get("type") == "integer":
+            node["maximum"] = min(node.get("maximum", bounds[limit]), bounds[limit])
+        for value in node.values():
+            _fill_bounds(value, bounds, limit)
+    elif isinstance(node, list):
+        for value in node:
+            _fill_bounds(value, bounds, limit)
+
+
+def _add_model_rules(schema: dict[str, Any], models: list[ServedModel], n_vocab: int) -> None:
+    """The refusals that depend on the served models, as schema rules."""
+    bodies = schema["components"]["schemas"]
+    completion, chat = bodies["CreateCompletionRequest"], bodies["CreateChatCompletionRequest"]
+    for body in (completion, chat):  # logit_bias keys: token ids, or any text with logit_bias_type=tokens
+        body.setdefault("allOf", []).append({
+            "if": {"required": ["logit_bias_type"], "properties": {"logit_bias_type": {"const": "tokens"}}},
+            "else": {"properties": {"logit_bias": {"propertyNames": {"pattern": _numbers_below(n_vocab)}}}}})
+    if any(served.engine is None and not served.settings.logits_all for served in models):
+        # n_parallel=1 without logits_all keeps no logits to report
+        completion["properties"]["logprobs"] = {"type": "null", "description": "Not with logits_all=false."}
+        chat["properties"]["logprobs"] = {"enum": [False, None], "description": "Not with logits_all=false."}
+    elif any(served.engine is not None for served in models):  # n_parallel > 1: prompt logprobs, not streamed
+        completion["allOf"].append({"if": {"required": ["echo", "stream"],
+                                           "properties": {"echo": {"const": True}, "stream": {"const": True}}},
+                                    "then": {"properties": {"logprobs": {"type": "null"}}}})
+    embedders = [served for served in models if served.settings.embedding]
+    if not embedders:  # every embedding request would be refused: the route is not offered
+        schema["paths"].pop("/v1/embeddings", None)
+    elif any(served.llama.pooling_type() == lib.LLAMA_POOLING_TYPE_NONE for served in embedders):
+        # a vector per token has no single base64 encoding
+        bodies["CreateEmbeddingRequest"]["properties"]["encoding_format"]["anyOf"][0]["enum"] = ["float"]
+
+
+def _numbers_below(n: int) -> str:
+    """A regular expression for the decimal numbers 0..n-1 (no leading zeros, no sign)."""
+    top = str(n - 1)
+    parts = ["0"] + ([f"[1-9][0-9]{{0,{len(top) - 2}}}"] if len(top) > 1 else [])  # fewer digits than top
+    for i, digit in enumerate(top):  # as many digits: top's first i, a smaller one, then any
+        low = 1 if i == 0 else 0
+        if int(digit) - 1 >= low:
+            parts.append(f"{top[:i]}[{low}-{int(digit) - 1}][0-9]{{{len(top) - i - 1}}}")
+    return f"^({'|'.join([*parts, top])})$"
 
 
 def _registry(request: Request) -> ModelRegistry:
@@ -105,6 +184,9 @@ def _generation_kwargs(request: Request, served: ServedModel,
     """The body as Llama keyword arguments, with what only the model can check (ids, grammar)."""
     llama = served.llama
     kwargs = body.model_dump(exclude=_NOT_KWARGS, by_alias=True)
+    for name in ("presence_penalty", "frequency_penalty"):  # null: the default, as llama_cpp.server takes it
+        if kwargs[name] is None:
+            del kwargs[name]
     kwargs["max_tokens"] = _max_tokens(request, body.max_tokens)
     if body.logit_bias:
         kwargs["logit_bias"] = _logit_bias(llama, body.logit_bias, body.logit_bias_type)
@@ -126,11 +208,10 @@ def _logit_bias(llama, bias: dict[str, float], kind: str | None) -> dict[int, fl
             for tok in llama.tokenize(key.encode("utf-8"), add_bos=False, special=True):
                 out[tok] = value
             continue
-        try:
-            tok = int(key)
-        except ValueError:
+        if not re.fullmatch(r"0|[1-9][0-9]*", key):
             raise bad_request("logit_bias", f"key {key!r} is not a token id (use logit_bias_type='tokens' "
-                                            f"for text keys)") from None
+                                            f"for text keys)")
+        tok = int(key)
         _check_tokens("logit_bias", [tok], llama.n_vocab())
         out[tok] = value
     return out
@@ -150,10 +231,7 @@ async def _generate(request: Request, served: ServedModel, body: Any, call: Call
             admission.callback(served.generation_lock.release)
         if not body.stream:
             with admission:
-                try:
-                    return await anyio.to_thread.run_sync(lambda: call(**kwargs), limiter=served.limiter)
-                except Exception as e:
-                    raise _failure(request, e, fields) from None
+                return await _until_done_or_gone(request, served, lambda: call(**kwargs), fields)
         stream = _Stream(request, served, admission, fields)
         await stream.start(lambda: call(**kwargs))
     except BaseException:
@@ -163,6 +241,38 @@ async def _generate(request: Request, served: ServedModel, body: Any, call: Call
     return EventSourceResponse(stream.events(), sep="\n", ping=0 if settings.disable_ping_events else None,
                                shutdown_grace_period=settings.shutdown_timeout + 2,
                                background=BackgroundTask(stream.close))
+
+
+async def _on_disconnect(request: Request, hook: Callable[[], None]) -> None:
+    """Call hook when the client hangs up (the body was read: what receive() gives next is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    hook()
+
+
+async def _until_done_or_gone(request: Request, served: ServedModel, work: Callable[[], Any],
+                              fields: set[str]) -> Any:
+    """work()'s result on a worker thread; a client that hangs up meanwhile cancels it (and gets 499)."""
+    cancellation = Cancellation()
+
+    def run() -> Any:
+        with cancellation_scope(cancellation):
+            return work()
+
+    result: Any = None
+    failure: BaseException | None = None
+    async with anyio.create_task_group() as watch:
+        watch.start_soon(_on_disconnect, request, cancellation.set)
+        try:
+            result = await anyio.to_thread.run_sync(run, limiter=served.limiter)
+        except Exception as e:  # raised below: out of a task group it would come as an ExceptionGroup
+            failure = e
+        watch.cancel_scope.cancel()
+    if cancellation.is_set:
+        raise ApiError(499, "the client closed the connection", code="client_closed")
+    if failure is not None:
+        raise _failure(request, failure, fields) from None
+    return result
 
 
 class _Stream:
@@ -203,7 +313,7 @@ class _Stream:
     async def _first_chunk(self) -> Any:
         failure: Exception | None = None
         async with anyio.create_task_group() as watch:
-            watch.start_soon(self._cancel_on_disconnect)
+            watch.start_soon(_on_disconnect, self.request, self.chunks.cancel)
             try:
                 first = await self._next()
             except Exception as e:  # raised below: out of a task group it would come as an ExceptionGroup
@@ -212,12 +322,6 @@ class _Stream:
         if failure is not None:
             raise failure
         return first
-
-    async def _cancel_on_disconnect(self) -> None:
-        # the body was read: what receive() gives next is the client's hang-up
-        while (await self.request.receive())["type"] != "http.disconnect":
-            pass
-        self.chunks.cancel()
 
     async def events(self) -> AsyncIterator[dict[str, str]]:
         try:
@@ -248,12 +352,16 @@ def _failure(request: Request, error: BaseException, fields: set[str]) -> ApiErr
         return error
     if _registry(request).closing:
         return errors.unavailable("the server is shutting down")
+    if isinstance(error, EngineError):
+        return errors.unavailable(f"the model cannot serve: {error}")
+    if TEMPLATE_REFUSED in getattr(error, "__notes__", ()):  # the client's messages, not a server bug
+        return bad_request("messages", f"{TEMPLATE_REFUSED} ({type(error).__name__}: {error})")
     return from_exception(error, fields)
 
 
 # -- routes ------------------------------------------------------------------------------------------
 
-@router.post("/v1/completions", summary="Completion", tags=["OpenAI V1"])
+@router.post("/v1/completions", summary="Completion", tags=["OpenAI V1"], responses=_STREAMED)
 async def create_completion(request: Request, body: CreateCompletionRequest) -> Any:
     served = _registry(request).get(body.model)
     if not isinstance(body.prompt, str):
@@ -262,7 +370,7 @@ async def create_completion(request: Request, body: CreateCompletionRequest) -> 
     return await _generate(request, served, body, served.llama.create_completion, kwargs)
 
 
-@router.post("/v1/chat/completions", summary="Chat", tags=["OpenAI V1"])
+@router.post("/v1/chat/completions", summary="Chat", tags=["OpenAI V1"], responses=_STREAMED)
 async def create_chat_completion(request: Request, body: CreateChatCompletionRequest) -> Any:
     served = _registry(request).get(body.model)
     kwargs = _generation_kwargs(request, served, body)
@@ -325,8 +433,13 @@ async def detokenize(request: Request, body: DetokenizeInputRequest) -> dict[str
 
 @router.get("/health", summary="Health", tags=["Extras"])
 async def health(request: Request) -> JSONResponse:
-    if _registry(request).closing:
+    registry = _registry(request)
+    if registry.closing:
         return errors.unavailable("the server is shutting down").response()
+    for served in registry.models.values():
+        if served.engine is not None and served.engine.failure is not None:
+            return errors.unavailable(f"model {served.alias!r}: the engine stopped "
+                                      f"({type(served.engine.failure).__name__}: {served.engine.failure})").response()
     return JSONResponse({"status": "ok"})
 
 
@@ -335,7 +448,8 @@ async def get_stats(request: Request) -> dict[str, Any]:
     return await anyio.to_thread.run_sync(stats.collect, _registry(request))
 
 
-@router.get("/metrics", summary="Prometheus metrics", tags=["Extras"])
+@router.get("/metrics", summary="Prometheus metrics", tags=["Extras"], responses={
+    200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def get_metrics(request: Request) -> PlainTextResponse:
     snapshot = await anyio.to_thread.run_sync(stats.collect, _registry(request))
     return PlainTextResponse(stats.prometheus(snapshot), media_type="text/plain; version=0.0.4")

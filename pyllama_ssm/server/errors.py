@@ -13,6 +13,7 @@ from typing import Any, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import MemoryFullError, PyllamaError
@@ -41,6 +42,30 @@ class ApiError(Exception):
     def response(self) -> JSONResponse:
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# what every route may answer besides its 200 (documented in the OpenAPI schema)
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text} for status, text in {
+        400: "Invalid request: `param` names the field at fault",
+        401: "Missing or wrong API key (when the server has one)",
+        404: "Unknown model alias or route",
+        413: "Request body over max_request_bytes",
+        429: "The model's queue is full: retry after Retry-After seconds",
+        500: "Internal error",
+        503: "Shutting down, or the model cannot serve: retry after Retry-After seconds",
+    }.items()}
 
 
 def bad_request(param: str, message: str, code: Optional[str] = None) -> ApiError:
@@ -96,7 +121,8 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
 
 def _field_path(loc: tuple) -> list[str]:
     """loc without 'body' and without the union branch names pydantic adds ('str', 'list[int]')."""
-    return [str(p) for p in loc if p != "body" and not re.fullmatch(r"[a-z]+\[.*\]|str|int|float|bool", str(p))]
+    branch = r"[a-z-]+\[.*\]|str|int|float|bool|constrained-[a-z]+"
+    return [str(p) for p in loc if p != "body" and not re.fullmatch(branch, str(p))]
 
 
 def _reason(problem: dict) -> str:
@@ -117,4 +143,6 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return ApiError(exc.status_code, str(exc.detail), type=kind).response()
+        response = ApiError(exc.status_code, str(exc.detail), type=kind).response()
+        response.headers.update(exc.headers or {})  # 405's Allow
+        return response

@@ -1,53 +1,71 @@
 """Request bodies of the OpenAI-compatible routes, validated before any model work.
 
-Field names, defaults and bounds follow llama_cpp.server's types; unlike it,
-unknown fields are refused (a misspelt `max_token` must not pass silently),
-and values llama_cpp.server ignores or asserts on (n > 1, several prompts,
-an empty prompt) are refused with the field named.
+Field names and defaults follow llama_cpp.server's types; unlike it, unknown
+fields are refused (a misspelt `max_token` must not pass silently), and values
+llama_cpp.server ignores or asserts on (n > 1, several prompts, an empty
+prompt) are refused with the field named.  Every number's bounds come from
+pyllama_ssm.limits (what llama.cpp accepts), narrowed where llama_cpp.server
+narrows them; bounds that depend on the loaded models (token ids below n_vocab,
+max_tokens_limit) are marked `x-limit` and filled in by the app's OpenAPI
+schema, so the published schema accepts what the server accepts.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..limits import field as limit
+
+def _whole(value: Any) -> Any:
+    """A JSON number with no fraction (16.0) is an integer, as JSON Schema counts them."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return [_whole(v) for v in value] if isinstance(value, list) else value
+
+
+TokenId = Annotated[int, Field(**limit("token"), json_schema_extra={"x-limit": "token"})]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+    # strict: a number sent as a string ("16") is refused, as the schema's types say
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False, strict=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_numbers(cls, value: Any) -> Any:
+        return _whole(value)
 
 
 class _Sampling(_Body):
     """The sampling fields shared by completions and chat completions."""
 
     model: Optional[str] = Field(default=None, description="The alias of a configured model (default: the first).")
-    min_tokens: int = Field(default=0, ge=0, description="Generate at least this many tokens (EOS suppressed).")
-    temperature: float = Field(default=0.8, ge=0.0, description="Randomness; 0 picks the most likely token.")
-    top_p: float = Field(default=0.95, ge=0.0, le=1.0)
-    min_p: float = Field(default=0.05, ge=0.0, le=1.0)
+    min_tokens: int = Field(default=0, **limit("min_tokens"),
+                            description="Generate at least this many tokens (EOS suppressed).")
+    temperature: float = Field(default=0.8, **limit("temperature", ge=0.0),
+                               description="Randomness; 0 picks the most likely token.")
+    top_p: float = Field(default=0.95, **limit("top_p"))
+    min_p: float = Field(default=0.05, **limit("min_p"))
     stop: Optional[Union[str, list[str]]] = Field(default=None, description="Strings at which to stop generating.")
     stream: bool = Field(default=False, description="Stream the result as server-sent events.")
-    presence_penalty: Optional[float] = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: Optional[float] = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: Optional[dict[str, float]] = Field(default=None, description="Token id (or text) -> bias.")
-    seed: Optional[int] = Field(default=None)
-    n: Optional[int] = Field(default=1)
+    presence_penalty: Optional[float] = Field(default=0.0, **limit("presence_penalty", ge=-2.0, le=2.0))
+    frequency_penalty: Optional[float] = Field(default=0.0, **limit("frequency_penalty", ge=-2.0, le=2.0))
+    logit_bias: Optional[dict[str, Annotated[float, Field(**limit("logit_bias"))]]] = Field(
+        default=None, description="Token id (or text, with logit_bias_type='tokens') -> bias.")
+    seed: Optional[int] = Field(default=None, **limit("seed"), description="Taken modulo 2**32.")
+    n: Optional[int] = Field(default=1, ge=1, le=1, description="Only 1: send one request per completion.")
     user: Optional[str] = Field(default=None)
     # llama.cpp specific
-    top_k: int = Field(default=40, ge=0)
-    repeat_penalty: float = Field(default=1.1, ge=0.0)
+    top_k: int = Field(default=40, **limit("top_k"), description="0: the whole vocabulary.")
+    repeat_penalty: float = Field(default=1.1, **limit("repeat_penalty"))
     logit_bias_type: Optional[Literal["input_ids", "tokens"]] = Field(default=None)
-    mirostat_mode: int = Field(default=0, ge=0, le=2)
-    mirostat_tau: float = Field(default=5.0, ge=0.0, le=10.0)
-    mirostat_eta: float = Field(default=0.1, ge=0.001, le=1.0)
+    mirostat_mode: int = Field(default=0, **limit("mirostat_mode"))
+    mirostat_tau: float = Field(default=5.0, **limit("mirostat_tau", le=10.0))
+    mirostat_eta: float = Field(default=0.1, **limit("mirostat_eta", ge=0.001, le=1.0))
     grammar: Optional[str] = Field(default=None, description="A GBNF grammar the output must follow.")
-
-    @field_validator("n", "best_of", check_fields=False)
-    @classmethod
-    def _only_one(cls, n: Optional[int]) -> Optional[int]:
-        if n is not None and n != 1:
-            raise ValueError(f"{n} given: only 1 is supported; send one request per completion")
-        return n
 
     @field_validator("stop")
     @classmethod
@@ -57,34 +75,41 @@ class _Sampling(_Body):
         return stop
 
 
-TokenIds = list[int]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
 class CreateCompletionRequest(_Sampling):
-    prompt: Union[str, list[str], TokenIds, list[TokenIds]] = Field(
+    prompt: Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(min_length=1, max_length=1)], TokenIds,
+                  Annotated[list[TokenIds], Field(min_length=1, max_length=1)]] = Field(
         description="The prompt: text, or token ids (a list of one of either is accepted too).")
-    suffix: Optional[str] = Field(default=None, description="Text to append after the completion.")
-    max_tokens: Optional[int] = Field(default=16, ge=0, description="Tokens to generate at most.")
+    suffix: None = Field(default=None, description="Fill-in-the-middle is not supported: only null.")
+    max_tokens: Optional[int] = Field(default=16, **limit("max_tokens"), json_schema_extra={"x-limit": "max_tokens"},
+                                      description="Tokens to generate at most (0: up to the context).")
     echo: bool = Field(default=False, description="Echo the prompt before the completion.")
-    logprobs: Optional[int] = Field(default=None, ge=0, description="Log-probabilities of this many top tokens.")
-    best_of: Optional[int] = Field(default=1)
+    logprobs: Optional[int] = Field(default=None, **limit("logprobs"), json_schema_extra={"x-limit": "logprobs"},
+                                    description="Log-probabilities of this many top tokens.")
+    best_of: Optional[int] = Field(default=1, ge=1, le=1, description="Only 1.")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _single_prompt(cls, prompt: Any) -> Any:
+        """The refusals the schema states, in words (before the union's one error per branch)."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)) and len(prompt) != 1:
+            raise ValueError(f"{len(prompt)} prompts given: send one prompt per request")
+        if not prompt or (isinstance(prompt, list) and isinstance(prompt[0], (str, list)) and not prompt[0]):
+            raise ValueError("empty prompt")
+        return prompt
 
     @field_validator("prompt")
     @classmethod
-    def _single_prompt(cls, prompt: Any) -> Union[str, TokenIds]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise ValueError(f"{len(prompt)} prompts given: send one prompt per request")
-            prompt = prompt[0]
-        if not prompt:
-            raise ValueError("empty prompt")
-        return prompt
+    def _one_prompt(cls, prompt: Any) -> Union[str, list[int]]:
+        return prompt[0] if isinstance(prompt, list) and isinstance(prompt[0], (str, list)) else prompt
 
 
 class ChatMessage(BaseModel):
     """One message; its other keys (name, tool_calls, tool_call_id, ...) go to the chat template."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Optional[Union[str, list[dict[str, Any]]]] = None
@@ -97,15 +122,21 @@ class ResponseFormat(_Body):
 
 
 class CreateChatCompletionRequest(_Sampling):
+    # top_logprobs needs logprobs=true: stated in the schema too
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+        "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}})
+
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     functions: Optional[list[dict[str, Any]]] = None
     function_call: Optional[Union[str, dict[str, Any]]] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
-    max_tokens: Optional[int] = Field(default=None, ge=0, description="Tokens to generate at most (default: "
-                                      "until the context is full or the limit of the server).")
+    max_tokens: Optional[int] = Field(default=None, **limit("max_tokens"), json_schema_extra={"x-limit": "max_tokens"},
+                                      description="Tokens to generate at most (default: until the context is "
+                                                  "full or the limit of the server).")
     logprobs: Optional[bool] = Field(default=False)
-    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+    top_logprobs: Optional[int] = Field(default=None, **limit("top_logprobs"))
     response_format: Optional[ResponseFormat] = None
 
     @model_validator(mode="after")
@@ -117,12 +148,13 @@ class CreateChatCompletionRequest(_Sampling):
 
 class CreateEmbeddingRequest(_Body):
     model: Optional[str] = Field(default=None)
-    input: Union[str, list[str]] = Field(description="The text (or texts) to embed.")
+    input: Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(min_length=1)]] = Field(
+        description="The text (or texts) to embed.")
     user: Optional[str] = Field(default=None)
     encoding_format: Optional[Literal["float", "base64"]] = Field(
         default=None, description="'float' (the default) or 'base64' (float32, what the openai client asks for).")
 
-    @field_validator("input")
+    @field_validator("input", mode="before")
     @classmethod
     def _not_empty(cls, value: Union[str, list[str]]) -> Union[str, list[str]]:
         if not value or (isinstance(value, list) and not all(value)):
@@ -137,4 +169,4 @@ class TokenizeInputRequest(_Body):
 
 class DetokenizeInputRequest(_Body):
     model: Optional[str] = Field(default=None)
-    tokens: list[int] = Field(description="The token ids to turn into text.")
+    tokens: list[TokenId] = Field(description="The token ids to turn into text.")
