@@ -330,11 +330,11 @@ class Engine:
     def memory(self) -> EngineMemory:
         report = pool = None
         if memory_mod.available():
-            report = self._call(self.ctx.memory_report)
+            report = self.call(self.ctx.memory_report)
             if self.n_cache:
-                pool = self._call(self.ctx.pool_stats)
+                pool = self.call(self.ctx.pool_stats)
         swapped = sum(len(state) for _, state in list(self._preempted))
-        cached = self._call(lambda: self.cache.bytes) if self.n_cache else 0
+        cached = self.call(lambda: self.cache.bytes) if self.n_cache else 0
         return EngineMemory(report, swapped, len(self.cache.entries), cached, pool)
 
     def close(self) -> None:
@@ -359,8 +359,9 @@ class Engine:
     def _wake(self) -> None:
         self._event.set()  # a cancelled request is dropped at the start of the next step
 
-    def _call(self, fn):
-        """Run fn on the engine thread, between steps (reads of the context); returns its result."""
+    def call(self, fn):
+        """Run fn on the engine thread, between steps, and return its result: the way for anything
+        that touches llama.cpp after start-up (context reads, adapters) to do so."""
         if threading.current_thread() is self._thread or not self._thread.is_alive():
             return fn()
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -595,10 +596,14 @@ class Engine:
 
     def _sample(self, slot: _Slot, idx: int) -> None:
         req = slot.req
+        # logprobs are the model's: read before a logits processor rewrites the buffer in place
+        raw = self.ctx.logits(idx) if req.n_logprobs is not None else None
         tok = slot.sampler.sample(self.ctx.ptr, idx)
         self._counters["generated"] += 1
-        if req.n_logprobs is not None:
-            self._record_logprobs(req, idx, tok)
+        if raw is not None:
+            lp, top = _logprobs(raw, tok, req.n_logprobs)
+            req.logprobs.append(lp)
+            req.top_logprobs.append(top)
         req.tokens.append(tok)
         req.usage.completion_tokens += 1
         if self.model.is_eog(tok):
@@ -622,11 +627,6 @@ class Engine:
         else:
             slot.next_token = tok
 
-    def _record_logprobs(self, req: Request, idx: int, tok: int) -> None:
-        lp, top = self._logprobs_at(idx, tok, req.n_logprobs or 0)
-        req.logprobs.append(lp)
-        req.top_logprobs.append(top)
-
     def _record_prompt_logprobs(self, slot: _Slot, first: int, n: int) -> None:
         """Batch rows first..first+n-1 hold the logits after prompt tokens cursor..cursor+n-1:
         they score the prompt tokens one position later."""
@@ -634,15 +634,8 @@ class Engine:
         for k in range(n):
             target = slot.cursor + k + 1
             if target < len(req.prompt):
-                req.prompt_logprobs[target], req.prompt_top_logprobs[target] = self._logprobs_at(
-                    first + k, req.prompt[target], req.n_logprobs or 0)
-
-    def _logprobs_at(self, idx: int, tok: int, k: int) -> tuple[float, dict[int, float]]:
-        logits = self.ctx.logits(idx, copy=False).astype(np.float64)  # one copy, in float64
-        m = logits.max()
-        logp = logits - (m + np.log(np.exp(logits - m).sum()))
-        top = np.argpartition(-logp, k - 1)[:k] if k else []
-        return float(logp[tok]), {int(t): float(logp[t]) for t in sorted(top, key=lambda t: -logp[t])}
+                req.prompt_logprobs[target], req.prompt_top_logprobs[target] = _logprobs(
+                    self.ctx.logits(first + k, copy=False), req.prompt[target], req.n_logprobs or 0)
 
     def _emit(self, slot: _Slot, tok: int, final: bool = False) -> None:
         """Stream new text, holding back a tail that could still become a stop string."""
@@ -709,6 +702,15 @@ class Engine:
                 self.ctx.seq_rm(slot.seq)
         self._release(slot, "error", MemoryFullError(
             f"request {slot.req.id}: {slot.pos} tokens do not fit the memory of this context (n_ctx={self.n_ctx})"))
+
+
+def _logprobs(logits: np.ndarray, tok: int, k: int) -> tuple[float, dict[int, float]]:
+    """log P(tok) and the k most likely tokens' log-probabilities, from raw logits (in float64)."""
+    logp = logits.astype(np.float64)
+    m = logp.max()
+    logp -= m + np.log(np.exp(logp - m).sum())
+    top = np.argpartition(-logp, k - 1)[:k] if k else []
+    return float(logp[tok]), {int(t): float(logp[t]) for t in sorted(top, key=lambda t: -logp[t])}
 
 
 def _complete_utf8(data: bytes) -> bool:

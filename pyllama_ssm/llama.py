@@ -297,6 +297,8 @@ class Llama:
         # pyllama-ssm
         n_parallel: int = 1,
         batch_invariant: Optional[bool] = None,
+        prefix_cache: int = 8,
+        prefix_cache_bytes: Optional[int] = 256 << 20,
     ):
         self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self._model = self._ctx = self._engine = self._batch = self._lora = None  # for close()
@@ -381,7 +383,8 @@ class Llama:
                 self._engine = Engine(self._model, n_ctx=n_ctx, parallel=n_parallel, n_batch=self.n_batch,
                                       n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
                                       flash_attn="auto" if flash_attn is None else bool(flash_attn),
-                                      batch_invariant=batch_invariant, context_overrides=context_params)
+                                      batch_invariant=batch_invariant, prefix_cache=prefix_cache,
+                                      prefix_cache_bytes=prefix_cache_bytes, context_overrides=context_params)
                 stack.callback(self._engine.close)
             self._lora = self._load_lora(lora_path, lora_scale) if lora_path else None
             stack.pop_all()
@@ -425,8 +428,12 @@ class Llama:
         if adapter == ffi.NULL:
             raise ValueError(f"lora_path {path}: llama.cpp could not load it as a LoRA adapter for this model")
         adapters, scales = ffi.new("struct llama_adapter_lora *[1]", [adapter]), ffi.new("float[1]", [scale])
+        def apply(ctx) -> int:
+            return lib.llama_set_adapters_lora(ctx.ptr, adapters, 1, scales)
         for ctx in filter(None, (self._ctx, self._engine and self._engine.ctx)):
-            if lib.llama_set_adapters_lora(ctx.ptr, adapters, 1, scales) != 0:
+            # the Engine's context only from its own thread, between steps
+            rc = self._engine.call(lambda: apply(ctx)) if self._engine and ctx is self._engine.ctx else apply(ctx)
+            if rc != 0:
                 lib.llama_adapter_lora_free(adapter)
                 raise ValueError(f"lora_path {path}: llama.cpp could not apply the adapter")
         return adapter
@@ -434,8 +441,8 @@ class Llama:
     def _init_chat(self, chat_format: Optional[str], chat_handler) -> None:
         """The model's own templates become handlers "chat_template.<name>"; pick the format."""
         eos, bos = self.token_eos(), self.token_bos()
-        eos_text = ffi.string(lib.llama_vocab_get_text(self._model._vocab, eos)).decode() if eos != -1 else ""
-        bos_text = ffi.string(lib.llama_vocab_get_text(self._model._vocab, bos)).decode() if bos != -1 else ""
+        eos_text = ffi.string(lib.llama_vocab_get_text(self._model.vocab, eos)).decode() if eos != -1 else ""
+        bos_text = ffi.string(lib.llama_vocab_get_text(self._model.vocab, bos)).decode() if bos != -1 else ""
         templates = {"chat_template." + k.removeprefix("tokenizer.chat_template."): v for k, v in
                      self.metadata.items() if k.startswith("tokenizer.chat_template.")}
         if "tokenizer.chat_template" in self.metadata:
@@ -531,10 +538,12 @@ class Llama:
         return self._model.token_eos
 
     def token_nl(self) -> int:
-        return lib.llama_vocab_nl(self._model._vocab)
+        return lib.llama_vocab_nl(self._model.vocab)
 
     def pooling_type(self) -> int:
-        return lib.llama_pooling_type(self._require_context("pooling_type").ptr)
+        ctx = self._require_context("pooling_type")
+        read = lambda: lib.llama_pooling_type(ctx.ptr)  # noqa: E731
+        return self._engine.call(read) if self._engine is not None and ctx is self._engine.ctx else read()
 
     def tokenizer(self) -> LlamaTokenizer:
         return LlamaTokenizer(self)
@@ -629,7 +638,7 @@ class Llama:
         if grammar is not None:
             if not isinstance(grammar, LlamaGrammar):
                 raise TypeError(f"grammar: expected a LlamaGrammar, got {type(grammar).__name__}")
-            llama_grammar.check(grammar._grammar, self._model._vocab)
+            llama_grammar.check(grammar._grammar, self._model.vocab)
         bias = {}
         for key, value in (logit_bias or {}).items():
             try:
@@ -859,7 +868,7 @@ class Llama:
     def _prompt_tokens(self, prompt: Union[str, list[int]]) -> list[int]:
         """BOS/EOS around a text prompt as llama-cpp-python adds them; token prompts are taken as given."""
         if isinstance(prompt, str):
-            vocab = self._model._vocab
+            vocab = self._model.vocab
             bos, sep, eos = self.token_bos(), lib.llama_vocab_sep(vocab), self.token_eos()
             end = sep if sep != -1 else eos
             head = [bos] if lib.llama_vocab_get_add_bos(vocab) and bos != -1 else []

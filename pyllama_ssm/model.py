@@ -53,8 +53,8 @@ class Model:
                                  f"{_runtime.take_errors() or 'no reason given'}")
         self._ptr = ptr
         self._contexts: weakref.WeakSet = weakref.WeakSet()  # closed before the weights go
-        self._vocab = lib.llama_model_get_vocab(ptr)
-        self.n_vocab = lib.llama_vocab_n_tokens(self._vocab)
+        self.vocab = lib.llama_model_get_vocab(ptr)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
 
     # -- lifetime ------------------------------------------------------------
     @property
@@ -142,14 +142,14 @@ class Model:
     # -- vocabulary -------------------------------------------------------------
     @property
     def token_bos(self) -> int:
-        return lib.llama_vocab_bos(self._vocab)
+        return lib.llama_vocab_bos(self.vocab)
 
     @property
     def token_eos(self) -> int:
-        return lib.llama_vocab_eos(self._vocab)
+        return lib.llama_vocab_eos(self.vocab)
 
     def is_eog(self, token: int) -> bool:
-        return bool(lib.llama_vocab_is_eog(self._vocab, token))
+        return bool(lib.llama_vocab_is_eog(self.vocab, token))
 
     def check_token(self, token: int) -> int:
         if not isinstance(token, int) or isinstance(token, bool):
@@ -162,11 +162,11 @@ class Model:
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         cap = len(data) + 8
         buf = ffi.new("llama_token[]", cap)
-        n = lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+        n = lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         if n < 0:
             cap = -n
             buf = ffi.new("llama_token[]", cap)
-            n = lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+            n = lib.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
         if n < 0:
             raise TokenError(f"text of {len(data)} bytes could not be tokenized (code {n})")
         return list(ffi.unpack(buf, n))
@@ -174,10 +174,10 @@ class Model:
     def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
         self.check_token(token)
         buf = ffi.new("char[64]")
-        n = lib.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+        n = lib.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
         if n < 0:
             buf = ffi.new("char[]", -n)
-            n = lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+            n = lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
         return ffi.buffer(buf, n)[:]
 
     def detokenize(self, tokens: list[int], *, special: bool = False) -> bytes:
@@ -188,11 +188,11 @@ class Model:
         arr = ffi.new("llama_token[]", tokens)
         cap = max(64, len(tokens) * 8)
         buf = ffi.new("char[]", cap)
-        n = lib.llama_detokenize(self._vocab, arr, len(tokens), buf, cap, False, special)
+        n = lib.llama_detokenize(self.vocab, arr, len(tokens), buf, cap, False, special)
         if n < 0:
             cap = -n
             buf = ffi.new("char[]", cap)
-            n = lib.llama_detokenize(self._vocab, arr, len(tokens), buf, cap, False, special)
+            n = lib.llama_detokenize(self.vocab, arr, len(tokens), buf, cap, False, special)
         return ffi.buffer(buf, n)[:]
 
     def __repr__(self) -> str:

@@ -85,7 +85,7 @@ class Sampler:
             add(lib.llama_sampler_init_penalties(n_vocab, p.penalty_last_n, p.repeat_penalty,
                                                  p.frequency_penalty, p.presence_penalty))
         if p.grammar:
-            g = lib.llama_sampler_init_grammar(model._vocab, p.grammar.encode(), b"root")
+            g = lib.llama_sampler_init_grammar(model.vocab, p.grammar.encode(), b"root")
             if g == ffi.NULL:
                 self.close()
                 raise ValueError("grammar: llama.cpp could not parse the GBNF grammar")
@@ -152,9 +152,6 @@ class Sampler:
         if p == ffi.NULL:
             raise ValueError(f"no logits for batch output {idx}")
         return np.frombuffer(ffi.buffer(p, self._n_vocab * 4), dtype=np.float32)
-
-    def accept(self, token: int) -> None:
-        lib.llama_sampler_accept(self._chain, token)
 
     def close(self) -> None:
         if self._chain is not None:

@@ -225,7 +225,7 @@ def test_attention_only_prefix_hits_any_leading_part_and_frees_its_cells():
         assert second.tokens == alone("llama", long_system + "Assistant: a different turn")
         held = e.memory().report.kv_cells_used
         assert held >= n_system, "cached prefixes keep their cells"
-        e._call(e.cache.clear)
+        e.call(e.cache.clear)
         assert e.memory().report.kv_cells_used == 0, "dropping the entries frees their cells"
 
 

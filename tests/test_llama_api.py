@@ -197,6 +197,17 @@ def test_logprobs_shape(llm, par):
     assert echoed["token_logprobs"][0] is None and len(echoed["tokens"]) == len(ids) + 2
 
 
+def test_logprobs_are_the_models_whatever_a_logits_processor_does(llm, par):
+    """Both modes report the raw distribution's logprobs (stock's), not the processed one's."""
+    def force(ids, logits):
+        logits[7] += 50.0  # token 7 wins every step
+        return logits
+    runs = [model(PROMPT, max_tokens=4, temperature=0, logprobs=1, logits_processor=LogitsProcessorList([force]))
+            ["choices"][0]["logprobs"]["token_logprobs"] for model in (llm, par)]
+    assert all(v < -1.0 for v in runs[0] + runs[1]), runs  # token 7 is not likely by itself
+    np.testing.assert_allclose(runs[0], runs[1], atol=1e-2)  # flash attention on one side only
+
+
 def test_logprobs_need_logits_all_with_one_sequence():
     with Llama(str(zoo_path("llama")), n_ctx=64, verbose=False) as m:
         with pytest.raises(ValueError, match="logits_all"):

@@ -43,7 +43,7 @@ def assert_idle(e: Engine) -> None:
     s = e.stats()
     assert (s.queued, s.running, s.preempted) == (0, 0, 0), s
     assert sorted(e._free) == list(range(e.parallel)), "a sequence id was lost"
-    e._call(e.cache.clear)
+    e.call(e.cache.clear)
     report = e.memory().report
     if report is not None:
         assert report.kv_cells_used == 0 and report.rs_cells_live == 0 and report.rs_snapshots == 0, report

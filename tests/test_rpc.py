@@ -54,7 +54,7 @@ def run(**model_kw):
         with Engine(model, n_ctx=512, parallel=2, n_batch=64) as engine:
             # submitted from the engine thread between two steps, both join the same first step in both runs:
             # another batch composition alone changes the rounding (~1e-4 in logprobs)
-            reqs = engine._call(lambda: [engine.submit(p, SamplingParams(temperature=0), max_tokens=6, logprobs=1)
+            reqs = engine.call(lambda: [engine.submit(p, SamplingParams(temperature=0), max_tokens=6, logprobs=1)
                                          for p in ("Hello world", "Once upon a time in a recurrent network")])
             done = [r.result(timeout=120) for r in reqs]
     return logits, [r.tokens for r in done], np.array([r.logprobs for r in done])

@@ -1,6 +1,6 @@
 """The patch series over the pinned llama.cpp.
 
-    python tools/patches.py check  [--tree DIR]   # every patch applies, in order
+    python tools/patches.py check  [--patch-dir DIR]  # every patch applies to the pin, in order
     python tools/patches.py apply  DIR            # apply the series to DIR (pristine copy)
     python tools/patches.py edit   [DIR]          # git work tree: upstream commit + one commit per patch
     python tools/patches.py refresh [DIR]         # regenerate patches/ from that work tree

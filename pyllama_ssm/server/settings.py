@@ -70,7 +70,14 @@ class ModelSettings(_Strict):
     logits_all: bool = Field(default=True, description="Whether to return logits.")
     embedding: bool = Field(default=False, description="Whether to use embeddings.")
     offload_kqv: bool = Field(default=True, description="Whether to offload kqv to the GPU.")
-    flash_attn: bool = Field(default=False, description="Whether to use flash attention.")
+    flash_attn: Optional[bool] = Field(
+        default=None, description="Whether to use flash attention (default: off with n_parallel=1, as "
+        "llama_cpp.server; auto above, where answers then do not depend on the other requests).")
+    batch_invariant: Optional[bool] = Field(
+        default=None, description="Each answer independent of what else runs (default: on with n_parallel > 1).")
+    prefix_cache: int = Field(default=8, ge=0, le=256, description="Prompt prefixes the Engine keeps (n_parallel > 1).")
+    prefix_cache_bytes: Optional[int] = Field(
+        default=256 << 20, ge=0, description="Bytes the Engine's prefix cache may hold (n_parallel > 1; null: no bound).")
     # Sampling params
     last_n_tokens_size: int = Field(default=64, ge=0, description="Last n tokens kept for repeat penalty.")
     # LoRA params
