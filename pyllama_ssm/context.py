@@ -74,8 +74,6 @@ class Context:
         p.n_ubatch = min(n_ubatch, n_batch)
         p.n_seq_max = n_seq_max
         p.n_rs_seq = n_rs_seq
-        if n_rs_pool:
-            p.n_rs_pool = n_rs_pool
         p.n_threads = n_threads or default_threads()
         p.n_threads_batch = n_threads_batch or p.n_threads
         p.kv_unified = kv_unified
@@ -91,7 +89,12 @@ class Context:
                 n_ctx or model.n_ctx_train, n_seq_max, n_rs_pool, n_rs_seq, p.n_ubatch, p.type_k, p.type_v,
                 kv_unified, swa_full, flash_attn is not False, model.n_gpu_layers), model.facts)
         _runtime.clear_errors()
-        ptr = lib.llama_init_from_model(model.ptr, p)
+        if has("llama_init_from_model_ssm"):  # the series' settings travel beside upstream's struct
+            ssm = lib.llama_ssm_context_default_params()
+            ssm.n_rs_pool = n_rs_pool
+            ptr = lib.llama_init_from_model_ssm(model.ptr, p, ssm)
+        else:
+            ptr = lib.llama_init_from_model(model.ptr, p)
         if ptr == ffi.NULL:
             raise ContextError(f"context for {model.path.name} (n_ctx={n_ctx}, n_seq_max={n_seq_max}) "
                                f"could not be created: {_runtime.take_errors() or 'no reason given'}")
