@@ -1,7 +1,8 @@
 """The drop-in Llama: llama-cpp-python 0.3.36's high-level API over pyllama-ssm.
 
 Llama(model_path, ...) takes llama_cpp.Llama's parameters (same names, defaults
-and meaning) plus n_parallel; an unknown keyword is a TypeError.
+and meaning) plus n_parallel; an unknown keyword is ignored with a warning, as
+llama-cpp-python ignores it.
 
 - n_parallel=1: one context, one sequence, driven from this object the way
   llama-cpp-python drives it (eval, sample, generate, n_tokens, input_ids,
@@ -32,6 +33,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -299,8 +301,12 @@ class Llama:
         batch_invariant: Optional[bool] = None,
         prefix_cache: int = 8,
         prefix_cache_bytes: Optional[int] = 256 << 20,
+        **kwargs: Any,  # as llama-cpp-python: unknown keywords (LangChain's n_parts, f16_kv...) are ignored
     ):
-        self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        if kwargs:
+            warnings.warn(f"Llama: ignoring unknown keyword argument(s) {', '.join(sorted(kwargs))} "
+                          f"(as llama-cpp-python does)", stacklevel=2)
+        self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__", "kwargs")}
         self._model = self._ctx = self._engine = self._batch = self._lora = None  # for close()
         self._sampler: Optional[Sampler] = None  # the running generate()'s
         self.verbose = verbose

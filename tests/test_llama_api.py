@@ -60,6 +60,9 @@ def test_constructor_takes_llama_cpp_python_parameters(llm):
         assert m.n_ctx() == m._model.n_ctx_train  # n_ctx=0: the model's training context
         assert m.n_batch == 64 and m.context_params.n_ubatch == 32 and m.context_params.type_k == lib.GGML_TYPE_F16
         assert m._seed == 7
+    # keywords llama-cpp-python 0.3.36 ignores (LangChain passes n_parts, f16_kv...): ignored, with a warning
+    with pytest.warns(UserWarning, match="f16_kv, n_parts"):
+        Llama(path, n_ctx=64, n_parts=-1, f16_kv=True, verbose=False).close()
     assert (llm.n_ctx(), llm.n_vocab(), llm.n_embd()) == (512, 32000, llm._model.n_embd)
     assert (llm.token_bos(), llm.token_eos()) == (1, 2)
     assert llm.metadata["general.architecture"] == "llama" and llm.model_path == path
@@ -74,7 +77,6 @@ def test_kv_overrides_reach_the_loader():
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"n_gpu_layer": 1}, TypeError, "n_gpu_layer"),
     ({"n_parallel": 0}, ValueError, "n_parallel"),
     ({"draft_model": object()}, ValueError, "draft_model"),
     ({"lora_base": "base.gguf"}, ValueError, "lora_base"),
