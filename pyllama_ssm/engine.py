@@ -42,7 +42,7 @@ from .bindings import has
 from .context import MAX_SEQ, Context
 from .errors import EngineError, MemoryFullError, StateError
 from .model import Model
-from .prefix_cache import HolderStore, PoolStore, PrefixCache
+from .prefix_cache import HolderStore, PoolStore, PrefixCache, common_prefix
 from .sampling import Sampler, SamplingParams
 
 CHECKPOINT_INTERVAL = 64  # prefill chunks end on multiples of this, each a prefix-cache entry
@@ -182,6 +182,7 @@ class _Slot:
     emitted: int = 0         # characters of req.text already streamed
     admitted: int = 0
     relocated_at: int = -1   # position at which its cells were last moved (see _relieve_memory)
+    share_at: set[int] = field(default_factory=set)  # prompt positions queued requests wait to share
 
 
 @dataclass
@@ -475,24 +476,45 @@ class Engine:
             self._running[seq] = slot
         if self._preempted:
             return  # preempted sequences go first
-        while self._free and self._pending:
-            req = self._pending[0]  # leaves the queue only once it is running or finished
+        waiting = 0  # queued requests that wait for a prefix a running request is computing
+        while self._free and len(self._pending) > waiting:
+            req = self._pending[waiting]  # leaves the queue only once it is running or finished
             if req.cancelled:
-                self._pending.popleft()
+                del self._pending[waiting]
                 req._finish("cancelled")
                 continue
+            if self._awaits_shared_prefix(req):
+                waiting += 1
+                continue
             self._start(req)
+
+    def _awaits_shared_prefix(self, req: Request) -> bool:
+        """Whether req should wait for a prefix that a running request is prefilling now, rather than
+        compute it again beside it (eight first turns of chats on one system prompt compute it once).
+        The leader then ends a prefill chunk, and keeps a prefix-cache entry, where the prompts part."""
+        if not self.n_cache or req.prompt_logprobs is not None:
+            return False
+        hit = self.cache.peek(req.prompt)
+        have = hit.n_tokens if hit is not None else 0
+        for slot in self._running.values():
+            if slot.cursor >= len(slot.req.prompt):
+                continue  # generating: its prompt's entries are in the cache already, or evicted
+            shared = common_prefix(slot.req.prompt, req.prompt, len(req.prompt) - 1)
+            if shared - have >= CHECKPOINT_INTERVAL and slot.cursor < shared <= len(slot.req.prompt) - 1:
+                slot.share_at.add(shared)
+                return True
+        return False
 
     def _start(self, req: Request) -> None:
         """Move the queue's first request into a free sequence; anything it raises fails it alone."""
         try:
             sampler = Sampler(self.model, req.params)
         except Exception as e:  # noqa: BLE001 - a grammar llama.cpp refuses, a value cffi cannot convert...
-            self._pending.popleft()
+            self._pending.remove(req)
             req._finish("error", e)
             return
         slot = _Slot(req, self._free.pop(), sampler, admitted=next(self._admissions))
-        self._pending.popleft()
+        self._pending.remove(req)
         self._running[slot.seq] = slot
         try:
             hit = self.cache.lookup(req.prompt) if self.n_cache and req.prompt_logprobs is None else None
@@ -548,6 +570,9 @@ class Engine:
             end = (slot.cursor + n) // CHECKPOINT_INTERVAL * CHECKPOINT_INTERVAL
             if self.n_cache and slot.cursor < end < slot.cursor + n:
                 n = end - slot.cursor  # the chunk ends on its last checkpoint; what is past it comes next step
+            share = [p for p in slot.share_at if slot.cursor < p < slot.cursor + n]
+            if share:  # a waiting request's prompt parts from this one there: a checkpoint for it
+                n = min(share) - slot.cursor
             chunk = slot.req.prompt[slot.cursor:slot.cursor + n]
             last = batch.add_sequence(chunk, slot.pos, slot.seq, logits_last=slot.cursor + n == len(slot.req.prompt))
             prefill.append((slot, n))
@@ -577,7 +602,8 @@ class Engine:
                 continue
             slot.cursor += n
             slot.pos += n
-            if self.n_cache and slot.cursor % CHECKPOINT_INTERVAL == 0 and slot.cursor < len(slot.req.prompt):
+            at_checkpoint = slot.cursor % CHECKPOINT_INTERVAL == 0 or slot.cursor in slot.share_at
+            if self.n_cache and at_checkpoint and slot.cursor < len(slot.req.prompt):
                 self.cache.add(slot.seq, slot.req.prompt[:slot.cursor])
         for slot, idx in outputs:
             if slot.seq not in self._running:  # failed while scoring its prompt

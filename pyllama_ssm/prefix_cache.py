@@ -107,15 +107,20 @@ class PrefixCache:
     def bytes(self) -> int:
         return sum(self.entry_bytes(len(k)) for k in self.entries)
 
-    def lookup(self, prompt: list[int]) -> Hit | None:
-        """The longest usable entry for prompt; one prompt token must remain to decode."""
+    def peek(self, prompt: list[int]) -> Hit | None:
+        """The longest usable entry for prompt (one prompt token must remain to decode); no bookkeeping."""
         best: Hit | None = None
         for key, e in self.entries.items():
-            n = _common_prefix(key, prompt, len(prompt) - 1)
+            n = common_prefix(key, prompt, len(prompt) - 1)
             if n < len(key) and not self.store.partial:
                 continue
             if n > 0 and (best is None or n > best.n_tokens):
                 best = Hit(e, n)
+        return best
+
+    def lookup(self, prompt: list[int]) -> Hit | None:
+        """peek(), counted as a hit or a miss and marking the entry used."""
+        best = self.peek(prompt)
         if best is None:
             self.misses += 1
         else:
@@ -167,7 +172,7 @@ class PrefixCache:
             pass
 
 
-def _common_prefix(key: tuple[int, ...], prompt: list[int], limit: int) -> int:
+def common_prefix(key: tuple[int, ...], prompt: list[int], limit: int) -> int:
     n = min(len(key), limit)
     for i in range(n):
         if key[i] != prompt[i]:

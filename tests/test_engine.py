@@ -358,3 +358,21 @@ def test_greedy_takes_the_tokens_llamas_sampler_chain_takes(name, params):
     assert samplers[0]._argmax == (params is GREEDY)
     if params is PENALIZED:  # the shortcut and the whole-vocabulary fallback both ran
         assert any(raw_max_in_window) and not all(raw_max_in_window), raw_max_in_window
+
+
+@pytest.mark.parametrize("name", [n for n in zoo_names() if n in ("llama", "qwen35", "jamba")])
+def test_requests_sharing_a_prefix_in_flight_compute_it_once(name):
+    """Four requests on one long system prompt, submitted together: the others wait for the first one's
+    checkpoint where their prompts part, instead of prefilling the same tokens beside it."""
+    system = SYSTEM * 12  # several prefill chunks' worth
+    prompts = [system + f"User: question number {i}" for i in range(4)]
+    with Engine(zoo_model(name), n_ctx=4096, parallel=4, n_batch=128) as e:
+        reqs = [e.submit(p, GREEDY, max_tokens=N_GEN) for p in prompts]
+        got = [r.result(timeout=120) for r in reqs]
+        decoded = e.stats().tokens_decoded
+    n_system = len(zoo_model(name).tokenize(system))
+    n_prompts = sum(len(zoo_model(name).tokenize(p)) for p in prompts)
+    assert sum(c.usage.cached_tokens for c in got) >= 3 * (n_system - 8), "the followers start from the shared prefix"
+    assert decoded < n_prompts - 2 * n_system, f"{decoded} tokens decoded for {n_prompts} prompt tokens"
+    for p, c in zip(prompts, got):
+        assert c.tokens == alone(name, p), f"{name}: {p[-12:]!r}"
