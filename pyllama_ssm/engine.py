@@ -42,10 +42,10 @@ from .bindings import has
 from .context import MAX_SEQ, Context
 from .errors import EngineError, MemoryFullError, StateError
 from .model import Model
-from .prefix_cache import HolderStore, PoolStore, PrefixCache, common_prefix
+from .prefix_cache import HolderStore, PoolStore, PrefixCache
+from .scheduler import SeqFacts, is_checkpoint, plan_step, preemption_victim, waits_for
 from .sampling import Sampler, SamplingParams
 
-CHECKPOINT_INTERVAL = 64  # prefill chunks end on multiples of this, each a prefix-cache entry
 
 
 @dataclass(frozen=True)
@@ -447,6 +447,8 @@ class Engine:
         while self._free and self._preempted and not self._resume_blocked:
             slot, state = self._preempted[0]
             seq = self._free.pop()
+            if not self._running and not self.cache.entries:
+                self.ctx.clear(data=False)  # an empty memory: its cells from the first one on (ordered cells)
             try:
                 self.ctx.set_seq_state(seq, state)
             except StateError:
@@ -489,24 +491,19 @@ class Engine:
             self._start(req)
 
     def _awaits_shared_prefix(self, req: Request) -> bool:
-        """Whether req should wait for a prefix that a running request is prefilling now, rather than
-        compute it again beside it (eight first turns of chats on one system prompt compute it once).
-        The leader then ends a prefill chunk, and keeps a prefix-cache entry, where the prompts part."""
+        """Whether req waits for a prefix a running request is prefilling now (scheduler.waits_for)."""
         if not self.n_cache or req.prompt_logprobs is not None:
             return False
         hit = self.cache.peek(req.prompt)
-        have = hit.n_tokens if hit is not None else 0
-        for slot in self._running.values():
-            if slot.cursor >= len(slot.req.prompt):
-                continue  # generating: its prompt's entries are in the cache already, or evicted
-            shared = common_prefix(slot.req.prompt, req.prompt, len(req.prompt) - 1)
-            if shared - have >= CHECKPOINT_INTERVAL and slot.cursor < shared <= len(slot.req.prompt) - 1:
-                slot.share_at.add(shared)
-                return True
-        return False
+        return waits_for(req.prompt, hit.n_tokens if hit else 0, map(self._facts, self._running.values())) is not None
+
+    @staticmethod
+    def _facts(slot: "_Slot") -> SeqFacts:
+        return SeqFacts(slot.seq, slot.admitted, slot.req.prompt, slot.cursor, slot.next_token is not None,
+                        slot.req.prompt_logprobs is not None, slot.share_at)
 
     def _start(self, req: Request) -> None:
-        """Move the queue's first request into a free sequence; anything it raises fails it alone."""
+        """Move a queued request into a free sequence; anything it raises fails it alone."""
         try:
             sampler = Sampler(self.model, req.params)
         except Exception as e:  # noqa: BLE001 - a grammar llama.cpp refuses, a value cffi cannot convert...
@@ -540,46 +537,28 @@ class Engine:
         self._admit()
         if not self._running:
             return
+        plan = plan_step(map(self._facts, self._running.values()), self.n_batch, self._n_outputs,
+                         checkpoints=bool(self.n_cache))
         batch = self._batch
         batch.clear()
-        outputs: list[tuple[_Slot, int]] = []
-        prefill: list[tuple[_Slot, int]] = []
-        for slot in self._running.values():
-            if slot.next_token is not None:
-                outputs.append((slot, batch.add(slot.next_token, slot.pos, slot.seq, logits=True)))
-        budget = self.n_batch - batch.n_tokens
-        rows = self._n_outputs - len(outputs)  # logits rows the context can still return this step
+        outputs: list[tuple[_Slot, int]] = []   # (slot, batch index) whose logits sample a token
+        prefill: list[tuple[_Slot, int]] = []   # (slot, prompt tokens in this step)
         scored: list[tuple[_Slot, int, int]] = []  # (slot, first batch index, n): prompt logprobs
-        for slot in sorted(self._running.values(), key=lambda s: s.admitted):
-            remaining = len(slot.req.prompt) - slot.cursor
-            if slot.next_token is not None or remaining <= 0 or budget <= 0 or rows <= 0:
-                continue
-            n = min(budget, remaining)
-            if slot.req.prompt_logprobs is not None:  # every position's logits: within the output rows
-                n = min(n, rows)
-                first = batch.n_tokens
-                for k, t in enumerate(slot.req.prompt[slot.cursor:slot.cursor + n]):
+        for seq in plan.decode:
+            slot = self._running[seq]
+            outputs.append((slot, batch.add(slot.next_token, slot.pos, slot.seq, logits=True)))
+        for chunk in plan.prefill:
+            slot = self._running[chunk.seq]
+            tokens = slot.req.prompt[chunk.start:chunk.start + chunk.n]
+            if chunk.all_logits:
+                scored.append((slot, batch.n_tokens, chunk.n))
+                for k, t in enumerate(tokens):
                     last = batch.add(t, slot.pos + k, slot.seq, logits=True)
-                scored.append((slot, first, n))
-                prefill.append((slot, n))
-                rows -= n
-                if slot.cursor + n == len(slot.req.prompt):
-                    outputs.append((slot, last))
-                budget -= n
-                continue
-            end = (slot.cursor + n) // CHECKPOINT_INTERVAL * CHECKPOINT_INTERVAL
-            if self.n_cache and slot.cursor < end < slot.cursor + n:
-                n = end - slot.cursor  # the chunk ends on its last checkpoint; what is past it comes next step
-            share = [p for p in slot.share_at if slot.cursor < p < slot.cursor + n]
-            if share:  # a waiting request's prompt parts from this one there: a checkpoint for it
-                n = min(share) - slot.cursor
-            chunk = slot.req.prompt[slot.cursor:slot.cursor + n]
-            last = batch.add_sequence(chunk, slot.pos, slot.seq, logits_last=slot.cursor + n == len(slot.req.prompt))
-            prefill.append((slot, n))
-            if slot.cursor + n == len(slot.req.prompt):
+            else:
+                last = batch.add_sequence(tokens, slot.pos, slot.seq, logits_last=chunk.last)
+            prefill.append((slot, chunk.n))
+            if chunk.last:
                 outputs.append((slot, last))
-                rows -= 1
-            budget -= n
         if batch.n_tokens == 0:
             return
         t1 = time.perf_counter()
@@ -602,8 +581,7 @@ class Engine:
                 continue
             slot.cursor += n
             slot.pos += n
-            at_checkpoint = slot.cursor % CHECKPOINT_INTERVAL == 0 or slot.cursor in slot.share_at
-            if self.n_cache and at_checkpoint and slot.cursor < len(slot.req.prompt):
+            if self.n_cache and is_checkpoint(self._facts(slot)):
                 self.cache.add(slot.seq, slot.req.prompt[:slot.cursor])
         for slot, idx in outputs:
             if slot.seq not in self._running:  # failed while scoring its prompt
@@ -699,7 +677,7 @@ class Engine:
             self.cache.clear()
             return
         if len(self._running) > 1:
-            slot = max(self._running.values(), key=lambda s: s.admitted)
+            slot = self._running[preemption_victim(map(self._facts, self._running.values()))]
             try:
                 state = self.ctx.seq_state(slot.seq)
             except Exception as e:  # noqa: BLE001 - the sequence being swapped out fails alone
@@ -719,7 +697,7 @@ class Engine:
             # lie below it.  Alone in the memory now, it moves down, bit-identical, and goes on.
             try:
                 state = self.ctx.seq_state(slot.seq)
-                self.ctx.seq_rm(slot.seq)
+                self.ctx.clear(data=False)  # empty now: the cache starts over at cell 0 (llama.cpp's head)
                 self.ctx.set_seq_state(slot.seq, state)
                 slot.relocated_at = slot.pos
                 self._counters["relocations"] += 1

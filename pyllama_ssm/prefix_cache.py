@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from .context import Context
 from .errors import PoolExhaustedError, SnapshotError
+from .scheduler import common_prefix
 
 
 class PoolStore:
@@ -170,11 +171,3 @@ class PrefixCache:
     def clear(self) -> None:
         while self.evict_one():
             pass
-
-
-def common_prefix(key: tuple[int, ...], prompt: list[int], limit: int) -> int:
-    n = min(len(key), limit)
-    for i in range(n):
-        if key[i] != prompt[i]:
-            return i
-    return n

@@ -1,0 +1,116 @@
+"""The Engine's decisions, from plain data: what the next step decodes, who waits, who is swapped out.
+
+Nothing here touches llama.cpp, so every rule is unit-tested without a model
+(tests/test_scheduler.py); the Engine (engine.py) gathers the facts, asks, and
+carries out the answer on its context.
+
+- plan_step: each running sequence with a sampled token feeds it (one logits row each); the
+  prompts still to prefill share what is left of the token budget, oldest admission first.
+  A chunk ends on the last prefix-cache checkpoint it crosses (a multiple of the checkpoint
+  interval) and where a queued request waits to share the prompt (see waits_for); a prompt
+  whose every position is scored (prompt logprobs) takes at most the logits rows left.
+- waits_for: a queued request waits for a prefix that a running request is prefilling now,
+  rather than compute it again beside it.
+- preemption_victim: the newest admission leaves when a step does not fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+CHECKPOINT_INTERVAL = 64  # prefill chunks end on multiples of this, each a prefix-cache entry
+
+
+@dataclass
+class SeqFacts:
+    """What the scheduler knows of one running sequence."""
+
+    seq: int
+    admitted: int                 # admission order: lower is older
+    prompt: Sequence[int]
+    cursor: int                   # prompt tokens already in memory
+    decoding: bool                # holds a sampled token to feed this step
+    score_prompt: bool = False    # logits at every prompt position (prompt logprobs)
+    share_at: set[int] = field(default_factory=set)  # positions queued requests wait for
+
+
+@dataclass(frozen=True)
+class Chunk:
+    seq: int
+    start: int         # first prompt position of the chunk
+    n: int
+    all_logits: bool   # logits at every position (prompt logprobs), else at the prompt's last only
+    last: bool         # the chunk ends the prompt: its last position's logits sample the first token
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    decode: tuple[int, ...]    # sequences feeding their sampled token
+    prefill: tuple[Chunk, ...]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.decode) + sum(c.n for c in self.prefill)
+
+
+def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoints: bool) -> StepPlan:
+    """The next step: decode tokens first, then prompt chunks within the n_batch token budget and the
+    n_outputs logits rows; `checkpoints`: chunks end on prefix-cache checkpoints."""
+    seqs = sorted(seqs, key=lambda s: s.admitted)
+    # at most the budget and the rows: with fewer than the sequences, the oldest decode first
+    decode = tuple(s.seq for s in seqs if s.decoding)[:min(n_batch, n_outputs)]
+    budget, rows = n_batch - len(decode), n_outputs - len(decode)
+    chunks = []
+    for s in seqs:
+        remaining = len(s.prompt) - s.cursor
+        if s.decoding or remaining <= 0 or budget <= 0 or rows <= 0:
+            continue
+        n = min(budget, remaining)
+        if s.score_prompt:  # every position's logits: within the output rows
+            n = min(n, rows)
+        else:
+            end = (s.cursor + n) // CHECKPOINT_INTERVAL * CHECKPOINT_INTERVAL
+            if checkpoints and s.cursor < end < s.cursor + n:
+                n = end - s.cursor  # what is past the last checkpoint comes next step
+            share = [p for p in s.share_at if s.cursor < p < s.cursor + n]
+            if share:  # a queued request's prompt parts from this one there
+                n = min(share) - s.cursor
+        last = s.cursor + n == len(s.prompt)
+        chunks.append(Chunk(s.seq, s.cursor, n, s.score_prompt, last))
+        budget -= n
+        rows -= n if s.score_prompt else int(last)
+    return StepPlan(decode, tuple(chunks))
+
+
+def is_checkpoint(s: SeqFacts) -> bool:
+    """Whether the prompt position s.cursor deserves a prefix-cache entry."""
+    return 0 < s.cursor < len(s.prompt) and (s.cursor % CHECKPOINT_INTERVAL == 0 or s.cursor in s.share_at)
+
+
+def waits_for(prompt: Sequence[int], cached: int, running: Iterable[SeqFacts]) -> SeqFacts | None:
+    """The running sequence whose prompt a queued one should wait for: one still prefilling a prefix
+    they share that is at least a checkpoint interval longer than the `cached` tokens the prefix cache
+    offers now.  The leader then ends a chunk, and keeps a cache entry, where the prompts part."""
+    for s in running:
+        if s.cursor >= len(s.prompt):
+            continue  # generating: its prompt's entries are in the cache already, or evicted
+        shared = common_prefix(s.prompt, prompt, len(prompt) - 1)
+        if shared - cached >= CHECKPOINT_INTERVAL and s.cursor < shared <= len(s.prompt) - 1:
+            s.share_at.add(shared)
+            return s
+    return None
+
+
+def preemption_victim(seqs: Iterable[SeqFacts]) -> int:
+    """The sequence to swap out when a step does not fit: the newest admission."""
+    return max(seqs, key=lambda s: s.admitted).seq
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Length of the common prefix of a and b, at most limit."""
+    n = min(len(a), len(b), limit)
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

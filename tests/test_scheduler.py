@@ -1,0 +1,89 @@
+"""The Engine's scheduling rules on plain data: no model, no llama.cpp."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pyllama_ssm.scheduler import (CHECKPOINT_INTERVAL, SeqFacts, is_checkpoint, plan_step, preemption_victim,
+                                   waits_for)
+
+
+def seq(i, prompt_len, cursor=0, decoding=False, admitted=None, score=False, prompt=None):
+    return SeqFacts(i, i if admitted is None else admitted, prompt or list(range(prompt_len)), cursor, decoding, score)
+
+
+def test_decode_tokens_go_first_then_prompts_oldest_first_within_the_budget():
+    plan = plan_step([seq(0, 1000, admitted=2), seq(1, 10, cursor=10, decoding=True), seq(2, 300, admitted=1)],
+                     n_batch=512, n_outputs=4, checkpoints=False)
+    assert plan.decode == (1,)
+    assert [(c.seq, c.start, c.n) for c in plan.prefill] == [(2, 0, 300), (0, 0, 211)]
+    assert plan.n_tokens == 512
+    assert [c.last for c in plan.prefill] == [True, False]
+
+
+def test_chunks_end_on_their_last_checkpoint():
+    plan = plan_step([seq(0, 1000, cursor=100)], n_batch=512, n_outputs=4, checkpoints=True)
+    (chunk,) = plan.prefill
+    assert chunk.start + chunk.n == 576 and (chunk.start + chunk.n) % CHECKPOINT_INTERVAL == 0
+    assert plan_step([seq(0, 1000, cursor=100)], n_batch=512, n_outputs=4, checkpoints=False).prefill[0].n == 512
+    # the prompt's tail after its last checkpoint is one chunk
+    assert plan_step([seq(0, 650, cursor=640)], n_batch=512, n_outputs=4, checkpoints=True).prefill[0].n == 10
+
+
+def test_prompt_logprobs_take_one_logits_row_per_position():
+    plan = plan_step([seq(0, 8, cursor=8, decoding=True), seq(1, 100, score=True)], n_batch=512, n_outputs=6,
+                     checkpoints=True)
+    (chunk,) = plan.prefill
+    assert chunk.all_logits and chunk.n == 5  # 6 rows, one taken by the decoding sequence
+
+
+def test_no_output_rows_left_means_no_prefill_that_needs_one():
+    plan = plan_step([seq(0, 1, cursor=1, decoding=True), seq(1, 1, cursor=1, decoding=True), seq(2, 50)],
+                     n_batch=512, n_outputs=2, checkpoints=False)
+    assert plan.decode == (0, 1) and plan.prefill == ()
+
+
+def test_a_queued_request_waits_for_a_prefix_being_prefilled_and_the_leader_stops_there():
+    system = list(range(1000, 1300))
+    leader = seq(0, 0, cursor=128, prompt=system + [1, 2, 3])
+    follower_prompt = system + [7, 8]
+    assert waits_for(follower_prompt, cached=128, running=[leader]) is leader
+    assert leader.share_at == {300}
+    assert is_checkpoint(SeqFacts(0, 0, leader.prompt, 300, False, share_at={300}))
+    plan = plan_step([leader], n_batch=512, n_outputs=4, checkpoints=True)
+    assert plan.prefill[0].start + plan.prefill[0].n == 256  # its last checkpoint first
+    leader.cursor = 256
+    plan = plan_step([leader], n_batch=512, n_outputs=4, checkpoints=True)
+    assert plan.prefill[0].start + plan.prefill[0].n == 300  # then where the prompts part
+    # nothing to wait for: the cache already has it, the leader is past it, or too little is shared
+    assert waits_for(follower_prompt, cached=290, running=[seq(0, 0, cursor=128, prompt=system + [1])]) is None
+    assert waits_for(follower_prompt, cached=0, running=[seq(0, 0, cursor=301, prompt=system + [1, 2])]) is None
+    assert waits_for(system[:40] + [5], cached=0, running=[seq(0, 0, prompt=system)]) is None
+    assert waits_for(follower_prompt, cached=0, running=[seq(0, 0, cursor=303, prompt=system + [1, 2, 3],
+                                                             decoding=True)]) is None
+
+
+def test_the_newest_admission_is_preempted():
+    assert preemption_victim([seq(0, 5, admitted=3), seq(1, 5, admitted=9), seq(2, 5, admitted=1)]) == 1
+
+
+@given(st.lists(st.tuples(st.integers(1, 3000), st.integers(0, 3000), st.booleans(), st.booleans()),
+                min_size=1, max_size=16),
+       st.integers(1, 2048), st.integers(1, 64), st.booleans())
+def test_any_plan_respects_the_budget_and_the_rows(specs, n_batch, n_outputs, checkpoints):
+    seqs = [seq(i, length, cursor=min(cursor, length), decoding=decoding and cursor >= length, score=score)
+            for i, (length, cursor, decoding, score) in enumerate(specs)]
+    seqs = [s for s in seqs][:n_outputs]  # the Engine never runs more sequences than output rows
+    plan = plan_step(seqs, n_batch, n_outputs, checkpoints)
+    assert plan.n_tokens <= n_batch
+    rows = len(plan.decode) + sum(c.n if c.all_logits else int(c.last) for c in plan.prefill)
+    assert rows <= n_outputs
+    by_seq = {s.seq: s for s in seqs}
+    for c in plan.prefill:
+        s = by_seq[c.seq]
+        assert c.n > 0 and c.start == s.cursor and c.start + c.n <= len(s.prompt) and not s.decoding
+        assert c.last == (c.start + c.n == len(s.prompt))
+    # progress: while anything is left to do and budget allows, the step does something
+    if any(s.decoding or s.cursor < len(s.prompt) for s in seqs):
+        assert plan.n_tokens > 0
