@@ -19,8 +19,7 @@ _LEVELS = {
     lib.GGML_LOG_LEVEL_WARN: logging.WARNING,
     lib.GGML_LOG_LEVEL_ERROR: logging.ERROR,
 }
-_recent_errors: collections.deque[str] = collections.deque(maxlen=8)
-_pending = threading.local()
+_pending = threading.local()  # per thread: the level of the line being continued, and recent errors
 _lock = threading.Lock()
 _initialized = False
 
@@ -33,7 +32,7 @@ def _pyllama_log(level, text, user_data):  # noqa: ARG001 - C signature
     _pending.level = level
     py_level = _LEVELS.get(level, logging.DEBUG)
     if py_level >= logging.WARNING and msg.strip():
-        _recent_errors.append(msg.strip())
+        _recent().append(msg.strip())
     if logger.isEnabledFor(py_level):
         logger.log(py_level, "%s", msg.rstrip("\n"))
 
@@ -48,12 +47,20 @@ def init() -> None:
         _initialized = True
 
 
+def _recent() -> collections.deque[str]:
+    """This thread's recent llama.cpp warnings and errors: llama.cpp logs on the thread of the call
+    that failed, so a model loading in one thread never explains another thread's failure."""
+    if not hasattr(_pending, "errors"):
+        _pending.errors = collections.deque(maxlen=8)
+    return _pending.errors
+
+
 def take_errors() -> str:
-    """The warnings/errors llama.cpp logged since the last call, joined."""
-    msgs = list(_recent_errors)
-    _recent_errors.clear()
+    """The warnings/errors llama.cpp logged on this thread since the last call, joined."""
+    msgs = list(_recent())
+    _recent().clear()
     return "; ".join(msgs)
 
 
 def clear_errors() -> None:
-    _recent_errors.clear()
+    _recent().clear()

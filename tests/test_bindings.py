@@ -125,3 +125,23 @@ def test_openmp_wait_defaults_leave_the_users_settings(env, expected):
     out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
                          cwd=ROOT, timeout=120, check=True).stdout
     assert json.loads(out.splitlines()[-1]) == expected
+
+
+def test_llama_cpp_errors_explain_only_their_own_threads_failure():
+    """A failure's message quotes what llama.cpp logged on the failing thread, not another's."""
+    import threading
+
+    from pyllama_ssm import _runtime
+    _runtime.init()
+    _runtime.clear_errors()
+    other: dict[str, str] = {}
+
+    def load_missing():
+        _runtime.clear_errors()
+        assert lib.llama_model_load_from_file(b"/nonexistent/model.gguf", lib.llama_model_default_params()) == ffi.NULL
+        other["errors"] = _runtime.take_errors()
+    t = threading.Thread(target=load_missing)
+    t.start()
+    t.join()
+    assert "/nonexistent/model.gguf" in other["errors"]
+    assert _runtime.take_errors() == ""
