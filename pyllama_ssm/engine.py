@@ -213,6 +213,7 @@ class EngineMemory:
     cached_prefixes: int
     cached_bytes: int = 0            # what the prefix cache keeps alive (recurrent cells + attention prefixes)
     pool: memory_mod.PoolStats | None = field(default=None)
+    cached_tokens: int = 0           # attention cells of those prefixes, at most
 
 
 class Engine:
@@ -335,8 +336,8 @@ class Engine:
             if self.n_cache:
                 pool = self.call(self.ctx.pool_stats)
         swapped = sum(len(state) for _, state in list(self._preempted))
-        cached = self.call(lambda: self.cache.bytes) if self.n_cache else 0
-        return EngineMemory(report, swapped, len(self.cache.entries), cached, pool)
+        cached, tokens = self.call(lambda: (self.cache.bytes, self.cache.tokens)) if self.n_cache else (0, 0)
+        return EngineMemory(report, swapped, len(self.cache.entries), cached, pool, tokens)
 
     def close(self) -> None:
         if self._closing:

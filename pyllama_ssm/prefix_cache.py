@@ -108,6 +108,11 @@ class PrefixCache:
     def bytes(self) -> int:
         return sum(self.entry_bytes(len(k)) for k in self.entries)
 
+    @property
+    def tokens(self) -> int:
+        """Attention cells the entries can keep alive on their own (shared prefixes counted once each)."""
+        return sum(len(k) for k in self.entries)
+
     def peek(self, prompt: list[int]) -> Hit | None:
         """The longest usable entry for prompt (one prompt token must remain to decode); no bookkeeping."""
         best: Hit | None = None

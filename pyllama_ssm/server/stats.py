@@ -30,9 +30,7 @@ def _memory(engine) -> dict[str, Any] | None:
     if mem.report is None:  # the pristine build has no memory accounting
         return None
     r = mem.report
-    # cells the prefix cache may hold: its bytes less one recurrent cell per entry, in attention cells
-    cached_kv = (mem.cached_bytes - mem.cached_prefixes * r.rs_bytes_per_cell) // r.kv_bytes_per_cell \
-        if r.kv_bytes_per_cell else 0
+    cached_kv = mem.cached_tokens if r.kv_bytes_per_cell else 0  # a recurrent-only model has no KV
     return {"total_bytes": r.total_bytes, "weights_bytes": r.weights_bytes, "kv_bytes": r.kv_bytes,
             "rs_bytes": r.rs_bytes, "compute_bytes": r.compute_bytes,
             "kv_cells_total": r.kv_cells_total, "kv_cells_used": r.kv_cells_used,
