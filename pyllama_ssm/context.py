@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _runtime, memory, planner
+from . import _runtime, memory, sizing
 from .batch import Batch
 from .bindings import ffi, has, lib, set_fields
 from .errors import (ContextError, DecodeError, MemoryFullError, PoolExhaustedError, SnapshotError,
@@ -84,8 +84,8 @@ class Context:
         if 0 < p.n_outputs_max < n_seq_max:  # llama.cpp asserts (aborts) on this at the first decode
             raise ContextError(f"n_outputs_max={p.n_outputs_max}: must be 0 (= n_batch) or >= n_seq_max={n_seq_max}")
         self.params = p
-        if model.facts is not None:  # else an architecture the planner does not model: llama.cpp decides
-            planner.preflight(model.path, planner.ContextShape(
+        if model.facts is not None:  # else an architecture sizing does not model: llama.cpp decides
+            sizing.preflight(model.path, sizing.ContextShape(
                 n_ctx or model.n_ctx_train, n_seq_max, n_rs_pool, n_rs_seq, p.n_ubatch, p.type_k, p.type_v,
                 kv_unified, swa_full, flash_attn is not False, model.n_gpu_layers), model.facts)
         _runtime.clear_errors()

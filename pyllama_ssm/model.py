@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import _runtime, gguf, planner, rpc
+from . import _runtime, gguf, rpc, sizing
 from .bindings import ffi, lib, set_fields
 from .errors import ModelLoadError, TokenError
 
@@ -30,8 +30,8 @@ class Model:
         self.rpc_servers = rpc.parse(rpc_servers) if rpc_servers is not None else []
         parsed = gguf.read(self.path)  # a corrupt file must not reach llama.cpp, which may abort on it
         try:  # what the context preflight needs, without parsing the file again
-            self.facts: planner.ModelFacts | None = planner.facts_of(parsed)
-        except ValueError:  # an architecture the planner does not model
+            self.facts: sizing.ModelFacts | None = sizing.facts_of(parsed)
+        except ValueError:  # an architecture sizing does not model
             self.facts = None
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers

@@ -17,7 +17,7 @@ from conftest import zoo_model, zoo_names, zoo_path
 
 import gguf_writer as gw
 import pyllama_ssm as ps
-from pyllama_ssm import memory, planner
+from pyllama_ssm import memory, planner, sizing
 from pyllama_ssm.__main__ import main
 from pyllama_ssm.errors import ContextError
 
@@ -31,16 +31,16 @@ SHAPES = [dict(n_ctx=1024, n_seq_max=1), dict(n_ctx=2048, n_seq_max=4, n_rs_pool
 @pytest.mark.parametrize("name", zoo_names())
 def test_planner_equals_the_memory_report(name):
     model = zoo_model(name)
-    facts = planner.model_facts(zoo_path(name))
+    facts = sizing.model_facts(zoo_path(name))
     for kw in SHAPES:
         with ps.Context(model, **kw) as ctx:
             r = ctx.memory_report()
-        b = {c: sum(d.values()) for c, d in planner.context_bytes(facts, planner.ContextShape(**kw)).items()}
+        b = {c: sum(d.values()) for c, d in sizing.context_bytes(facts, sizing.ContextShape(**kw)).items()}
         assert (b["kv"], b["recurrent"] + b["snapshots"], b["output"]) == (r.kv_bytes, r.rs_bytes, r.output_bytes), kw
         snapshots = r.rs_bytes * kw.get("n_rs_pool", 0) // r.rs_cells_total if r.rs_cells_total else 0
         assert abs(b["snapshots"] - snapshots) <= 64  # per-layer rounding of the pool's share
         assert abs(b["compute"] - r.compute_bytes) < 0.1 * r.compute_bytes, "the estimate drifted"
-    weights = sum(planner.weights_bytes(facts, 0).values())
+    weights = sum(sizing.weights_bytes(facts, 0).values())
     assert abs(weights - r.weights_bytes) < 1e-3 * r.weights_bytes
 
 
@@ -87,7 +87,7 @@ def test_context_parameters_out_of_range():
 def test_preflight_refuses_a_context_ram_cannot_hold():
     """2^31 tokens of llama-tiny KV is 2 TiB: refused with the figures, before any allocation."""
     model = zoo_model("llama")
-    ram = planner.available_memory()["CPU"]
+    ram = sizing.available_memory()["CPU"]
     assert ram and ram > 0
     with pytest.raises(ContextError, match=r"n_ctx=2147483392, n_seq_max=1.*needs about 2.00 TiB|needs about [\d.]+ GiB") as e:
         ps.Context(model, n_ctx=2**31 - 256)
