@@ -31,7 +31,7 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -216,54 +216,71 @@ class EngineMemory:
     cached_tokens: int = 0           # attention cells of those prefixes, at most
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every setting of an Engine and of the context it creates, built once: Llama builds it from its
+    arguments (the server's flags are Llama's), so no setting is lost on the way down.
+
+    batch_invariant (None: on where the build has patch 0007) makes a request's output independent of
+    what else runs and of prefix-cache hits: the same tokens and logprobs as its lone run.  It holds
+    with flash attention ("auto" picks it on the CPU); without it the attention of a unified KV cache
+    sums over every cell, so results depend on where a sequence's cells lie.
+    n_gpu_layers and rpc_servers (Model's) apply when the Engine loads the model from a path."""
+
+    n_ctx: int = 4096
+    parallel: int = 4
+    n_batch: int = 512
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+    prefix_cache: int = 8                          # entries
+    prefix_cache_bytes: int | None = 256 << 20     # None: no byte bound
+    flash_attn: bool | str = "auto"
+    batch_invariant: bool | None = None
+    context_overrides: Mapping[str, Any] | None = None  # llama_context_params fields by name
+    n_gpu_layers: int = 0
+    rpc_servers: str | Sequence[str] | None = None
+
+
 class Engine:
     """Serve `parallel` sequences at once from one model and one context."""
 
-    def __init__(self, model: Model | str, *, n_ctx: int = 4096, parallel: int = 4, n_batch: int = 512,
-                 n_threads: int | None = None, n_threads_batch: int | None = None, prefix_cache: int = 8,
-                 prefix_cache_bytes: int | None = 256 << 20,
-                 flash_attn: bool | str = "auto", batch_invariant: bool | None = None,
-                 context_overrides: Mapping[str, Any] | None = None,
-                 n_gpu_layers: int = 0, rpc_servers: str | Sequence[str] | None = None):
-        """n_gpu_layers and rpc_servers (Model's) apply when `model` is a path; a Model carries its own.
-
-        batch_invariant (default: on where the build has patch 0007) makes a request's output
-        independent of what else runs and of prefix-cache hits: the same tokens and logprobs as
-        its lone run.  It holds with flash attention ("auto" picks it on the CPU); without it the
-        attention of a unified KV cache sums over every cell, so results depend on where a
-        sequence's cells lie."""
+    def __init__(self, model: Model | str, config: EngineConfig | None = None, **settings: Any):
+        """Engine(model, EngineConfig(...)), or Engine(model, n_ctx=..., parallel=...) with EngineConfig's
+        field names (an unknown one is a TypeError naming it)."""
+        self.config = cfg = replace(config or EngineConfig(), **settings)
+        parallel, n_batch = cfg.parallel, cfg.n_batch
         self._own_model = not isinstance(model, Model)
-        if not self._own_model and (n_gpu_layers or rpc_servers is not None):
+        if not self._own_model and (cfg.n_gpu_layers or cfg.rpc_servers is not None):
             raise ValueError("n_gpu_layers, rpc_servers: give them to the Model when passing a loaded one")
-        self.model = Model(model, n_gpu_layers=n_gpu_layers, rpc_servers=rpc_servers) if self._own_model else model
+        self.model = Model(model, n_gpu_layers=cfg.n_gpu_layers, rpc_servers=cfg.rpc_servers) \
+            if self._own_model else model
         if not 1 <= parallel <= MAX_SEQ:
             raise ValueError(f"parallel={parallel}: must be in 1..{MAX_SEQ}")
         stateful = self.model.is_recurrent or self.model.is_hybrid
         n_rs_pool, n_holders = 0, 0
         if stateful:  # prefixes are snapshots of the recurrent pool (patched build only)
-            self.n_cache = prefix_cache if has("llama_memory_rs_snapshot") else 0
+            self.n_cache = cfg.prefix_cache if has("llama_memory_rs_snapshot") else 0
             # one state cell per sequence + the prefix cache + one copy-on-write cell per sequence
             n_rs_pool = self.n_cache + parallel if self.n_cache else 0
         elif memory_mod.available():  # prefixes are held by spare sequence ids sharing their cells
             # (the patched build: entry sizes come from its memory report)
-            self.n_cache = n_holders = max(0, min(prefix_cache, MAX_SEQ - parallel))
+            self.n_cache = n_holders = max(0, min(cfg.prefix_cache, MAX_SEQ - parallel))
         else:
             self.n_cache = 0
         # a step outputs logits for at most one token per sequence: size the output buffer to that
         # (upstream sizes it to n_batch rows of n_vocab floats: 300 MiB for 512 x 152k)
-        overrides = {"n_outputs_max": parallel + n_holders, **(context_overrides or {})}
+        overrides = {"n_outputs_max": parallel + n_holders, **(cfg.context_overrides or {})}
         self._n_outputs = overrides["n_outputs_max"] or n_batch  # 0: llama.cpp's default, n_batch
-        if batch_invariant is None:
-            batch_invariant = has("llama_set_batch_invariant")
-        self.ctx = Context(self.model, n_ctx=n_ctx, n_seq_max=parallel + n_holders, n_rs_pool=n_rs_pool,
-                           n_batch=n_batch, n_ubatch=n_batch, n_threads=n_threads,
-                           n_threads_batch=n_threads_batch, kv_unified=True,
-                           flash_attn=flash_attn, batch_invariant=batch_invariant, overrides=overrides)
+        batch_invariant = has("llama_set_batch_invariant") if cfg.batch_invariant is None else cfg.batch_invariant
+        self.ctx = Context(self.model, n_ctx=cfg.n_ctx, n_seq_max=parallel + n_holders, n_rs_pool=n_rs_pool,
+                           n_batch=n_batch, n_ubatch=n_batch, n_threads=cfg.n_threads,
+                           n_threads_batch=cfg.n_threads_batch, kv_unified=True,
+                           flash_attn=cfg.flash_attn, batch_invariant=batch_invariant, overrides=overrides)
         self.parallel = parallel
         self.n_ctx = self.ctx.n_ctx
         self.n_batch = self.ctx.n_batch
         store = HolderStore(self.ctx, range(parallel, parallel + n_holders)) if n_holders else PoolStore(self.ctx)
-        self.cache = PrefixCache(store, self.n_cache, prefix_cache_bytes)
+        self.cache = PrefixCache(store, self.n_cache, cfg.prefix_cache_bytes)
         self._batch = Batch(self.n_batch, 1)
         # other threads post requests and calls here (deque appends are atomic) and set the event
         self._inbox: collections.deque[Request | tuple[Any, concurrent.futures.Future]] = collections.deque()

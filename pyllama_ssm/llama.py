@@ -34,7 +34,6 @@ import threading
 import time
 import uuid
 import warnings
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from . import llama_chat_format, llama_grammar
 from .batch import Batch
 from .bindings import ffi, lib
 from .context import Context, default_threads
-from .engine import Engine
+from .engine import Engine, EngineConfig
 from .llama_cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache, longest_token_prefix
 from .llama_grammar import LlamaGrammar
 from .llama_types import *  # noqa: F403 - llama_cpp.llama re-exports the types too
@@ -386,11 +385,11 @@ class Llama:
             if not vocab_only and n_parallel > 1:
                 # flash attention unless refused: with it a request's output does not depend on the
                 # other sequences of the shared KV cache (see Engine's batch_invariant)
-                self._engine = Engine(self._model, n_ctx=n_ctx, parallel=n_parallel, n_batch=self.n_batch,
-                                      n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
-                                      flash_attn="auto" if flash_attn is None else bool(flash_attn),
-                                      batch_invariant=batch_invariant, prefix_cache=prefix_cache,
-                                      prefix_cache_bytes=prefix_cache_bytes, context_overrides=context_params)
+                self._engine = Engine(self._model, EngineConfig(
+                    n_ctx=n_ctx, parallel=n_parallel, n_batch=self.n_batch, n_threads=self.n_threads,
+                    n_threads_batch=self.n_threads_batch, prefix_cache=prefix_cache,
+                    prefix_cache_bytes=prefix_cache_bytes, flash_attn="auto" if flash_attn is None else bool(flash_attn),
+                    batch_invariant=batch_invariant, context_overrides=context_params))
                 stack.callback(self._engine.close)
             self._lora = self._load_lora(lora_path, lora_scale) if lora_path else None
             stack.pop_all()

@@ -376,3 +376,14 @@ def test_requests_sharing_a_prefix_in_flight_compute_it_once(name):
     assert decoded < n_prompts - 2 * n_system, f"{decoded} tokens decoded for {n_prompts} prompt tokens"
     for p, c in zip(prompts, got):
         assert c.tokens == alone(name, p), f"{name}: {p[-12:]!r}"
+
+
+def test_one_configuration_reaches_the_context():
+    from pyllama_ssm.engine import EngineConfig
+    cfg = EngineConfig(n_ctx=1024, parallel=2, n_batch=256, n_threads=1, n_threads_batch=2, prefix_cache=3)
+    with Engine(zoo_model("qwen35"), cfg) as e:
+        p = e.ctx.params
+        assert (p.n_threads, p.n_threads_batch, p.n_batch, p.n_ubatch) == (1, 2, 256, 256)
+        assert e.config is cfg and e.n_cache == 3 and e.ctx.batch_invariant
+    with pytest.raises(TypeError, match="n_thread"):
+        Engine(zoo_model("qwen35"), n_thread=2)
