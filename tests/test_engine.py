@@ -384,6 +384,6 @@ def test_one_configuration_reaches_the_context():
     with Engine(zoo_model("qwen35"), cfg) as e:
         p = e.ctx.params
         assert (p.n_threads, p.n_threads_batch, p.n_batch, p.n_ubatch) == (1, 2, 256, 256)
-        assert e.config is cfg and e.n_cache == 3 and e.ctx.batch_invariant
+        assert e.config == cfg and e.n_cache == 3 and e.ctx.batch_invariant
     with pytest.raises(TypeError, match="n_thread"):
         Engine(zoo_model("qwen35"), n_thread=2)
