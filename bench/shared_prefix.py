@@ -6,7 +6,7 @@ Every client's prompt is the same system prompt of --prefix-tokens tokens
 followed by its own question.  Client 1 arrives alone and is served; then
 clients 2..N arrive together.  The Engine runs twice, each time in a fresh
 process with the same context size (room for every client's full prompt):
-  cache     Engine(prefix_cache=8), the default: client 1 leaves the prefix's states in the cache
+  cache     Engine(prefix_cache=32), the default: client 1 leaves the prefix's states in the cache
             (recurrent snapshots, and the prefix's attention cells, shared)
   no cache  Engine(prefix_cache=0): every client prefills the whole system prompt
 Measured: the time to first token of client 1 and of clients 2..N (p50/p95),

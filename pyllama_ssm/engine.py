@@ -183,6 +183,7 @@ class _Slot:
     admitted: int = 0
     relocated_at: int = -1   # position at which its cells were last moved (see _relieve_memory)
     share_at: set[int] = field(default_factory=set)  # prompt positions queued requests wait to share
+    resumed_entry: tuple[int, ...] | None = None  # the prefix-cache entry it was restored from
 
 
 @dataclass
@@ -232,7 +233,7 @@ class EngineConfig:
     n_batch: int = 512
     n_threads: int | None = None
     n_threads_batch: int | None = None
-    prefix_cache: int = 8                          # entries
+    prefix_cache: int = 32                         # entries (prefix_cache_bytes bounds them too)
     prefix_cache_bytes: int | None = 256 << 20     # None: no byte bound
     flash_attn: bool | str = "auto"
     batch_invariant: bool | None = None
@@ -538,6 +539,7 @@ class Engine:
                 slot.cursor = slot.pos = hit.n_tokens
                 req.usage.cached_tokens = slot.cursor
                 req.restored_from = hit.entry.tokens[:hit.n_tokens]
+                slot.resumed_entry = hit.entry.tokens
         except Exception as e:  # noqa: BLE001
             self._release(slot, "error", e)
 
@@ -600,7 +602,7 @@ class Engine:
             slot.cursor += n
             slot.pos += n
             if self.n_cache and is_checkpoint(self._facts(slot)):
-                self.cache.add(slot.seq, slot.req.prompt[:slot.cursor])
+                self._keep_prefix(slot, slot.req.prompt[:slot.cursor])
         for slot, idx in outputs:
             if slot.seq not in self._running:  # failed while scoring its prompt
                 continue
@@ -676,8 +678,20 @@ class Engine:
             slot.emitted = len(req.text)
         # the memory holds prompt + all generated tokens but the last: a prefix for the next turn
         if self.n_cache:
-            self.cache.add(slot.seq, req.prompt + req.tokens[:-1])
+            self._keep_prefix(slot, req.prompt + req.tokens[:-1])
         self._release(slot, reason)
+
+    def _keep_prefix(self, slot: _Slot, tokens: list[int]) -> None:
+        """A prefix-cache entry for slot's memory, which holds `tokens`.  The entry the slot resumed from
+        gives way once this one extends it, unless another request resumed from it too: a conversation
+        keeps its newest tail, not one per turn, while prefixes that others share (a system prompt) and
+        the prompt's own checkpoints (where a re-tokenized answer parts from the tail) stay."""
+        if not self.cache.add(slot.seq, tokens):
+            return
+        old, slot.resumed_entry = slot.resumed_entry, None
+        entry = self.cache.entries.get(old) if old is not None else None
+        if entry is not None and entry.hits <= 1 and len(old) < len(tokens) and tuple(tokens[:len(old)]) == old:
+            self.cache.drop(old)
 
     def _release(self, slot: _Slot, reason: str, error: BaseException | None = None) -> None:
         del self._running[slot.seq]

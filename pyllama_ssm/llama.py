@@ -298,7 +298,7 @@ class Llama:
         # pyllama-ssm
         n_parallel: int = 1,
         batch_invariant: Optional[bool] = None,
-        prefix_cache: int = 8,
+        prefix_cache: int = 32,
         prefix_cache_bytes: Optional[int] = 256 << 20,
         **kwargs: Any,  # as llama-cpp-python: unknown keywords (LangChain's n_parts, f16_kv...) are ignored
     ):

@@ -164,6 +164,11 @@ class PrefixCache:
             return True
         return False
 
+    def drop(self, key: tuple[int, ...]) -> None:
+        """Drop the entry for these tokens, if any."""
+        if (e := self.entries.pop(key, None)) is not None:
+            self.store.drop(e.handle)
+
     def evict_one(self) -> bool:
         if not self.entries:
             return False

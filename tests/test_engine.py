@@ -387,3 +387,19 @@ def test_one_configuration_reaches_the_context():
         assert e.config == cfg and e.n_cache == 3 and e.ctx.batch_invariant
     with pytest.raises(TypeError, match="n_thread"):
         Engine(zoo_model("qwen35"), n_thread=2)
+
+
+@pytest.mark.parametrize("name", [n for n in zoo_names() if n in ("llama", "qwen35")])
+def test_a_conversation_keeps_its_newest_tail_not_one_per_turn(name):
+    """Each turn resumes from the previous turn's tail (prompt + answer, fed back as tokens), and that
+    tail gives way to the new one: the cache holds one tail per conversation."""
+    with Engine(zoo_model(name), n_ctx=4096, parallel=2, n_batch=64) as e:
+        tokens, user = e.model.tokenize(SYSTEM * 12 + "User: first"), e.model.tokenize(" next", add_special=False)
+        for turn in range(5):
+            c = e.generate(tokens, GREEDY, max_tokens=4)
+            # all but the answer's last token (never decoded) and the new user message
+            assert turn == 0 or c.usage.cached_tokens == len(tokens) - 1 - len(user), turn
+            tokens = tokens + c.tokens + user
+        keys = e.call(lambda: list(e.cache.entries))
+    finished = [k for k in keys if len(k) % 64 != 0]  # a tail, not a prefill checkpoint
+    assert len(finished) == 1, [len(k) for k in keys]

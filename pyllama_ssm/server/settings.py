@@ -75,7 +75,7 @@ class ModelSettings(_Strict):
         "llama_cpp.server; auto above, where answers then do not depend on the other requests).")
     batch_invariant: Optional[bool] = Field(
         default=None, description="Each answer independent of what else runs (default: on with n_parallel > 1).")
-    prefix_cache: int = Field(default=8, ge=0, le=256, description="Prompt prefixes the Engine keeps (n_parallel > 1).")
+    prefix_cache: int = Field(default=32, ge=0, le=256, description="Prompt prefixes the Engine keeps (n_parallel > 1).")
     prefix_cache_bytes: Optional[int] = Field(
         default=256 << 20, ge=0, description="Bytes the Engine's prefix cache may hold (n_parallel > 1; null: no bound).")
     # Sampling params
