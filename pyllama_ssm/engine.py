@@ -222,10 +222,11 @@ class EngineConfig:
     """Every setting of an Engine and of the context it creates, built once: Llama builds it from its
     arguments (the server's flags are Llama's), so no setting is lost on the way down.
 
-    batch_invariant (None: on where the build has patch 0007) makes a request's output independent of
-    what else runs and of prefix-cache hits: the same tokens and logprobs as its lone run.  It holds
-    with flash attention ("auto" picks it on the CPU); without it the attention of a unified KV cache
-    sums over every cell, so results depend on where a sequence's cells lie.
+    batch_invariant=True (patched build, patch 0007) makes a request's output independent of what else
+    runs and of prefix-cache hits: the same tokens and logprobs as its lone run.  It holds with flash
+    attention ("auto" picks it on the CPU); without it the attention of a unified KV cache sums over
+    every cell, so results depend on where a sequence's cells lie.  Off by default: it costs 0-29% of
+    throughput on 2 CPU cores (bench/batch_invariance.py), over the 10% that would make it the default.
     n_gpu_layers and rpc_servers (Model's) apply when the Engine loads the model from a path."""
 
     n_ctx: int = 4096
@@ -236,7 +237,7 @@ class EngineConfig:
     prefix_cache: int = 32                         # entries (prefix_cache_bytes bounds them too)
     prefix_cache_bytes: int | None = 256 << 20     # None: no byte bound
     flash_attn: bool | str = "auto"
-    batch_invariant: bool | None = None
+    batch_invariant: bool = False
     context_overrides: Mapping[str, Any] | None = None  # llama_context_params fields by name
     n_gpu_layers: int = 0
     rpc_servers: str | Sequence[str] | None = None
@@ -272,11 +273,10 @@ class Engine:
         # (upstream sizes it to n_batch rows of n_vocab floats: 300 MiB for 512 x 152k)
         overrides = {"n_outputs_max": parallel + n_holders, **(cfg.context_overrides or {})}
         self._n_outputs = overrides["n_outputs_max"] or n_batch  # 0: llama.cpp's default, n_batch
-        batch_invariant = has("llama_set_batch_invariant") if cfg.batch_invariant is None else cfg.batch_invariant
         self.ctx = Context(self.model, n_ctx=cfg.n_ctx, n_seq_max=parallel + n_holders, n_rs_pool=n_rs_pool,
                            n_batch=n_batch, n_ubatch=n_batch, n_threads=cfg.n_threads,
                            n_threads_batch=cfg.n_threads_batch, kv_unified=True,
-                           flash_attn=cfg.flash_attn, batch_invariant=batch_invariant, overrides=overrides)
+                           flash_attn=cfg.flash_attn, batch_invariant=cfg.batch_invariant, overrides=overrides)
         self.parallel = parallel
         self.n_ctx = self.ctx.n_ctx
         self.n_batch = self.ctx.n_batch

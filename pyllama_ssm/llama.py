@@ -297,7 +297,7 @@ class Llama:
         verbose: bool = True,
         # pyllama-ssm
         n_parallel: int = 1,
-        batch_invariant: Optional[bool] = None,
+        batch_invariant: bool = False,
         prefix_cache: int = 32,
         prefix_cache_bytes: Optional[int] = 256 << 20,
         **kwargs: Any,  # as llama-cpp-python: unknown keywords (LangChain's n_parts, f16_kv...) are ignored
@@ -383,13 +383,13 @@ class Llama:
                 self._batch = Batch(self.n_batch, 1)
                 stack.callback(self._batch.close)
             if not vocab_only and n_parallel > 1:
-                # flash attention unless refused: with it a request's output does not depend on the
-                # other sequences of the shared KV cache (see Engine's batch_invariant)
+                # flash attention unless refused (llama-server's default): with batch_invariant, a request's
+                # output then does not depend on the other sequences of the shared KV cache
                 self._engine = Engine(self._model, EngineConfig(
                     n_ctx=n_ctx, parallel=n_parallel, n_batch=self.n_batch, n_threads=self.n_threads,
                     n_threads_batch=self.n_threads_batch, prefix_cache=prefix_cache,
                     prefix_cache_bytes=prefix_cache_bytes, flash_attn="auto" if flash_attn is None else bool(flash_attn),
-                    batch_invariant=batch_invariant, context_overrides=context_params))
+                    batch_invariant=bool(batch_invariant), context_overrides=context_params))
                 stack.callback(self._engine.close)
             self._lora = self._load_lora(lora_path, lora_scale) if lora_path else None
             stack.pop_all()

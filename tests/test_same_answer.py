@@ -48,7 +48,7 @@ _lone: dict[tuple[str, int], tuple[list[int], list[float]]] = {}
 def lone(model, prompt: str, n: int = 24) -> tuple[list[int], list[float]]:
     """Tokens and logprobs of the prompt run by itself: one sequence, fresh context, no cache."""
     if (prompt, n) not in _lone:
-        with Engine(model, n_ctx=1024, parallel=1, prefix_cache=0) as e:
+        with Engine(model, n_ctx=1024, parallel=1, prefix_cache=0, batch_invariant=True) as e:
             c = e.generate(prompt, GREEDY, max_tokens=n, logprobs=0)
         _lone[prompt, n] = (c.tokens, c.logprobs)
     return _lone[prompt, n]
@@ -64,7 +64,7 @@ def assert_same(got, want, what: str) -> None:
 def test_concurrent_requests_equal_their_lone_runs(model):
     """8 requests joining at different steps, short and long prompts (prefills of 64+ tokens share
     ubatches with other sequences' decode tokens)."""
-    with Engine(model, n_ctx=4096, parallel=8) as e:
+    with Engine(model, n_ctx=4096, parallel=8, batch_invariant=True) as e:
         first = [e.submit(p, GREEDY, max_tokens=24, logprobs=0) for p in PROMPTS[:3]]
         next(iter(first[0]))
         later = [e.submit(p, GREEDY, max_tokens=24, logprobs=0) for p in PROMPTS[3:]]
@@ -75,7 +75,7 @@ def test_concurrent_requests_equal_their_lone_runs(model):
 
 def test_prefix_cache_hits_equal_fresh_computation(model):
     """The same prompt twice (the second a hit on prompt + answer), then one sharing only a long prefix."""
-    with Engine(model, n_ctx=4096, parallel=4) as e:
+    with Engine(model, n_ctx=4096, parallel=4, batch_invariant=True) as e:
         runs = [e.generate(p, GREEDY, max_tokens=24, logprobs=0) for p in (PROMPTS[4], PROMPTS[4], PROMPTS[5])]
     assert runs[1].usage.cached_tokens > 0 and runs[2].usage.cached_tokens >= 32, "expected prefix-cache hits"
     for p, c in zip((PROMPTS[4], PROMPTS[4], PROMPTS[5]), runs):
@@ -84,7 +84,7 @@ def test_prefix_cache_hits_equal_fresh_computation(model):
 
 def test_unrelated_earlier_requests_change_nothing(model):
     """Cells of cached prefixes lie around in the unified KV cache; a new prompt must not see them."""
-    with Engine(model, n_ctx=4096, parallel=4) as e:
+    with Engine(model, n_ctx=4096, parallel=4, batch_invariant=True) as e:
         for p in PROMPTS[:4]:
             c = e.generate(p, GREEDY, max_tokens=24, logprobs=0)
             assert_same((c.tokens, c.logprobs), lone(model, p), f"after others {p!r}")
@@ -92,7 +92,7 @@ def test_unrelated_earlier_requests_change_nothing(model):
 
 def test_preempted_requests_equal_uninterrupted_ones(model):
     prompts = [LONG + f"Count from {i}: {i}, {i + 1}, {i + 2}," for i in range(4)]  # answers that go on
-    with Engine(model, n_ctx=256, parallel=4, prefix_cache=0) as e:
+    with Engine(model, n_ctx=256, parallel=4, prefix_cache=0, batch_invariant=True) as e:
         reqs = [e.submit(p, GREEDY, max_tokens=60, logprobs=0) for p in prompts]
         got = [r.result(timeout=300) for r in reqs]
         assert e._counters["preemptions"] >= 1, "4 x ~100 tokens cannot fit 256 cells at once"
@@ -102,7 +102,7 @@ def test_preempted_requests_equal_uninterrupted_ones(model):
 
 def test_n_parallel_1_equals_n_parallel_4_from_threads(model):
     solo = Llama(str(SMOLLM2), n_ctx=1024, flash_attn=True, batch_invariant=True, logits_all=True, verbose=False)
-    many = Llama(str(SMOLLM2), n_ctx=4096, n_parallel=4, verbose=False)
+    many = Llama(str(SMOLLM2), n_ctx=4096, n_parallel=4, batch_invariant=True, verbose=False)
     kw = dict(max_tokens=24, temperature=0, logprobs=1, repeat_penalty=1.0)
     try:
         want = {p: solo.create_completion(p, **kw)["choices"][0] for p in PROMPTS[:4]}
@@ -166,10 +166,10 @@ def test_zoo_concurrent_requests_equal_lone_logprobs(name):
     prompts = [LONG + "Q1", "Hello there", LONG + "Q2", "A B C D"]
     want = []
     for p in prompts:
-        with Engine(m, n_ctx=1024, parallel=1, prefix_cache=0) as e:
+        with Engine(m, n_ctx=1024, parallel=1, prefix_cache=0, batch_invariant=True) as e:
             c = e.generate(p, GREEDY, max_tokens=12, logprobs=0)
             want.append((c.tokens, c.logprobs))
-    with Engine(m, n_ctx=2048, parallel=4) as e:
+    with Engine(m, n_ctx=2048, parallel=4, batch_invariant=True) as e:
         reqs = [e.submit(p, GREEDY, max_tokens=12, logprobs=0) for p in prompts]
         got = [r.result(timeout=120) for r in reqs]
         again = e.generate(prompts[0], GREEDY, max_tokens=12, logprobs=0)  # a prefix-cache hit
@@ -199,7 +199,7 @@ def direct_prompt_logprobs(model, tokens: list[int]) -> list[float]:
 def test_echo_scores_each_prompt_token_by_the_position_before_it(model, n_parallel):
     prompt = "The capital of France is Paris, and the capital of Italy is Rome."
     tokens = model.tokenize(prompt)
-    kw = dict(n_ctx=1024, n_parallel=n_parallel, verbose=False, flash_attn=True)
+    kw = dict(n_ctx=1024, n_parallel=n_parallel, verbose=False, flash_attn=True, batch_invariant=True)
     llm = Llama(str(SMOLLM2), logits_all=n_parallel == 1, **kw)
     try:
         out = llm.create_completion(tokens, max_tokens=1, temperature=0, echo=True, logprobs=1)["choices"][0]

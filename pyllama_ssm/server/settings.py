@@ -72,9 +72,10 @@ class ModelSettings(_Strict):
     offload_kqv: bool = Field(default=True, description="Whether to offload kqv to the GPU.")
     flash_attn: Optional[bool] = Field(
         default=None, description="Whether to use flash attention (default: off with n_parallel=1, as "
-        "llama_cpp.server; auto above, where answers then do not depend on the other requests).")
-    batch_invariant: Optional[bool] = Field(
-        default=None, description="Each answer independent of what else runs (default: on with n_parallel > 1).")
+        "llama_cpp.server; auto above, as llama-server).")
+    batch_invariant: bool = Field(
+        default=False, description="Each answer independent of what else runs and of the prefix cache "
+        "(n_parallel > 1, flash attention; costs 0-30% of throughput on CPU).")
     prefix_cache: int = Field(default=32, ge=0, le=256, description="Prompt prefixes the Engine keeps (n_parallel > 1).")
     prefix_cache_bytes: Optional[int] = Field(
         default=256 << 20, ge=0, description="Bytes the Engine's prefix cache may hold (n_parallel > 1; null: no bound).")
