@@ -136,7 +136,6 @@ BAD = [  # (call, keyword arguments, error class, field named)
     ("completions", {"prompt": "hello " * (N_CTX + 10)}, openai.BadRequestError, "prompt"),
     ("chat", {"messages": [{"role": "user", "content": "hello " * (N_CTX + 10)}]}, openai.BadRequestError,
      "messages"),
-    ("completions", {"prompt": "x", "model": "no-such-model"}, openai.NotFoundError, "model"),
     ("completions", {"prompt": "x", "temperature": -1}, openai.BadRequestError, "temperature"),
     ("completions", {"prompt": "x", "top_p": 1.5}, openai.BadRequestError, "top_p"),
     ("completions", {"prompt": "x", "max_tokens": -1}, openai.BadRequestError, "max_tokens"),

@@ -38,7 +38,7 @@ from . import errors, stats
 from .errors import ERROR_RESPONSES, ApiError, bad_request, from_exception
 from .registry import ModelRegistry, ServedModel
 from .schemas import (CreateChatCompletionRequest, CreateCompletionRequest, CreateEmbeddingRequest,
-                      DetokenizeInputRequest, TokenizeInputRequest)
+                      DetokenizeInputRequest, TokenizeInputRequest, ignored_fields, ignored_names)
 from .security import ApiKeyMiddleware, BodyLimitMiddleware
 from .settings import ModelSettings, ServerSettings
 
@@ -54,7 +54,8 @@ _STREAMED = {200: {"description": "The completion, or with stream=true its chunk
 _END = object()  # next()'s default: the stream is over
 
 # request fields that are not Llama keyword arguments
-_NOT_KWARGS = {"n", "best_of", "logit_bias_type", "user", "min_tokens"}
+_NOT_KWARGS = {"n", "best_of", "logit_bias_type", "user", "min_tokens", "stream_options", "max_completion_tokens",
+               "parallel_tool_calls"}
 
 
 def create_app(server_settings: ServerSettings, model_settings: list[ModelSettings]) -> FastAPI:
@@ -74,6 +75,7 @@ def create_app(server_settings: ServerSettings, model_settings: list[ModelSettin
                   root_path=server_settings.root_path, lifespan=lifespan)
     app.state.registry = registry
     app.state.settings = server_settings
+    app.state.noted = set()  # ignored request fields already noted in the log
     errors.install(app)
     app.include_router(router)
     app.openapi = lambda: _openapi(app)
@@ -130,10 +132,6 @@ def _add_model_rules(schema: dict[str, Any], models: list[ServedModel], n_vocab:
         # n_parallel=1 without logits_all keeps no logits to report
         completion["properties"]["logprobs"] = {"type": "null", "description": "Not with logits_all=false."}
         chat["properties"]["logprobs"] = {"enum": [False, None], "description": "Not with logits_all=false."}
-    elif any(served.engine is not None for served in models):  # n_parallel > 1: prompt logprobs, not streamed
-        completion["allOf"].append({"if": {"required": ["echo", "stream"],
-                                           "properties": {"echo": {"const": True}, "stream": {"const": True}}},
-                                    "then": {"properties": {"logprobs": {"type": "null"}}}})
     embedders = [served for served in models if served.settings.embedding]
     if not embedders:  # every embedding request would be refused: the route is not offered
         schema["paths"].pop("/v1/embeddings", None)
@@ -169,25 +167,39 @@ def _check_tokens(param: str, tokens: list[int], n_vocab: int) -> None:
         raise bad_request(param, f"token id {bad} is out of the vocabulary (0..{n_vocab - 1})")
 
 
-def _max_tokens(request: Request, value: int | None) -> int | None:
+def _max_tokens(request: Request, value: int | None, param: str = "max_tokens") -> int | None:
     """The request's max_tokens within --max_tokens_limit (None or 0: up to the limit, else the context)."""
     limit = _settings(request).max_tokens_limit
     if limit is None:
         return value
     if value is not None and value > limit:
-        raise bad_request("max_tokens", f"{value} exceeds the server's limit of {limit} (max_tokens_limit)")
+        raise bad_request(param, f"{value} exceeds the server's limit of {limit} (max_tokens_limit)")
     return value or limit
+
+
+def note_ignored(request: Request, body: Any) -> None:
+    """Log, once per field, the OpenAI fields a client sent that this server accepts and ignores."""
+    noted: set[str] = request.app.state.noted
+    for name in ignored_fields(body):
+        if name not in noted:
+            noted.add(name)
+            logger.info("request field %r is accepted for OpenAI compatibility and ignored (noted once)", name)
 
 
 def _generation_kwargs(request: Request, served: ServedModel,
                        body: CreateCompletionRequest | CreateChatCompletionRequest) -> dict[str, Any]:
     """The body as Llama keyword arguments, with what only the model can check (ids, grammar)."""
     llama = served.llama
-    kwargs = body.model_dump(exclude=_NOT_KWARGS, by_alias=True)
+    note_ignored(request, body)
+    kwargs = body.model_dump(exclude=_NOT_KWARGS | ignored_names(type(body)), by_alias=True)
     for name in ("presence_penalty", "frequency_penalty"):  # null: the default, as llama_cpp.server takes it
         if kwargs[name] is None:
             del kwargs[name]
-    kwargs["max_tokens"] = _max_tokens(request, body.max_tokens)
+    newer = getattr(body, "max_completion_tokens", None)  # OpenAI's current name wins
+    if body.seed is not None:
+        kwargs["seed"] = body.seed % 2**32  # as llama.cpp's uint32_t takes it
+    kwargs["max_tokens"] = _max_tokens(request, body.max_tokens) if newer is None else \
+        _max_tokens(request, newer, "max_completion_tokens")
     if body.logit_bias:
         kwargs["logit_bias"] = _logit_bias(llama, body.logit_bias, body.logit_bias_type)
     if body.grammar is not None:
@@ -231,8 +243,13 @@ async def _generate(request: Request, served: ServedModel, body: Any, call: Call
             admission.callback(served.generation_lock.release)
         if not body.stream:
             with admission:
-                return await _until_done_or_gone(request, served, lambda: call(**kwargs), fields)
-        stream = _Stream(request, served, admission, fields)
+                cancellation = Cancellation()
+                result = await _until_done_or_gone(request, served, lambda: call(**kwargs), fields, cancellation)
+                if isinstance(result, dict) and "usage" in result:
+                    result["usage"] = openai_usage(result["usage"], cancellation.usage)
+                return result
+        options = getattr(body, "stream_options", None)
+        stream = _Stream(request, served, admission, fields, bool(options and options.include_usage))
         await stream.start(lambda: call(**kwargs))
     except BaseException:
         admission.close()
@@ -250,10 +267,17 @@ async def _on_disconnect(request: Request, hook: Callable[[], None]) -> None:
     hook()
 
 
+def openai_usage(usage: dict[str, int], counted: dict[str, int] | None) -> dict[str, Any]:
+    """llama-cpp-python's usage with OpenAI's prompt_tokens_details.cached_tokens (prompt tokens whose
+    state came from a cache, not computed)."""
+    cached = (counted or {}).get("cached_tokens", 0)
+    return {**usage, "prompt_tokens_details": {"cached_tokens": min(cached, usage["prompt_tokens"])}}
+
+
 async def _until_done_or_gone(request: Request, served: ServedModel, work: Callable[[], Any],
-                              fields: set[str]) -> Any:
+                              fields: set[str], cancellation: Cancellation | None = None) -> Any:
     """work()'s result on a worker thread; a client that hangs up meanwhile cancels it (and gets 499)."""
-    cancellation = Cancellation()
+    cancellation = cancellation or Cancellation()
 
     def run() -> Any:
         with cancellation_scope(cancellation):
@@ -283,11 +307,13 @@ class _Stream:
     response, in case the events never started.
     """
 
-    def __init__(self, request: Request, served: ServedModel, admission: contextlib.ExitStack, fields: set[str]):
+    def __init__(self, request: Request, served: ServedModel, admission: contextlib.ExitStack, fields: set[str],
+                 include_usage: bool = False):
         self.request = request
         self.served = served
         self.admission = admission
         self.fields = fields
+        self.include_usage = include_usage
         self.chunks: CompletionStream | None = None
         self.first: Any = _END
 
@@ -325,14 +351,21 @@ class _Stream:
 
     async def events(self) -> AsyncIterator[dict[str, str]]:
         try:
-            chunk = self.first
+            chunk, last = self.first, None
             while chunk is not _END:
                 yield {"data": json.dumps(chunk)}
+                last = chunk
                 try:
                     chunk = await self._next()
                 except Exception as e:  # headers are sent: the failure is the last event
                     yield {"data": json.dumps(_failure(self.request, e, self.fields).body())}
                     return
+            counted = self.chunks.usage if self.chunks is not None else None
+            if self.include_usage and last is not None and counted is not None:
+                # OpenAI's stream_options.include_usage: one more chunk, no choices, the usage
+                usage = {k: counted[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+                yield {"data": json.dumps({**{k: last[k] for k in ("id", "object", "created", "model")},
+                                           "choices": [], "usage": openai_usage(usage, counted)})}
             yield {"data": "[DONE]"}
         finally:
             await self.close()

@@ -2,8 +2,8 @@
 
 Each model admits n_parallel running requests plus max_queued_requests waiting
 ones; a request beyond that is refused at once (429 with Retry-After) instead
-of queueing without bound.  Models are chosen by alias only: nothing a client
-sends is ever opened as a path.
+of queueing without bound.  Models are chosen by alias only (a single model
+by any name): nothing a client sends is ever opened as a path.
 """
 
 from __future__ import annotations
@@ -161,9 +161,11 @@ class ModelRegistry:
             raise
 
     def get(self, alias: Optional[str]) -> ServedModel:
+        """The model named alias; a server of one model answers under any name, as llama_cpp.server does
+        (clients send their own default, "gpt-3.5-turbo"...)."""
         if self.closing:
             raise unavailable("the server is shutting down")
-        if alias is None:
+        if alias is None or len(self._settings) == 1:
             alias = self._settings[0].alias
         served = self.models.get(alias)
         if served is None:
