@@ -87,3 +87,42 @@ def test_include_usage_and_cached_tokens(client):
         assert last.usage.prompt_tokens_details.cached_tokens >= 0
     plain = list(client.completions.create(model="qwen", prompt="Hi", max_tokens=2, stream=True))
     assert all(c.choices for c in plain)  # no usage chunk unless asked for
+
+
+# -- reasoning and tool calls (the grammar makes the random model write the template's markup) ------------------
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+MARKUP = ("Need the weather.</think>\n\nLooking it up.\n\n<tool_call>\n<function=get_weather>\n<parameter=city>\n"
+          "Paris\n</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
+FORCED = {"grammar": "root ::= " + '"' + MARKUP.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'}
+
+
+def test_chat_answers_come_split_into_reasoning_content_and_tool_calls(client):
+    ask = dict(model="qwen", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=WEATHER,
+               temperature=0, max_tokens=400, extra_body=FORCED)
+    answer = client.chat.completions.create(**ask)
+    message = answer.choices[0].message
+    assert message.model_extra["reasoning_content"] == "Need the weather." and message.content == "Looking it up."
+    assert answer.choices[0].finish_reason == "tool_calls"
+    (call,) = message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == '{"city": "Paris", "days": 3}'
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == "Need the weather."
+    assert "".join(d.content or "" for d in deltas) == "Looking it up."
+    calls = [t for d in deltas for t in d.tool_calls or []]
+    assert calls[0].id and calls[0].function.name == "get_weather" and len(calls) >= 3  # arguments in pieces
+    assert "".join(t.function.arguments or "" for t in calls) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    raw = client.chat.completions.create(**{**ask, "extra_body": {**FORCED, "reasoning_format": "none",
+                                                                   "parse_tool_calls": False}})
+    assert raw.choices[0].message.content == MARKUP and not raw.choices[0].message.tool_calls
+
+
+def test_parsing_is_off_for_a_model_started_without_it():
+    with ServerProcess("--model", str(zoo_path("qwen35")), "--n_ctx", "512", "--n_threads", "2", "--verbose", "false",
+                       "--reasoning_format", "none", "--parse_tool_calls", "false") as server, \
+            openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0) as c:
+        answer = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}], tools=WEATHER,
+                                           temperature=0, max_tokens=400, extra_body=FORCED)
+        assert answer.choices[0].message.content == MARKUP and answer.choices[0].finish_reason == "stop"

@@ -35,7 +35,9 @@ from ..llama import (Cancellation, CompletionStream, LlamaGrammar, LogitsProcess
                      cancellation_scope)
 from ..llama_chat_format import TEMPLATE_REFUSED
 from . import errors, stats
+from .chat import ParsedChatStream, parse_completion
 from .errors import ERROR_RESPONSES, ApiError, bad_request, from_exception
+from .parsing import arguments_as_objects
 from .registry import ModelRegistry, ServedModel
 from .schemas import (CreateChatCompletionRequest, CreateCompletionRequest, CreateEmbeddingRequest,
                       DetokenizeInputRequest, TokenizeInputRequest, ignored_fields, ignored_names)
@@ -55,7 +57,7 @@ _END = object()  # next()'s default: the stream is over
 
 # request fields that are not Llama keyword arguments
 _NOT_KWARGS = {"n", "best_of", "logit_bias_type", "user", "min_tokens", "stream_options", "max_completion_tokens",
-               "parallel_tool_calls"}
+               "parallel_tool_calls", "reasoning_format", "parse_tool_calls"}
 
 
 def create_app(server_settings: ServerSettings, model_settings: list[ModelSettings]) -> FastAPI:
@@ -410,7 +412,21 @@ async def create_chat_completion(request: Request, body: CreateChatCompletionReq
     kwargs["messages"] = [m.model_dump(exclude_unset=True) for m in body.messages]
     if body.response_format is not None:
         kwargs["response_format"] = body.response_format.model_dump(by_alias=True, exclude_none=True)
-    return await _generate(request, served, body, served.llama.create_chat_completion, kwargs)
+    parser = None
+    if served.chat is not None:
+        kwargs["messages"] = arguments_as_objects(kwargs["messages"])  # templates iterate a call's arguments
+        reasoning = (body.reasoning_format or served.settings.reasoning_format) == "auto"
+        parse_tools = body.parse_tool_calls if body.parse_tool_calls is not None else served.settings.parse_tool_calls
+        if isinstance(body.tool_choice, dict) or body.tool_choice == "none":
+            parse_tools = False  # a named tool is grammar-forced and returned as a call already
+        parser = served.chat.parser(kwargs["messages"], body.tools, reasoning=reasoning, parse_tools=parse_tools)
+    if parser is None:
+        return await _generate(request, served, body, served.llama.create_chat_completion, kwargs)
+    if body.stream:
+        return await _generate(request, served, body, lambda **kw: ParsedChatStream(
+            served.llama.create_chat_completion(**kw), parser), kwargs)
+    return parse_completion(await _generate(request, served, body, served.llama.create_chat_completion, kwargs),
+                            parser)
 
 
 @router.post("/v1/embeddings", summary="Embedding", tags=["OpenAI V1"])

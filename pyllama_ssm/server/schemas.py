@@ -183,6 +183,10 @@ class CreateChatCompletionRequest(_Sampling):
     logprobs: Optional[bool] = Field(default=False)
     top_logprobs: Optional[int] = Field(default=None, **limit("top_logprobs"))
     response_format: Optional[ResponseFormat] = None
+    reasoning_format: Optional[Literal["auto", "none"]] = Field(
+        default=None, description="none: keep the template's <think> text in content (default: the model's "
+                                  "--reasoning_format).")
+    parse_tool_calls: Optional[bool] = Field(default=None, description="false: keep <tool_call> markup in content.")
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> "CreateChatCompletionRequest":
