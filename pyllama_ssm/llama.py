@@ -148,7 +148,8 @@ class _Cancellation:
 
     It also carries what a server reads of the call it scopes beyond llama-cpp-python's return
     shapes: `usage`, the last completion's token counts with the prompt tokens that came from
-    a cache (`cached_tokens`), set when that completion ends.
+    a cache (`cached_tokens`), and `tokens`, its generated token ids (without the end-of-generation
+    token), both set when that completion ends.
     """
 
     def __init__(self) -> None:
@@ -156,6 +157,7 @@ class _Cancellation:
         self._hooks: list[Callable[[], None]] = []
         self.is_set = False
         self.usage: Optional[dict[str, int]] = None
+        self.tokens: Optional[list[int]] = None
 
     def set(self) -> None:
         with self._lock:
@@ -221,6 +223,11 @@ class CompletionStream(Iterator[Any]):
     def usage(self) -> Optional[dict[str, int]]:
         """Token counts (with cached_tokens) once the generation ended, else None."""
         return self._cancellation.usage
+
+    @property
+    def tokens(self) -> Optional[list[int]]:
+        """The generated token ids once the generation ended, else None."""
+        return self._cancellation.tokens
 
     def cancel(self) -> None:
         """Stop the completion; returns at once, from any thread."""
@@ -1025,6 +1032,7 @@ class Llama:
         if stopping_criteria is not None and stopping_criteria(self._input_ids, self._scores[-1, :]):
             text, finish_reason = self.detokenize(completion, prev_tokens=r.prompt_tokens), "stop"
         r.cancellation.usage = _usage(len(r.prompt_tokens), len(completion), self._reused)
+        r.cancellation.tokens = list(completion)
         if echo:  # stopped before its first token
             yield self._completion_chunk(*head, r.echo_text)
         if r.stream:
@@ -1148,12 +1156,13 @@ class Llama:
                 result = req.result()
                 if echo:  # no token came (max_tokens=0)
                     yield self._completion_chunk(*head, r.echo_text, self._engine_echo_logprobs(r, req))
-                r.cancellation.usage = _usage(len(r.prompt_tokens), len(_completion_of(self, result)),
+                r.cancellation.tokens = _completion_of(self, result)
+                r.cancellation.usage = _usage(len(r.prompt_tokens), len(r.cancellation.tokens),
                                               result.usage.cached_tokens)
                 yield self._completion_chunk(*head, "", finish_reason=result.finish_reason)
                 return
             result = req.result()
-            completion = _completion_of(self, result)
+            completion = r.cancellation.tokens = _completion_of(self, result)
             r.cancellation.usage = _usage(len(r.prompt_tokens), len(completion), result.usage.cached_tokens)
             lp = None
             if r.logprobs is not None:

@@ -33,12 +33,13 @@ from ..bindings import lib
 from ..errors import EngineError
 from ..llama import (Cancellation, CompletionStream, LlamaGrammar, LogitsProcessorList, MinTokensLogitsProcessor,
                      cancellation_scope)
-from ..llama_chat_format import TEMPLATE_REFUSED
-from . import errors, stats
+from ..llama_chat_format import TEMPLATE_REFUSED, _grammar_for_response_format
+from . import errors, responses, stats
 from .chat import ParsedChatStream, parse_completion
 from .errors import ERROR_RESPONSES, ApiError, bad_request, from_exception
 from .parsing import arguments_as_objects
 from .registry import ModelRegistry, ServedModel
+from .responses import CreateResponseRequest, ResponseStore
 from .schemas import (CreateChatCompletionRequest, CreateCompletionRequest, CreateEmbeddingRequest,
                       DetokenizeInputRequest, TokenizeInputRequest, ignored_fields, ignored_names)
 from .security import ApiKeyMiddleware, BodyLimitMiddleware
@@ -78,6 +79,7 @@ def create_app(server_settings: ServerSettings, model_settings: list[ModelSettin
     app.state.registry = registry
     app.state.settings = server_settings
     app.state.noted = set()  # ignored request fields already noted in the log
+    app.state.responses = responses.ResponseStore()  # stored responses, for previous_response_id
     errors.install(app)
     app.include_router(router)
     app.openapi = lambda: _openapi(app)
@@ -233,9 +235,19 @@ def _logit_bias(llama, bias: dict[str, float], kind: str | None) -> dict[int, fl
 
 # -- running a model call ----------------------------------------------------------------------------
 
+def _chunk_event(chunk: Any) -> dict[str, str]:
+    return {"data": json.dumps(chunk)}
+
+
+def _named_event(event: dict[str, Any]) -> dict[str, str]:
+    return {"event": event["type"], "data": json.dumps(event)}
+
+
 async def _generate(request: Request, served: ServedModel, body: Any, call: Callable[..., Any],
-                    kwargs: dict[str, Any]) -> Any:
-    """Run one admitted completion: a JSON answer, or an SSE stream when body.stream."""
+                    kwargs: dict[str, Any], on_result: Callable[[Any, Cancellation], Any] | None = None,
+                    event: Callable[[Any], dict[str, str]] = _chunk_event, done: bool = True) -> Any:
+    """Run one admitted completion: a JSON answer (on_result(result, its Cancellation) when given), or an
+    SSE stream when body.stream (each item as event(item), then `data: [DONE]` when done)."""
     fields = set(type(body).model_fields)
     admission = contextlib.ExitStack()
     admission.enter_context(served.admit())
@@ -247,11 +259,14 @@ async def _generate(request: Request, served: ServedModel, body: Any, call: Call
             with admission:
                 cancellation = Cancellation()
                 result = await _until_done_or_gone(request, served, lambda: call(**kwargs), fields, cancellation)
+                if on_result is not None:
+                    return on_result(result, cancellation)
                 if isinstance(result, dict) and "usage" in result:
                     result["usage"] = openai_usage(result["usage"], cancellation.usage)
                 return result
         options = getattr(body, "stream_options", None)
-        stream = _Stream(request, served, admission, fields, bool(options and options.include_usage))
+        stream = _Stream(request, served, admission, fields, bool(getattr(options, "include_usage", False)), event,
+                         done)
         await stream.start(lambda: call(**kwargs))
     except BaseException:
         admission.close()
@@ -310,7 +325,10 @@ class _Stream:
     """
 
     def __init__(self, request: Request, served: ServedModel, admission: contextlib.ExitStack, fields: set[str],
-                 include_usage: bool = False):
+                 include_usage: bool = False, event: Callable[[Any], dict[str, str]] = _chunk_event,
+                 done: bool = True):
+        self.event = event
+        self.done = done
         self.request = request
         self.served = served
         self.admission = admission
@@ -355,7 +373,7 @@ class _Stream:
         try:
             chunk, last = self.first, None
             while chunk is not _END:
-                yield {"data": json.dumps(chunk)}
+                yield self.event(chunk)
                 last = chunk
                 try:
                     chunk = await self._next()
@@ -368,7 +386,8 @@ class _Stream:
                 usage = {k: counted[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
                 yield {"data": json.dumps({**{k: last[k] for k in ("id", "object", "created", "model")},
                                            "choices": [], "usage": openai_usage(usage, counted)})}
-            yield {"data": "[DONE]"}
+            if self.done:
+                yield {"data": "[DONE]"}
         finally:
             await self.close()
 
@@ -427,6 +446,88 @@ async def create_chat_completion(request: Request, body: CreateChatCompletionReq
             served.llama.create_chat_completion(**kw), parser), kwargs)
     return parse_completion(await _generate(request, served, body, served.llama.create_chat_completion, kwargs),
                             parser)
+
+
+@router.post("/v1/responses", summary="Response", tags=["OpenAI V1"], responses={
+    200: {"description": "The response, or with stream=true its events as server-sent events (`event: TYPE` and "
+                         "`data: {event}` lines, response.created first, response.completed last)",
+          "content": {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
+              "event": {"type": "string"}, "data": {"type": "string"}}}}}}})
+async def create_response(request: Request, body: CreateResponseRequest) -> Any:
+    served = _registry(request).get(body.model)
+    note_ignored(request, body)
+    llama = served.llama
+    if served.chat is None:
+        raise bad_request("model", f"{served.alias!r} has no Jinja chat template (a named --chat_format): the "
+                                   f"Responses API renders the model's own template")
+    store: ResponseStore = request.app.state.responses
+    history: list[dict[str, Any]] = []
+    previous = None
+    if body.previous_response_id is not None:
+        previous = store.get(body.previous_response_id)
+        if previous is None:
+            raise ApiError(404, f"previous_response_id: {body.previous_response_id!r} is not stored here",
+                           param="previous_response_id", code="not_found")
+        history = previous.messages
+        if previous.alias != served.alias:  # another model's tokens: only its messages carry over
+            previous = None
+    messages = history + responses.input_messages(body)
+    tools = responses.chat_tools(body)
+    try:
+        prompt = served.chat.render(messages, tools)
+    except Exception as e:  # noqa: BLE001 - the template refuses this conversation
+        raise bad_request("input", f"{TEMPLATE_REFUSED} ({type(e).__name__}: {e})") from None
+
+    def tokenize(text: str) -> list[int]:
+        return llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    tokens = responses.prompt_tokens(tokenize, prompt, previous)
+    if len(tokens) >= llama.n_ctx():
+        raise ApiError(400, f"input: {len(tokens)} prompt tokens do not fit the context of {llama.n_ctx()}",
+                       param="input", code="context_length_exceeded")
+    kwargs: dict[str, Any] = {"prompt": tokens, "stream": body.stream, "model": body.model or served.alias,
+                              "max_tokens": _max_tokens(request, body.max_output_tokens, "max_output_tokens"),
+                              "stop": [served.chat.formatter.eos_token] if served.chat.formatter.eos_token else []}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty"):
+        if getattr(body, name) is not None:
+            kwargs[name] = getattr(body, name)
+    if body.seed is not None:
+        kwargs["seed"] = body.seed % 2**32
+    fmt = responses.response_format(body)
+    if body.grammar is not None:
+        try:
+            kwargs["grammar"] = LlamaGrammar.from_string(body.grammar, verbose=False)
+        except (ValueError, TypeError) as e:
+            raise bad_request("grammar", str(e).removeprefix("grammar: ")) from None
+    elif fmt is not None:
+        try:
+            kwargs["grammar"] = _grammar_for_response_format(fmt, False)
+        except ValueError as e:
+            raise bad_request("text", str(e)) from None
+    rid = responses.new_id("resp")
+    turn = responses.Turn(rid, body, served.alias, messages, prompt, tokens,
+                          responses.parser_for(served.chat, messages, tools, prompt, body, served.settings),
+                          responses.EventWriter(rid, body, kwargs["model"]), store,
+                          lambda text: tokenize(text))
+    if body.stream:
+        return await _generate(request, served, body, lambda **kw: responses.ResponseEvents(
+            llama.create_completion(**kw), turn), kwargs, event=_named_event, done=False)
+    return await _generate(request, served, body, llama.create_completion, kwargs,
+                           on_result=lambda result, c: turn.whole(result, c.usage, c.tokens))
+
+
+# one route for both methods, so that a 405 on the path lists both in Allow
+@router.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"], summary="A stored response (GET), "
+                  "or delete it (DELETE)", tags=["OpenAI V1"])
+async def stored_response(request: Request, response_id: str) -> Any:
+    store: ResponseStore = request.app.state.responses
+    found = store.get(response_id) if request.method == "GET" else store.delete(response_id)
+    if not found:
+        raise ApiError(404, f"response_id: {response_id!r} is not stored here", param="response_id",
+                       code="not_found")
+    if request.method == "GET":
+        return found.response
+    return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
 @router.post("/v1/embeddings", summary="Embedding", tags=["OpenAI V1"])

@@ -77,21 +77,45 @@ def parse_completion(result: dict[str, Any], parser: OutputParser) -> dict[str, 
     return result
 
 
-class ParsedChatStream:
-    """A chat CompletionStream whose chunks' content is split by a parser, with its stream's controls."""
+class MappedStream:
+    """A CompletionStream seen through _map() (its items turned into others), with the stream's controls."""
 
-    def __init__(self, chunks: Any, parser: OutputParser):
+    def __init__(self, chunks: Any):
         self._chunks = chunks
-        self._parser = parser
-        self._out: Iterator[dict[str, Any]] = self._parse()
+        self._out: Iterator[dict[str, Any]] = self._map()
 
-    def __iter__(self) -> "ParsedChatStream":
+    def _map(self) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> "MappedStream":
         return self
 
     def __next__(self) -> dict[str, Any]:
         return next(self._out)
 
-    def _parse(self) -> Iterator[dict[str, Any]]:
+    @property
+    def cancelled(self) -> bool:
+        return self._chunks.cancelled
+
+    @property
+    def usage(self) -> Optional[dict[str, int]]:
+        return self._chunks.usage
+
+    def cancel(self) -> None:
+        self._chunks.cancel()
+
+    def close(self) -> None:
+        self._chunks.close()
+
+
+class ParsedChatStream(MappedStream):
+    """A chat CompletionStream whose chunks' content is split by a parser."""
+
+    def __init__(self, chunks: Any, parser: OutputParser):
+        self._parser = parser
+        super().__init__(chunks)
+
+    def _map(self) -> Iterator[dict[str, Any]]:
         for chunk in self._chunks:
             choice = chunk["choices"][0]
             delta = choice.get("delta") or {}
@@ -109,20 +133,6 @@ class ParsedChatStream:
                     yield _with_delta(chunk, parsed, delta.get("role"))
             else:
                 yield chunk
-
-    @property
-    def cancelled(self) -> bool:
-        return self._chunks.cancelled
-
-    @property
-    def usage(self) -> Optional[dict[str, int]]:
-        return self._chunks.usage
-
-    def cancel(self) -> None:
-        self._chunks.cancel()
-
-    def close(self) -> None:
-        self._chunks.close()
 
 
 def _with_delta(chunk: dict[str, Any], parsed, role: Optional[str] = None) -> dict[str, Any]:

@@ -90,8 +90,8 @@ class StreamOptions(_Body):
 IGNORED_NOTE = "Accepted for OpenAI compatibility; ignored by this server."
 
 
-def _ignored(**schema: Any) -> Any:
-    return Field(default=None, description=IGNORED_NOTE, json_schema_extra={"x-ignored": True, **schema})
+def _ignored(**bounds: Any) -> Any:
+    return Field(default=None, description=IGNORED_NOTE, json_schema_extra={"x-ignored": True}, **bounds)
 
 
 def ignored_names(cls: type[BaseModel]) -> set[str]:
