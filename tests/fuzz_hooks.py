@@ -16,6 +16,25 @@ import json
 import schemathesis
 
 
+def _one_ast_parse_at_a_time() -> None:
+    """Hypothesis describes each filter lambda by parsing its module's source (in a per-thread cache);
+    two workers parsing at once hit a CPython 3.11 race in the ast module (SystemError: AST constructor
+    recursion depth mismatch).  In this fuzzing process only, ast.parse takes turns."""
+    import ast
+    import threading
+
+    parse, lock = ast.parse, threading.Lock()
+
+    def parse_alone(*args, **kwargs):
+        with lock:
+            return parse(*args, **kwargs)
+
+    ast.parse = parse_alone
+
+
+_one_ast_parse_at_a_time()
+
+
 @schemathesis.hook
 def filter_failure(context, failure, case, response) -> bool:
     if response.status_code != 400:
