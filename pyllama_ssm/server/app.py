@@ -58,7 +58,7 @@ _END = object()  # next()'s default: the stream is over
 
 # request fields that are not Llama keyword arguments
 _NOT_KWARGS = {"n", "best_of", "logit_bias_type", "user", "min_tokens", "stream_options", "max_completion_tokens",
-               "parallel_tool_calls", "reasoning_format", "parse_tool_calls"}
+               "reasoning_format", "parse_tool_calls"}
 
 
 def create_app(server_settings: ServerSettings, model_settings: list[ModelSettings]) -> FastAPI:
@@ -471,7 +471,7 @@ async def create_response(request: Request, body: CreateResponseRequest) -> Any:
         history = previous.messages
         if previous.alias != served.alias:  # another model's tokens: only its messages carry over
             previous = None
-    messages = history + responses.input_messages(body)
+    messages = responses.conversation(body, history)
     tools = responses.chat_tools(body)
     try:
         prompt = served.chat.render(messages, tools)

@@ -152,10 +152,8 @@ def _text(content: Union[str, list[InputText]]) -> str:
 
 
 def input_messages(body: CreateResponseRequest) -> list[dict[str, Any]]:
-    """The request's new turn as chat messages (instructions first)."""
+    """The request's new turn as chat messages (its instructions apart: see conversation())."""
     out: list[dict[str, Any]] = []
-    if body.instructions:
-        out.append({"role": "system", "content": body.instructions})
     if isinstance(body.input, str):
         out.append({"role": "user", "content": body.input})
         return out
@@ -184,6 +182,13 @@ def input_messages(body: CreateResponseRequest) -> list[dict[str, Any]]:
     return out
 
 
+def conversation(body: CreateResponseRequest, history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages to render: this request's instructions (as OpenAI, a previous response's are not
+    carried over), the stored history, the new turn."""
+    system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    return system + history + input_messages(body)
+
+
 def chat_tools(body: CreateResponseRequest) -> Optional[list[dict[str, Any]]]:
     if not body.tools or body.tool_choice == "none":
         return None
@@ -207,7 +212,7 @@ class Stored:
     """A stored response: the conversation through its answer, as messages, text and tokens."""
 
     alias: str
-    messages: list[dict[str, Any]]   # the history, its answer included (for the template)
+    messages: list[dict[str, Any]]   # the history without instructions, its answer included
     prompt: str                      # the rendered prompt of the answer
     tokens: list[int]                # the prompt's tokens, then the generated ones
     answer: str                      # the generated text, as generated
@@ -442,7 +447,8 @@ class Turn:
         counted = counted or {"prompt_tokens": len(self.tokens), "completion_tokens": 0}
         response = self.writer.finish(finish_reason, usage_of(counted, reasoning_tokens))
         if self.body.store and generated is not None:
-            self.store.put(self.rid, Stored(self.alias, self.messages + [self.parser.message()], self.prompt,
+            history = self.messages[1:] if self.body.instructions else self.messages
+            self.store.put(self.rid, Stored(self.alias, history + [self.parser.message()], self.prompt,
                                             self.tokens + generated, text, response))
         return response
 

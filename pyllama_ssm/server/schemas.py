@@ -167,7 +167,7 @@ class CreateChatCompletionRequest(_Sampling):
         default=None, **limit("max_tokens"), json_schema_extra={"x-limit": "max_tokens"},
         description="OpenAI's current name of max_tokens; it wins when both are given.")
     stream_options: Optional[StreamOptions] = Field(default=None, description="With stream=true.")
-    parallel_tool_calls: Optional[bool] = Field(default=None, description="false: at most one parsed tool call.")
+    parallel_tool_calls: Optional[bool] = _ignored()  # every call the model writes is parsed and returned
     store: Optional[bool] = _ignored()
     metadata: Optional[dict[str, str]] = _ignored()
     modalities: Optional[list[Literal["text", "audio"]]] = _ignored()
