@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..limits import field as limit
 from .chat import MappedStream
 from .parsing import Delta, OutputParser
-from .schemas import IGNORED_NOTE, NonEmptyStr, _Body, _ignored
+from .schemas import NonEmptyStr, _Body, _ignored
 
 
 # -- the request -------------------------------------------------------------------------------------
