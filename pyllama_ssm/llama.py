@@ -145,12 +145,20 @@ class LlamaTokenizer:
 
 
 class _Cancellation:
-    """A flag set from any thread; hooks added run when it is set (at once if it already is)."""
+    """A flag set from any thread; hooks added run when it is set (at once if it already is).
+
+    It also carries what a server reads of the call it scopes beyond llama-cpp-python's return
+    shapes: `usage`, the last completion's token counts with the prompt tokens that came from
+    a cache (`cached_tokens`), and `tokens`, its generated token ids (without the end-of-generation
+    token), both set when that completion ends.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._hooks: list[Callable[[], None]] = []
         self.is_set = False
+        self.usage: Optional[dict[str, int]] = None
+        self.tokens: Optional[list[int]] = None
 
     def set(self) -> None:
         with self._lock:
@@ -211,6 +219,16 @@ class CompletionStream(Iterator[Any]):
     @property
     def cancelled(self) -> bool:
         return self._cancellation.is_set
+
+    @property
+    def usage(self) -> Optional[dict[str, int]]:
+        """Token counts (with cached_tokens) once the generation ended, else None."""
+        return self._cancellation.usage
+
+    @property
+    def tokens(self) -> Optional[list[int]]:
+        """The generated token ids once the generation ended, else None."""
+        return self._cancellation.tokens
 
     def cancel(self) -> None:
         """Stop the completion; returns at once, from any thread."""
@@ -344,6 +362,7 @@ class Llama:
         # anyway take turns per llama.cpp call (interleaved state, but never two calls on one context)
         self._direct_lock = threading.RLock()
         self._generating: Optional[int] = None  # the thread whose generation holds _direct_lock
+        self._reused = 0  # prompt tokens the last generation found evaluated (usage's cached_tokens)
         self._embed_lock = threading.Lock()  # embeddings decode on one context, one call at a time
 
         # as llama-cpp-python: no mmap with a LoRA; the arrays live as long as model_params refers to them
@@ -745,16 +764,19 @@ class Llama:
             consumed = longest == len(tokens)
             if consumed and self.n_tokens == len(tokens) and not self._requires_eval:
                 reset, tokens, reuse = False, [], 0  # the logits of the whole prompt are live: sample at once
+                self._reused = longest
                 self._say("generate: full prompt already evaluated")
             else:  # with nothing left to decode, replay one token to refresh the logits
                 reuse = longest - 1 if consumed else longest
             if reuse > 0 and self._ctx.seq_rm(0, reuse, -1):
+                self._reused = reuse
                 reset, tokens = False, tokens[reuse:]
                 self.n_tokens = reuse
                 self._requires_eval = True
                 self._say(f"generate: {reuse} prefix tokens reused, {len(tokens)} to evaluate")
         if reset:
             self.reset()
+            self._reused = 0
         sample_idx = self.n_tokens + len(tokens) - 1
         while True:
             self.eval(tokens)
@@ -954,9 +976,6 @@ class Llama:
                 raise ValueError(f"logprobs={logprobs!r}: must be an int in 0..{self._n_vocab}")
             if self._engine is None and not self._logits_all:
                 raise ValueError("logprobs is not supported for models created with logits_all=False")
-            if self._engine is not None and echo and stream:
-                raise ValueError("logprobs with echo=True and stream=True: prompt logprobs come with "
-                                 "stream=False (or n_parallel=1)")
         if seed is not None and not isinstance(seed, int):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
         with self._seed_lock:  # llama-cpp-python draws each call's seed from the previous one
@@ -991,10 +1010,15 @@ class Llama:
         completion: list[int] = [] if len(r.prompt) > 0 else [self.token_bos()]
         stop_bytes = [s.encode("utf-8") for s in r.stop]
         stream = _StreamText(stop_bytes)
+        echo = r.stream and r.echo  # streamed echo: the prompt's chunk comes once the prompt is evaluated
         text, finish_reason, multibyte_fix = b"", "length", 0
         for token in self._generate(r.prompt_tokens, params, stopping_criteria=stopping_criteria):
             if r.cancellation.is_set:
                 return
+            if echo:
+                echo = False
+                yield self._completion_chunk(*head, r.echo_text, self._direct_logprobs(r, []) if r.logprobs
+                                             is not None else None)
             if self._model.is_eog(token):
                 text, finish_reason = self.detokenize(completion, prev_tokens=r.prompt_tokens), "stop"
                 break
@@ -1021,6 +1045,10 @@ class Llama:
                 break
         if stopping_criteria is not None and stopping_criteria(self._input_ids, self._scores[-1, :]):
             text, finish_reason = self.detokenize(completion, prev_tokens=r.prompt_tokens), "stop"
+        r.cancellation.usage = _usage(len(r.prompt_tokens), len(completion), self._reused)
+        r.cancellation.tokens = list(completion)
+        if echo:  # stopped before its first token
+            yield self._completion_chunk(*head, r.echo_text)
         if r.stream:
             yield from self._stream_direct(r, head, completion, text, stream, final=True)
             yield self._completion_chunk(*head, "", finish_reason=finish_reason)
@@ -1118,14 +1146,18 @@ class Llama:
         if r.cancellation.is_set:  # cancelled before its first next(): never submitted
             return
         req = self._engine.submit(r.prompt_tokens, params, max_tokens=r.max_tokens, stop=r.stop, logprobs=r.logprobs,
-                                  prompt_logprobs=r.echo and r.logprobs is not None and not r.stream)
+                                  prompt_logprobs=r.echo and r.logprobs is not None)
         r.cancellation.on_set(req.cancel)
         try:
             if r.stream:
                 sent = ""
+                echo = r.echo
                 for chunk in req:
                     if r.cancellation.is_set:
                         return
+                    if echo:  # the prompt is scored once its prefill ended, before the first token
+                        echo = False
+                        yield self._completion_chunk(*head, r.echo_text, self._engine_echo_logprobs(r, req))
                     lp = None
                     if r.logprobs is not None and chunk.logprob is not None:
                         lp = self._stream_logprobs(self._token_logprobs(
@@ -1133,12 +1165,19 @@ class Llama:
                     if chunk.text or lp is not None:
                         sent += chunk.text
                         yield self._completion_chunk(*head, chunk.text, lp)
-                if not r.cancellation.is_set:
-                    yield self._completion_chunk(*head, "", finish_reason=req.result().finish_reason)
+                if r.cancellation.is_set:
+                    return
+                result = req.result()
+                if echo:  # no token came (max_tokens=0)
+                    yield self._completion_chunk(*head, r.echo_text, self._engine_echo_logprobs(r, req))
+                r.cancellation.tokens = _completion_of(self, result)
+                r.cancellation.usage = _usage(len(r.prompt_tokens), len(r.cancellation.tokens),
+                                              result.usage.cached_tokens)
+                yield self._completion_chunk(*head, "", finish_reason=result.finish_reason)
                 return
             result = req.result()
-            completion = result.tokens[:-1] if result.tokens and self._model.is_eog(result.tokens[-1]) \
-                else result.tokens
+            completion = r.cancellation.tokens = _completion_of(self, result)
+            r.cancellation.usage = _usage(len(r.prompt_tokens), len(completion), result.usage.cached_tokens)
             lp = None
             if r.logprobs is not None:
                 scored = [(lp_, top.items()) for lp_, top in zip(result.logprobs, result.top_logprobs)]
@@ -1152,6 +1191,12 @@ class Llama:
         finally:
             if not req.done:  # the caller stopped reading: free the sequence
                 req.cancel()
+
+    def _engine_echo_logprobs(self, r: "_Request", req) -> Optional[CompletionLogprobs]:
+        if r.logprobs is None:
+            return None
+        scored = [(lp_, top and top.items()) for lp_, top in zip(req.prompt_logprobs, req.prompt_top_logprobs)]
+        return self._logprobs_of(r, [], scored)
 
     def create_chat_completion(
         self, messages: list[ChatCompletionRequestMessage], functions: Optional[list[ChatCompletionFunction]] = None,
@@ -1285,21 +1330,27 @@ class _StreamText:
         return len(text) - hold
 
     def take(self, text: bytes, final: bool) -> str:
-        """The next safe piece of text, ending on a whole UTF-8 character."""
+        """The next safe piece of text: it stops short only of a character still incomplete at the very
+        end (a byte that can never complete, inside the text, is dropped as the final text drops it)."""
         end = self.safe_end(text, final)
-        while end > self.sent:
-            try:
-                piece = text[self.sent:end].decode("utf-8")
-                break
-            except UnicodeDecodeError:
-                if final:
-                    piece = text[self.sent:end].decode("utf-8", errors="ignore")
-                    break
-                end -= 1
-        else:
+        if not final:
+            end -= _incomplete_tail(text[:end])
+        if end <= self.sent:
             return ""
+        piece = text[self.sent:end].decode("utf-8", errors="ignore")
         self.sent = end
         return piece
+
+
+def _incomplete_tail(data: bytes) -> int:
+    """How many bytes at the end of data start a multi-byte UTF-8 character that more bytes may complete."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b & 0xC0 == 0x80:  # continuation byte: its lead is further back
+            continue
+        need = 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
+        return back if back < need else 0
+    return 0
 
 
 def _embeddings(ptr):
@@ -1308,8 +1359,16 @@ def _embeddings(ptr):
     return ptr
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def _usage(prompt: int, completion: int, cached: Optional[int] = None) -> dict[str, int]:
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if cached is not None:
+        usage["cached_tokens"] = cached
+    return usage
+
+
+def _completion_of(llama: Llama, result) -> list[int]:
+    """An Engine result's completion tokens, without the end-of-generation token that ended it."""
+    return result.tokens[:-1] if result.tokens and llama._model.is_eog(result.tokens[-1]) else result.tokens
 
 
 def _kv_override_array(overrides: dict[str, Union[bool, int, float, str]]):

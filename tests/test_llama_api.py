@@ -211,6 +211,33 @@ def test_logprobs_are_the_models_whatever_a_logits_processor_does(llm, par):
     np.testing.assert_allclose(runs[0], runs[1], atol=1e-2)  # flash attention on one side only
 
 
+def test_streamed_echo_with_logprobs_on_any_n_parallel(llm, par):
+    """The first chunk of an echoed stream is the prompt with its logprobs, as the whole answer has them."""
+    for model in (llm, par):
+        whole = model(PROMPT, max_tokens=3, temperature=0, logprobs=1, echo=True)["choices"][0]
+        chunks = [c["choices"][0] for c in model(PROMPT, max_tokens=3, temperature=0, logprobs=1, echo=True,
+                                                 stream=True)]
+        assert chunks[0]["text"] == PROMPT and "".join(c["text"] for c in chunks) == whole["text"]
+        n = len(chunks[0]["logprobs"]["tokens"])
+        assert n >= 2 and chunks[0]["logprobs"]["tokens"] == whole["logprobs"]["tokens"][:n]
+        assert chunks[0]["logprobs"]["token_logprobs"] == pytest.approx(whole["logprobs"]["token_logprobs"][:n],
+                                                                        abs=1e-4)
+
+
+def test_stream_sends_text_as_soon_as_its_bytes_are_complete():
+    """A token ending inside a UTF-8 character holds back only that character: on a random model the
+    answer is full of broken byte sequences, and still arrives about one chunk per token."""
+    for n_parallel in (1, 2):
+        with Llama(str(zoo_path("qwen35")), n_ctx=512, n_parallel=n_parallel, verbose=False) as model:
+            for prompt in ("Hello", "日本語のテキスト"):
+                whole = model(prompt, max_tokens=64, temperature=0)
+                pieces = [c["choices"][0]["text"] for c in model(prompt, max_tokens=64, temperature=0, stream=True)]
+                assert "".join(pieces) == text_of(whole)
+                tokens = whole["usage"]["completion_tokens"]
+                # was 38 and 28 chunks of 64 tokens (one held back everything after it until the end)
+                assert len([p for p in pieces if p]) >= tokens - 4, (n_parallel, prompt, pieces)
+
+
 def test_logprobs_need_logits_all_with_one_sequence():
     with Llama(str(zoo_path("llama")), n_ctx=64, verbose=False) as m:
         with pytest.raises(ValueError, match="logits_all"):
@@ -459,8 +486,6 @@ def test_parallel_mode_refuses_the_single_sequence_api(par):
             call()
     with pytest.raises(ValueError, match="stopping_criteria"):
         par(PROMPT, max_tokens=2, stopping_criteria=StoppingCriteriaList([lambda ids, logits: False]))
-    with pytest.raises(ValueError, match="echo"):  # prompt logprobs come whole, not streamed
-        list(par(PROMPT, max_tokens=2, logprobs=1, echo=True, stream=True))
 
 
 def test_parallel_recurrent_and_hybrid_models():

@@ -33,12 +33,15 @@ from ..bindings import lib
 from ..errors import EngineError
 from ..llama import (Cancellation, CompletionStream, LlamaGrammar, LogitsProcessorList, MinTokensLogitsProcessor,
                      cancellation_scope)
-from ..llama_chat_format import TEMPLATE_REFUSED
-from . import errors, stats
+from ..llama_chat_format import TEMPLATE_REFUSED, _grammar_for_response_format
+from . import errors, responses, stats
+from .chat import ParsedChatStream, parse_completion
 from .errors import ERROR_RESPONSES, ApiError, bad_request, from_exception
+from .parsing import arguments_as_objects
 from .registry import ModelRegistry, ServedModel
+from .responses import CreateResponseRequest, ResponseStore
 from .schemas import (CreateChatCompletionRequest, CreateCompletionRequest, CreateEmbeddingRequest,
-                      DetokenizeInputRequest, TokenizeInputRequest)
+                      DetokenizeInputRequest, TokenizeInputRequest, ignored_fields, ignored_names)
 from .security import ApiKeyMiddleware, BodyLimitMiddleware
 from .settings import ModelSettings, ServerSettings
 
@@ -54,7 +57,8 @@ _STREAMED = {200: {"description": "The completion, or with stream=true its chunk
 _END = object()  # next()'s default: the stream is over
 
 # request fields that are not Llama keyword arguments
-_NOT_KWARGS = {"n", "best_of", "logit_bias_type", "user", "min_tokens"}
+_NOT_KWARGS = {"n", "best_of", "logit_bias_type", "user", "min_tokens", "stream_options", "max_completion_tokens",
+               "reasoning_format", "parse_tool_calls"}
 
 
 def create_app(server_settings: ServerSettings, model_settings: list[ModelSettings]) -> FastAPI:
@@ -74,6 +78,8 @@ def create_app(server_settings: ServerSettings, model_settings: list[ModelSettin
                   root_path=server_settings.root_path, lifespan=lifespan)
     app.state.registry = registry
     app.state.settings = server_settings
+    app.state.noted = set()  # ignored request fields already noted in the log
+    app.state.responses = responses.ResponseStore()  # stored responses, for previous_response_id
     errors.install(app)
     app.include_router(router)
     app.openapi = lambda: _openapi(app)
@@ -130,10 +136,6 @@ def _add_model_rules(schema: dict[str, Any], models: list[ServedModel], n_vocab:
         # n_parallel=1 without logits_all keeps no logits to report
         completion["properties"]["logprobs"] = {"type": "null", "description": "Not with logits_all=false."}
         chat["properties"]["logprobs"] = {"enum": [False, None], "description": "Not with logits_all=false."}
-    elif any(served.engine is not None for served in models):  # n_parallel > 1: prompt logprobs, not streamed
-        completion["allOf"].append({"if": {"required": ["echo", "stream"],
-                                           "properties": {"echo": {"const": True}, "stream": {"const": True}}},
-                                    "then": {"properties": {"logprobs": {"type": "null"}}}})
     embedders = [served for served in models if served.settings.embedding]
     if not embedders:  # every embedding request would be refused: the route is not offered
         schema["paths"].pop("/v1/embeddings", None)
@@ -169,25 +171,39 @@ def _check_tokens(param: str, tokens: list[int], n_vocab: int) -> None:
         raise bad_request(param, f"token id {bad} is out of the vocabulary (0..{n_vocab - 1})")
 
 
-def _max_tokens(request: Request, value: int | None) -> int | None:
+def _max_tokens(request: Request, value: int | None, param: str = "max_tokens") -> int | None:
     """The request's max_tokens within --max_tokens_limit (None or 0: up to the limit, else the context)."""
     limit = _settings(request).max_tokens_limit
     if limit is None:
         return value
     if value is not None and value > limit:
-        raise bad_request("max_tokens", f"{value} exceeds the server's limit of {limit} (max_tokens_limit)")
+        raise bad_request(param, f"{value} exceeds the server's limit of {limit} (max_tokens_limit)")
     return value or limit
+
+
+def note_ignored(request: Request, body: Any) -> None:
+    """Log, once per field, the OpenAI fields a client sent that this server accepts and ignores."""
+    noted: set[str] = request.app.state.noted
+    for name in ignored_fields(body):
+        if name not in noted:
+            noted.add(name)
+            logger.info("request field %r is accepted for OpenAI compatibility and ignored (noted once)", name)
 
 
 def _generation_kwargs(request: Request, served: ServedModel,
                        body: CreateCompletionRequest | CreateChatCompletionRequest) -> dict[str, Any]:
     """The body as Llama keyword arguments, with what only the model can check (ids, grammar)."""
     llama = served.llama
-    kwargs = body.model_dump(exclude=_NOT_KWARGS, by_alias=True)
+    note_ignored(request, body)
+    kwargs = body.model_dump(exclude=_NOT_KWARGS | ignored_names(type(body)), by_alias=True)
     for name in ("presence_penalty", "frequency_penalty"):  # null: the default, as llama_cpp.server takes it
         if kwargs[name] is None:
             del kwargs[name]
-    kwargs["max_tokens"] = _max_tokens(request, body.max_tokens)
+    newer = getattr(body, "max_completion_tokens", None)  # OpenAI's current name wins
+    if body.seed is not None:
+        kwargs["seed"] = body.seed % 2**32  # as llama.cpp's uint32_t takes it
+    kwargs["max_tokens"] = _max_tokens(request, body.max_tokens) if newer is None else \
+        _max_tokens(request, newer, "max_completion_tokens")
     if body.logit_bias:
         kwargs["logit_bias"] = _logit_bias(llama, body.logit_bias, body.logit_bias_type)
     if body.grammar is not None:
@@ -219,9 +235,19 @@ def _logit_bias(llama, bias: dict[str, float], kind: str | None) -> dict[int, fl
 
 # -- running a model call ----------------------------------------------------------------------------
 
+def _chunk_event(chunk: Any) -> dict[str, str]:
+    return {"data": json.dumps(chunk)}
+
+
+def _named_event(event: dict[str, Any]) -> dict[str, str]:
+    return {"event": event["type"], "data": json.dumps(event)}
+
+
 async def _generate(request: Request, served: ServedModel, body: Any, call: Callable[..., Any],
-                    kwargs: dict[str, Any]) -> Any:
-    """Run one admitted completion: a JSON answer, or an SSE stream when body.stream."""
+                    kwargs: dict[str, Any], on_result: Callable[[Any, Cancellation], Any] | None = None,
+                    event: Callable[[Any], dict[str, str]] = _chunk_event, done: bool = True) -> Any:
+    """Run one admitted completion: a JSON answer (on_result(result, its Cancellation) when given), or an
+    SSE stream when body.stream (each item as event(item), then `data: [DONE]` when done)."""
     fields = set(type(body).model_fields)
     admission = contextlib.ExitStack()
     admission.enter_context(served.admit())
@@ -231,8 +257,16 @@ async def _generate(request: Request, served: ServedModel, body: Any, call: Call
             admission.callback(served.generation_lock.release)
         if not body.stream:
             with admission:
-                return await _until_done_or_gone(request, served, lambda: call(**kwargs), fields)
-        stream = _Stream(request, served, admission, fields)
+                cancellation = Cancellation()
+                result = await _until_done_or_gone(request, served, lambda: call(**kwargs), fields, cancellation)
+                if on_result is not None:
+                    return on_result(result, cancellation)
+                if isinstance(result, dict) and "usage" in result:
+                    result["usage"] = openai_usage(result["usage"], cancellation.usage)
+                return result
+        options = getattr(body, "stream_options", None)
+        stream = _Stream(request, served, admission, fields, bool(getattr(options, "include_usage", False)), event,
+                         done)
         await stream.start(lambda: call(**kwargs))
     except BaseException:
         admission.close()
@@ -250,10 +284,17 @@ async def _on_disconnect(request: Request, hook: Callable[[], None]) -> None:
     hook()
 
 
+def openai_usage(usage: dict[str, int], counted: dict[str, int] | None) -> dict[str, Any]:
+    """llama-cpp-python's usage with OpenAI's prompt_tokens_details.cached_tokens (prompt tokens whose
+    state came from a cache, not computed)."""
+    cached = (counted or {}).get("cached_tokens", 0)
+    return {**usage, "prompt_tokens_details": {"cached_tokens": min(cached, usage["prompt_tokens"])}}
+
+
 async def _until_done_or_gone(request: Request, served: ServedModel, work: Callable[[], Any],
-                              fields: set[str]) -> Any:
+                              fields: set[str], cancellation: Cancellation | None = None) -> Any:
     """work()'s result on a worker thread; a client that hangs up meanwhile cancels it (and gets 499)."""
-    cancellation = Cancellation()
+    cancellation = cancellation or Cancellation()
 
     def run() -> Any:
         with cancellation_scope(cancellation):
@@ -283,11 +324,16 @@ class _Stream:
     response, in case the events never started.
     """
 
-    def __init__(self, request: Request, served: ServedModel, admission: contextlib.ExitStack, fields: set[str]):
+    def __init__(self, request: Request, served: ServedModel, admission: contextlib.ExitStack, fields: set[str],
+                 include_usage: bool = False, event: Callable[[Any], dict[str, str]] = _chunk_event,
+                 done: bool = True):
+        self.event = event
+        self.done = done
         self.request = request
         self.served = served
         self.admission = admission
         self.fields = fields
+        self.include_usage = include_usage
         self.chunks: CompletionStream | None = None
         self.first: Any = _END
 
@@ -325,15 +371,23 @@ class _Stream:
 
     async def events(self) -> AsyncIterator[dict[str, str]]:
         try:
-            chunk = self.first
+            chunk, last = self.first, None
             while chunk is not _END:
-                yield {"data": json.dumps(chunk)}
+                yield self.event(chunk)
+                last = chunk
                 try:
                     chunk = await self._next()
                 except Exception as e:  # headers are sent: the failure is the last event
                     yield {"data": json.dumps(_failure(self.request, e, self.fields).body())}
                     return
-            yield {"data": "[DONE]"}
+            counted = self.chunks.usage if self.chunks is not None else None
+            if self.include_usage and last is not None and counted is not None:
+                # OpenAI's stream_options.include_usage: one more chunk, no choices, the usage
+                usage = {k: counted[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+                yield {"data": json.dumps({**{k: last[k] for k in ("id", "object", "created", "model")},
+                                           "choices": [], "usage": openai_usage(usage, counted)})}
+            if self.done:
+                yield {"data": "[DONE]"}
         finally:
             await self.close()
 
@@ -377,7 +431,103 @@ async def create_chat_completion(request: Request, body: CreateChatCompletionReq
     kwargs["messages"] = [m.model_dump(exclude_unset=True) for m in body.messages]
     if body.response_format is not None:
         kwargs["response_format"] = body.response_format.model_dump(by_alias=True, exclude_none=True)
-    return await _generate(request, served, body, served.llama.create_chat_completion, kwargs)
+    parser = None
+    if served.chat is not None:
+        kwargs["messages"] = arguments_as_objects(kwargs["messages"])  # templates iterate a call's arguments
+        reasoning = (body.reasoning_format or served.settings.reasoning_format) == "auto"
+        parse_tools = body.parse_tool_calls if body.parse_tool_calls is not None else served.settings.parse_tool_calls
+        if isinstance(body.tool_choice, dict) or body.tool_choice == "none":
+            parse_tools = False  # a named tool is grammar-forced and returned as a call already
+        parser = served.chat.parser(kwargs["messages"], body.tools, reasoning=reasoning, parse_tools=parse_tools)
+    if parser is None:
+        return await _generate(request, served, body, served.llama.create_chat_completion, kwargs)
+    if body.stream:
+        return await _generate(request, served, body, lambda **kw: ParsedChatStream(
+            served.llama.create_chat_completion(**kw), parser), kwargs)
+    return parse_completion(await _generate(request, served, body, served.llama.create_chat_completion, kwargs),
+                            parser)
+
+
+@router.post("/v1/responses", summary="Response", tags=["OpenAI V1"], responses={
+    200: {"description": "The response, or with stream=true its events as server-sent events (`event: TYPE` and "
+                         "`data: {event}` lines, response.created first, response.completed last)",
+          "content": {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
+              "event": {"type": "string"}, "data": {"type": "string"}}}}}}})
+async def create_response(request: Request, body: CreateResponseRequest) -> Any:
+    served = _registry(request).get(body.model)
+    note_ignored(request, body)
+    llama = served.llama
+    if served.chat is None:
+        raise bad_request("model", f"{served.alias!r} has no Jinja chat template (a named --chat_format): the "
+                                   f"Responses API renders the model's own template")
+    store: ResponseStore = request.app.state.responses
+    history: list[dict[str, Any]] = []
+    previous = None
+    if body.previous_response_id is not None:
+        previous = store.get(body.previous_response_id)
+        if previous is None:
+            raise ApiError(404, f"previous_response_id: {body.previous_response_id!r} is not stored here",
+                           param="previous_response_id", code="not_found")
+        history = previous.messages
+        if previous.alias != served.alias:  # another model's tokens: only its messages carry over
+            previous = None
+    messages = responses.conversation(body, history)
+    tools = responses.chat_tools(body)
+    try:
+        prompt = served.chat.render(messages, tools)
+    except Exception as e:  # noqa: BLE001 - the template refuses this conversation
+        raise bad_request("input", f"{TEMPLATE_REFUSED} ({type(e).__name__}: {e})") from None
+
+    def tokenize(text: str) -> list[int]:
+        return llama.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    tokens = responses.prompt_tokens(tokenize, prompt, previous)
+    if len(tokens) >= llama.n_ctx():
+        raise ApiError(400, f"input: {len(tokens)} prompt tokens do not fit the context of {llama.n_ctx()}",
+                       param="input", code="context_length_exceeded")
+    kwargs: dict[str, Any] = {"prompt": tokens, "stream": body.stream, "model": body.model or served.alias,
+                              "max_tokens": _max_tokens(request, body.max_output_tokens, "max_output_tokens"),
+                              "stop": [served.chat.formatter.eos_token] if served.chat.formatter.eos_token else []}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty"):
+        if getattr(body, name) is not None:
+            kwargs[name] = getattr(body, name)
+    if body.seed is not None:
+        kwargs["seed"] = body.seed % 2**32
+    fmt = responses.response_format(body)
+    if body.grammar is not None:
+        try:
+            kwargs["grammar"] = LlamaGrammar.from_string(body.grammar, verbose=False)
+        except (ValueError, TypeError) as e:
+            raise bad_request("grammar", str(e).removeprefix("grammar: ")) from None
+    elif fmt is not None:
+        try:
+            kwargs["grammar"] = _grammar_for_response_format(fmt, False)
+        except ValueError as e:
+            raise bad_request("text", str(e)) from None
+    rid = responses.new_id("resp")
+    turn = responses.Turn(rid, body, served.alias, messages, prompt, tokens,
+                          responses.parser_for(served.chat, messages, tools, prompt, body, served.settings),
+                          responses.EventWriter(rid, body, kwargs["model"]), store,
+                          lambda text: tokenize(text))
+    if body.stream:
+        return await _generate(request, served, body, lambda **kw: responses.ResponseEvents(
+            llama.create_completion(**kw), turn), kwargs, event=_named_event, done=False)
+    return await _generate(request, served, body, llama.create_completion, kwargs,
+                           on_result=lambda result, c: turn.whole(result, c.usage, c.tokens))
+
+
+# one route for both methods, so that a 405 on the path lists both in Allow
+@router.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"], summary="A stored response (GET), "
+                  "or delete it (DELETE)", tags=["OpenAI V1"])
+async def stored_response(request: Request, response_id: str) -> Any:
+    store: ResponseStore = request.app.state.responses
+    found = store.get(response_id) if request.method == "GET" else store.delete(response_id)
+    if not found:
+        raise ApiError(404, f"response_id: {response_id!r} is not stored here", param="response_id",
+                       code="not_found")
+    if request.method == "GET":
+        return found.response
+    return {"id": response_id, "object": "response.deleted", "deleted": True}
 
 
 @router.post("/v1/embeddings", summary="Embedding", tags=["OpenAI V1"])

@@ -91,7 +91,7 @@ def from_exception(error: BaseException, fields: set[str]) -> ApiError:
     """
     message = str(error) or type(error).__name__
     if _CONTEXT_EXCEEDED.search(message) or isinstance(error, MemoryFullError):
-        param = "messages" if "messages" in fields else "prompt"
+        param = next(name for name in ("messages", "input", "prompt") if name in fields or name == "prompt")
         return ApiError(400, f"{param}: {message}", param=param, code="context_length_exceeded")
     if isinstance(error, (ValueError, TypeError, PyllamaError)) and not isinstance(error, RuntimeError):
         match = _LEADING_NAME.match(message)

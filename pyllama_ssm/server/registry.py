@@ -2,8 +2,8 @@
 
 Each model admits n_parallel running requests plus max_queued_requests waiting
 ones; a request beyond that is refused at once (429 with Retry-After) instead
-of queueing without bound.  Models are chosen by alias only: nothing a client
-sends is ever opened as a path.
+of queueing without bound.  Models are chosen by alias only (a single model
+by any name): nothing a client sends is ever opened as a path.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import anyio
 
 from ..engine import Engine
 from ..llama import Llama, LlamaDiskCache, LlamaRAMCache
+from .chat import ChatTemplate
 from .errors import ApiError, unavailable
 from .settings import ModelSettings
 
@@ -62,7 +63,7 @@ def llama_kwargs(s: ModelSettings) -> dict[str, Any]:
     kwargs = s.model_dump(exclude={
         "model", "model_alias", "hf_model_repo_id", "kv_overrides", "chat_template_kwargs", "cache", "cache_type",
         "cache_size", "clip_model_path", "hf_pretrained_model_name_or_path", "hf_tokenizer_config_path",
-        "draft_model", "draft_model_num_pred_tokens", "mul_mat_q"})  # mul_mat_q: accepted, ignored as stock does
+        "draft_model", "draft_model_num_pred_tokens", "mul_mat_q", "reasoning_format", "parse_tool_calls"})  # mul_mat_q: accepted, ignored as stock does
     kwargs["kv_overrides"] = parse_kv_overrides(s.kv_overrides) if s.kv_overrides else None
     return kwargs
 
@@ -100,8 +101,10 @@ class ServedModel:
     generation_lock: Optional[anyio.Semaphore] = field(init=False)  # n_parallel=1: one completion at a time
     embedding_lock: anyio.Semaphore = field(init=False)  # embeddings share one context and batch
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    chat: Optional[ChatTemplate] = field(init=False)  # its Jinja chat template (None: a named chat format)
 
     def __post_init__(self) -> None:
+        self.chat = ChatTemplate.of(self.llama)
         self.limiter = anyio.CapacityLimiter(self.capacity)
         # a semaphore, not a lock: a stream releases it from another task than the one that took it
         self.embedding_lock = anyio.Semaphore(1)
@@ -161,9 +164,11 @@ class ModelRegistry:
             raise
 
     def get(self, alias: Optional[str]) -> ServedModel:
+        """The model named alias; a server of one model answers under any name, as llama_cpp.server does
+        (clients send their own default, "gpt-3.5-turbo"...)."""
         if self.closing:
             raise unavailable("the server is shutting down")
-        if alias is None:
+        if alias is None or len(self._settings) == 1:
             alias = self._settings[0].alias
         served = self.models.get(alias)
         if served is None:

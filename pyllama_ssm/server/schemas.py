@@ -42,7 +42,8 @@ class _Body(BaseModel):
 class _Sampling(_Body):
     """The sampling fields shared by completions and chat completions."""
 
-    model: Optional[str] = Field(default=None, description="The alias of a configured model (default: the first).")
+    model: Optional[str] = Field(default=None, description="The alias of a configured model (default: the first; "
+                                                          "a server of one model answers under any name).")
     min_tokens: int = Field(default=0, **limit("min_tokens"),
                             description="Generate at least this many tokens (EOS suppressed).")
     temperature: float = Field(default=0.8, **limit("temperature", ge=0.0),
@@ -55,7 +56,9 @@ class _Sampling(_Body):
     frequency_penalty: Optional[float] = Field(default=0.0, **limit("frequency_penalty", ge=-2.0, le=2.0))
     logit_bias: Optional[dict[str, Annotated[float, Field(**limit("logit_bias"))]]] = Field(
         default=None, description="Token id (or text, with logit_bias_type='tokens') -> bias.")
-    seed: Optional[int] = Field(default=None, **limit("seed"), description="Taken modulo 2**32.")
+    # any integer: the server takes it modulo 2**32 (a bound near 2**64 would be compared as a float by
+    # JSON Schema validators and as an int here, so the two would disagree next to it)
+    seed: Optional[int] = Field(default=None, description="Any integer, taken modulo 2**32 (-1: random).")
     n: Optional[int] = Field(default=1, ge=1, le=1, description="Only 1: send one request per completion.")
     user: Optional[str] = Field(default=None)
     # llama.cpp specific
@@ -78,6 +81,30 @@ class _Sampling(_Body):
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
+class StreamOptions(_Body):
+    include_usage: Optional[bool] = Field(default=None, description="A last chunk with `usage` and no choices.")
+    include_obfuscation: Optional[bool] = Field(default=None, description="Accepted, ignored (no padding is sent).")
+
+
+# fields of OpenAI's current API that change nothing here: accepted (clients send them), noted in the log
+IGNORED_NOTE = "Accepted for OpenAI compatibility; ignored by this server."
+
+
+def _ignored(**bounds: Any) -> Any:
+    return Field(default=None, description=IGNORED_NOTE, json_schema_extra={"x-ignored": True}, **bounds)
+
+
+def ignored_names(cls: type[BaseModel]) -> set[str]:
+    """The fields of a request body that this server accepts and ignores."""
+    return {name for name, f in cls.model_fields.items()
+            if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("x-ignored")}
+
+
+def ignored_fields(body: BaseModel) -> list[str]:
+    """The ignored fields that body sets."""
+    return sorted(name for name in ignored_names(type(body)) & body.model_fields_set if getattr(body, name) is not None)
+
+
 class CreateCompletionRequest(_Sampling):
     prompt: Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(min_length=1, max_length=1)], TokenIds,
                   Annotated[list[TokenIds], Field(min_length=1, max_length=1)]] = Field(
@@ -89,6 +116,7 @@ class CreateCompletionRequest(_Sampling):
     logprobs: Optional[int] = Field(default=None, **limit("logprobs"), json_schema_extra={"x-limit": "logprobs"},
                                     description="Log-probabilities of this many top tokens.")
     best_of: Optional[int] = Field(default=1, ge=1, le=1, description="Only 1.")
+    stream_options: Optional[StreamOptions] = Field(default=None, description="With stream=true.")
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -135,9 +163,30 @@ class CreateChatCompletionRequest(_Sampling):
     max_tokens: Optional[int] = Field(default=None, **limit("max_tokens"), json_schema_extra={"x-limit": "max_tokens"},
                                       description="Tokens to generate at most (default: until the context is "
                                                   "full or the limit of the server).")
+    max_completion_tokens: Optional[int] = Field(
+        default=None, **limit("max_tokens"), json_schema_extra={"x-limit": "max_tokens"},
+        description="OpenAI's current name of max_tokens; it wins when both are given.")
+    stream_options: Optional[StreamOptions] = Field(default=None, description="With stream=true.")
+    parallel_tool_calls: Optional[bool] = _ignored()  # every call the model writes is parsed and returned
+    store: Optional[bool] = _ignored()
+    metadata: Optional[dict[str, str]] = _ignored()
+    modalities: Optional[list[Literal["text", "audio"]]] = _ignored()
+    audio: Optional[dict[str, Any]] = _ignored()
+    prediction: Optional[dict[str, Any]] = _ignored()
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = _ignored()
+    service_tier: Optional[str] = _ignored()
+    verbosity: Optional[Literal["low", "medium", "high"]] = _ignored()
+    web_search_options: Optional[dict[str, Any]] = _ignored()
+    prompt_cache_key: Optional[str] = _ignored()
+    prompt_cache_retention: Optional[str] = _ignored()
+    safety_identifier: Optional[str] = _ignored()
     logprobs: Optional[bool] = Field(default=False)
     top_logprobs: Optional[int] = Field(default=None, **limit("top_logprobs"))
     response_format: Optional[ResponseFormat] = None
+    reasoning_format: Optional[Literal["auto", "none"]] = Field(
+        default=None, description="none: keep the template's <think> text in content (default: the model's "
+                                  "--reasoning_format).")
+    parse_tool_calls: Optional[bool] = Field(default=None, description="false: keep <tool_call> markup in content.")
 
     @model_validator(mode="after")
     def _top_logprobs_needs_logprobs(self) -> "CreateChatCompletionRequest":

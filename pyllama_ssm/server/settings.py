@@ -91,6 +91,9 @@ class ModelSettings(_Strict):
     chat_template_kwargs: Optional[dict[str, Any]] = Field(
         default=None, description="Extra keyword arguments forwarded to the chat template.")
     clip_model_path: Optional[str] = Field(default=None, description="Path to a CLIP model (multimodal chat).")
+    reasoning_format: Literal["auto", "none"] = Field(
+        default="auto", description="auto: a template's <think> text becomes reasoning_content; none: kept in content.")
+    parse_tool_calls: bool = Field(default=True, description="Parse the template's <tool_call> markup into tool_calls.")
     # Cache params
     cache: bool = Field(default=False, description="Use a cache to reduce processing times for evaluated prompts.")
     cache_type: Literal["ram", "disk"] = Field(default="ram", description="The type of cache to use.")
