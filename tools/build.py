@@ -118,7 +118,8 @@ def cmake_args(cuda: bool) -> list[str]:
     return args + split_cuda(extra_args())[1]
 
 
-def _tool_ok(*cmd: str) -> bool:
+def works(*cmd: str) -> bool:
+    """Whether the command runs and succeeds (a tool's --version)."""
     try:
         return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
@@ -129,7 +130,7 @@ def preflight(cuda: bool) -> None:
     """Every program the build runs is there, or a BuildError naming the missing one."""
     for tool, hint in (("cmake", "pip install cmake"), ("ninja", "pip install ninja"),
                        ("git", "it applies patches/series; install git")):
-        if not _tool_ok(tool, "--version"):
+        if not works(tool, "--version"):
             raise BuildError(f"{tool} not found or not working ({hint})")
     for var, names in (("CC", ("cc", "gcc", "clang")), ("CXX", ("c++", "g++", "clang++"))):
         given = shlex.split(os.environ.get(var, ""))[:1]

@@ -23,11 +23,9 @@ stops pip with one line naming the cause; compiler output goes to a log file.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import re
 import shutil
-import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -49,19 +47,14 @@ STAGE = ROOT / "build" / "wheel-stage"
 STAGE_ENV = "PYLLAMA_SSM_WHEEL_STAGE"  # tells setup.py what to package
 
 
-def _works(*cmd: str) -> bool:
-    try:
-        return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
 def get_requires_for_build_wheel(config_settings=None) -> list[str]:
     """setuptools' needs, plus cmake, ninja and pip only where this environment lacks them
     (pip downloads the pin; an isolated build environment has no pip of its own)."""
-    extra = [tool for tool in ("cmake", "ninja") if not _works(tool, "--version")]
+    extra = [tool for tool in ("cmake", "ninja") if not native.works(tool, "--version")]
     cached = (vendor.cache_root() / "sdist" / vendor.read_lock()["filename"]).exists()
-    if not cached and importlib.util.find_spec("pip") is None:
+    # a subprocess, as vendor.py runs it: importlib.util.find_spec("pip") would make setuptools'
+    # distutils shim step aside for pip (pypa/pip#8761), and setup() then fails
+    if not cached and not native.works(sys.executable, "-m", "pip", "--version"):
         extra.append("pip")
     return _setuptools.get_requires_for_build_wheel(config_settings) + extra
 
@@ -123,7 +116,12 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None) 
     try:
         os.environ[STAGE_ENV] = str(prepare())
     except (native.BuildError, vendor.VendorError, patches.PatchError, RuntimeError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first, *details = str(e).strip().splitlines() or [type(e).__name__]
+        if details:  # pip's own words on a failed download, git's on a patch: kept, out of the way
+            log = vendor.cache_root() / "logs" / f"pip-build-{os.getpid()}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(str(e) + "\n")
+            first += f" (details: {log})"
         print(f"pyllama-ssm: build failed: {first}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     return _setuptools.build_wheel(wheel_directory, config_settings, metadata_directory)
