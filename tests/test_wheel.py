@@ -193,6 +193,14 @@ def test_installed_package_runs_outside_the_checkout(venv):
     print(f"\ninstalled: import pyllama_ssm {out['import_s'] * 1000:.0f} ms; {out['solo']}")
 
 
+def test_installed_wheel_has_no_upstream_build(venv):
+    proc = subprocess.run([str(venv), "-c", "import pyllama_ssm"], capture_output=True, text=True,
+                          env=_env(PYLLAMA_SSM_BUILD="upstream"), cwd=venv.parent.parent, timeout=120)
+    assert proc.returncode != 0
+    assert "BuildMissingError: the upstream bindings are not built" in proc.stderr, proc.stderr[-2000:]
+    assert "the pristine upstream build is a development tool" in proc.stderr
+
+
 def test_installed_plan_command(venv):
     proc = subprocess.run([str(venv.parent / "pyllama-ssm"), "plan", str(zoo_path("jamba")), "--ctx", "1024",
                            "--parallel", "4", "--json"], capture_output=True, text=True, env=_env(),
