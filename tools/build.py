@@ -148,12 +148,19 @@ def _cause(log: Path) -> str:
     """The first error line of a failed build's log (a CMake error's message is on the lines after it)."""
     lines = log.read_text(errors="replace").splitlines()
     for i, line in enumerate(lines):
-        if line.startswith("CMake Error"):
-            detail = next((ln.strip() for ln in lines[i + 1:] if ln.strip()), "")
-            return f"{line.strip()} {detail}".strip()
-        if re.search(r"\b(fatal )?error\b:|\berror: ", line, re.I) or "FAILED:" in line:
+        if line.startswith("CMake Error"):  # "CMake Error at FILE:LINE (message):", the message indented below
+            words = []
+            for ln in lines[i + 1:]:
+                if ln.strip() and not ln.startswith(" "):
+                    break
+                words += ln.split()
+            message = " ".join(words)
+            end = re.search(r"\.(\s|$)", message)  # its first sentence
+            return "CMake: " + message[:end.start() + 1 if end else 240]
+        if re.search(r"\berror:", line, re.I):  # a compiler's "file:line:col: error: ..."
             return line.strip()
-    return lines[-1].strip() if lines else "no output"
+    failed = [ln.strip() for ln in lines if ln.startswith("FAILED:")]
+    return (failed or lines or ["no output"])[-1].strip()
 
 
 def digest(*parts: str) -> str:
