@@ -12,6 +12,7 @@
 #    (PYLLAMA_SSM_TEST_INSTALLED=1: the checkout off sys.path; upstream-parity tests skip, the
 #    pristine build being a checkout tool).  Ends with a short summary.
 set -euo pipefail
+unset PYTHONPATH PYLLAMA_SSM_BUILD  # the installed package, patched build, nothing from the checkout
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/pyllama-ssm-gpu-wheel.XXXXXX")
 LOG="$WORK/pip-install.log"
