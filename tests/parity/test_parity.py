@@ -25,7 +25,7 @@ UPSTREAM_MULTI_SEQ_BUGS = {"plamo2-tiny": "0003-plamo2-multi-seq.patch"}
 
 
 def run_driver(build: str, out, paths, **env_extra: str) -> dict[str, np.ndarray]:
-    env = child_env(build, PARITY_SINGLE_ONLY=",".join(UPSTREAM_MULTI_SEQ_BUGS), **env_extra)
+    env = child_env(build, **{"PARITY_SINGLE_ONLY": ",".join(UPSTREAM_MULTI_SEQ_BUGS), **env_extra})
     proc = subprocess.run([sys.executable, str(DRIVER), str(out), *map(str, paths)],
                           capture_output=True, text=True, env=env, timeout=1200, cwd=CHILD_CWD)
     assert proc.returncode == 0, f"{build} driver failed:\n{proc.stderr[-3000:]}"
