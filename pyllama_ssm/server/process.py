@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import site
 import subprocess
 import sys
 import threading
@@ -12,7 +13,10 @@ from collections import deque
 from pathlib import Path
 
 _LISTENING = re.compile(r"Uvicorn running on https?://[^:]+:(\d+)")
-_ROOT = Path(__file__).resolve().parents[2]
+# The child imports the pyllama_ssm this process runs: from a checkout, through PYTHONPATH; an
+# installed one it finds itself (site-packages on PYTHONPATH would go before the standard library).
+_IMPORT_ROOT = Path(__file__).resolve().parents[2]
+_INSTALLED = str(_IMPORT_ROOT) in {os.path.realpath(p) for p in [*site.getsitepackages(), site.getusersitepackages()]}
 
 
 class ServerProcess:
@@ -24,7 +28,8 @@ class ServerProcess:
     def __init__(self, *args: str, timeout: float = 60.0, env: dict[str, str] | None = None,
                  module: str = "pyllama_ssm.server"):
         env = {**os.environ, **(env or {})}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(_ROOT)) if p)
+        if not _INSTALLED:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH", ""), str(_IMPORT_ROOT)) if p)
         self.proc = subprocess.Popen([sys.executable, "-m", module, *args, "--host", "127.0.0.1", "--port", "0"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         self.log: deque[str] = deque(maxlen=400)

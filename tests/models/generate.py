@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 from vendor import sha256_of  # noqa: E402
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path and os.environ.get("PYLLAMA_SSM_TEST_INSTALLED") != "1":  # tests/conftest.py
     sys.path.insert(0, str(ROOT))
 
 # llama.cpp's libraries before numpy's: with numpy 2.5 (scipy-openblas) loaded first, a CUDA

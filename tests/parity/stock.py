@@ -1,8 +1,8 @@
 """Run code under stock llama-cpp-python 0.3.36, and the same code under pyllama-ssm.
 
 Stock is the pure-Python llama_cpp package of the pinned sdist (tools/stock.py
-extracts it into build/stock/ on first use) loading our pristine build through
-its LLAMA_CPP_LIB_PATH=build/upstream/lib.  Each run is a fresh subprocess (one
+extracts it into pyllama_ssm/_stock/, its tests into build/stock/tests/, on first
+use) loading our pristine build through its LLAMA_CPP_LIB_PATH=build/upstream/lib.  Each run is a fresh subprocess (one
 libllama per process), so the same driver code can run on both sides:
 
     from parity.stock import run_ours, run_stock      # tests/ is on sys.path (conftest)
@@ -39,7 +39,8 @@ import pytest
 
 from conftest import ROOT, run_with_build
 
-STOCK = ROOT / "build" / "stock"
+STOCK = ROOT / "pyllama_ssm" / "_stock"  # holds llama_cpp/: the Python path root of stock
+STOCK_TESTS = ROOT / "build" / "stock" / "tests"
 LIB_DIR = ROOT / "build" / "upstream" / "lib"
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, zoo_names, zoo_path
-from parity.stock import STOCK, run_ours, run_stock
+from parity.stock import STOCK_TESTS, run_ours, run_stock
 
 DRIVER = Path(__file__).with_name("llama_driver.py")
 RUN_DRIVER = f"import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path({str(DRIVER)!r}, run_name='__main__')"
@@ -194,8 +194,8 @@ NOT_RUN = {
 
 
 def test_llama_cpp_python_own_tests(tmp_path):
-    tests = STOCK / "tests"
-    run_stock("pass")  # extracts build/stock (or skips)
+    tests = STOCK_TESTS
+    run_stock("pass")  # extracts stock and its tests (or skips)
     for name in ("test_llama.py", "test_llama_chat_format.py", "test_llama_grammar.py"):
         shutil.copy(tests / name, tmp_path / name)
     stand_ins = {repo: str(zoo_path(name)) for repo, name in STAND_INS.items()}

@@ -10,14 +10,13 @@ included.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, ZOO, zoo_index
+from conftest import CHILD_CWD, ROOT, ZOO, child_env, zoo_index
 
 DRIVER = ROOT / "tests" / "parity" / "driver.py"
 # Upstream bugs with several sequences per ubatch, fixed by the named patch:
@@ -26,10 +25,9 @@ UPSTREAM_MULTI_SEQ_BUGS = {"plamo2-tiny": "0003-plamo2-multi-seq.patch"}
 
 
 def run_driver(build: str, out, paths, **env_extra: str) -> dict[str, np.ndarray]:
-    env = {**os.environ, "PYLLAMA_SSM_BUILD": build, "PARITY_SINGLE_ONLY": ",".join(UPSTREAM_MULTI_SEQ_BUGS),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), **env_extra}
+    env = child_env(build, **{"PARITY_SINGLE_ONLY": ",".join(UPSTREAM_MULTI_SEQ_BUGS), **env_extra})
     proc = subprocess.run([sys.executable, str(DRIVER), str(out), *map(str, paths)],
-                          capture_output=True, text=True, env=env, timeout=1200, cwd=ROOT)
+                          capture_output=True, text=True, env=env, timeout=1200, cwd=CHILD_CWD)
     assert proc.returncode == 0, f"{build} driver failed:\n{proc.stderr[-3000:]}"
     with np.load(out) as f:
         return {k: f[k] for k in f.files}
