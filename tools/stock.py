@@ -1,6 +1,7 @@
 """Stock llama-cpp-python 0.3.36, pure Python, over our pristine library.
 
     python tools/stock.py            # -> build/stock/llama_cpp/, build/stock/tests/
+    python tools/stock.py examples/server  # -> build/stock/examples/server/ (the batched example server)
 
 Extracts only the llama_cpp/ package and its tests/ (no vendor/ tree, nothing
 to compile) from the pinned sdist that tools/vendor.py downloads and verifies,
@@ -12,7 +13,9 @@ which tests point at build/upstream/lib.  Two users:
   runs llama-cpp-python's own tests against pyllama-ssm);
 - pyllama_ssm.llama_grammar, which loads the JSON-schema converter from
   build/stock/llama_cpp/llama_grammar.py (upstream llama.cpp dropped its Python
-  version of that converter).
+  version of that converter);
+- bench/chat_sessions.py, which runs the sdist's batched example server
+  (examples/server/server.py, extracted on demand) against ours.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def main() -> int:
     try:
         pin = vendor.read_lock()
         archive = vendor.download(pin, vendor.cache_root())
-        for part in PARTS:
+        for part in sys.argv[1:] or PARTS:
             vendor.extract(archive, {**pin, "subdir": part}, DEST / part)
     except vendor.VendorError as e:
         print(f"stock: error: {e}", file=sys.stderr)
