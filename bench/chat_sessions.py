@@ -271,7 +271,8 @@ def run_one(name: str, model: Path, conv: dict, tok: Tokenizer, args: argparse.N
         after = counters(kind, server.url)
         main_peak = proc_memory(server.proc.pid)["peak_rss"]
         server.stop()
-        logged = log_figures(kind, server.log())
+        log = server.log()
+        logged = log_figures(kind, log)
     recs = out["records"]
     ok = [r for r in recs if "error" not in r]
     run = {"server": name, "kind": kind, "parallel": parallel, "seconds": out["seconds"], "capped": out["capped"],
@@ -285,7 +286,8 @@ def run_one(name: str, model: Path, conv: dict, tok: Tokenizer, args: argparse.N
     if kind == "example-server":
         run["cache_bytes"] = 0  # its checkpoints are sequences of the context (n_seq_max), not host copies
     failed = [r for r in recs if "error" in r and not r.get("cut")]
-    if failed and not args.allow_failures:
+    if failed:  # the server's last words say why (a crash, a full context)
+        run["log_tail"] = log[-4000:]
         print(f"\n{name}: {len(failed)} failed request(s), first: {failed[0]['error']}", file=sys.stderr)
     if not ok:
         raise BenchError(f"{name} on {model.name}: no request completed; first error: "
@@ -304,6 +306,8 @@ def summarize(runs: list[dict], args: argparse.Namespace, system_tokens: int) ->
     tokens = sum(r["tokens"] for r in ok)
     seconds = sum(run["seconds"] for run in runs)
     new = sum(r["new_tokens"] for r in ok)
+    # the counters of a run count the requests it cut or lost too: so does the denominator of their ratio
+    new_sent = sum(r["new_tokens"] for r in recs)
     row = {"server": runs[0]["server"], "rounds": len(runs),
            "planned": len(runs) * args.users_now * args.turns, "completed": len(ok),
            "failed": sum(1 for r in recs if "error" in r and not r.get("cut")),
@@ -318,14 +322,14 @@ def summarize(runs: list[dict], args: argparse.Namespace, system_tokens: int) ->
                                 for k in range(1, args.turns + 1)],
            "new_tokens": new, "new_tokens_rest": sum(r["new_tokens"] for r in ok if r["turn"] > 1),
            # the least a server can compute: every new token once, the shared system prompt once per run
-           "ideal_tokens": new - sum(max(sum(1 for r in run["records"] if r["turn"] == 1 and "error" not in r) - 1, 0)
-                                     for run in runs) * system_tokens,
+           "ideal_tokens": new_sent - sum(max(sum(1 for r in run["records"] if r["turn"] == 1) - 1, 0)
+                                          for run in runs) * system_tokens,
            "peak_rss": max(run["peak_rss"] for run in runs),
            "cache_bytes": max((run.get("cache_bytes") or 0) for run in runs)}
     if all("computed" in run for run in runs):
         # a capped run's counters include requests it cut short: the ratio then reads high
         row["computed"] = sum(run["computed"] for run in runs)
-        row["computed_per_new"] = row["computed"] / new if new else None
+        row["computed_per_new"] = row["computed"] / new_sent if new_sent else None
         row["computed_per_ideal"] = row["computed"] / row["ideal_tokens"] if row["ideal_tokens"] else None
     per_request = [r for r in ok if r.get("computed") is not None]
     if per_request and len(per_request) == len(ok):
@@ -381,7 +385,8 @@ def markdown(tables: list[dict], args: argparse.Namespace) -> str:
              f"messages 50-300 tokens, answers of up to {args.max_tokens} tokens (greedy), users {args.stagger:g} s "
              f"apart, 0.2-1 s think time; {args.threads} threads, {args.rounds} round(s), time cap "
              f"{args.time_cap:g} s per run. TTFT in seconds; computed/new: prompt tokens the server computed / new "
-             f"prompt tokens (turn 1: the whole prompt), from its own counters (- where it reports none); "
+             f"prompt tokens (turn 1: the whole prompt) of every request sent, from its own counters (- where it "
+             f"reports none); "
              f"ideal: every new token once, the system prompt once.", ""]
     for t in tables:
         lines += [f"### {t['model']}, U = {t['users']} (n_ctx {t['n_ctx']}, system prompt {t['system_tokens']} "
@@ -405,6 +410,21 @@ def markdown(tables: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def merge(old: list[dict], new: list[dict], args: argparse.Namespace) -> list[dict]:
+    """--merge: the earlier tables, with this invocation's servers' runs in place of theirs (same model and U)."""
+    fresh = {(t["model"], t["users"]): t for t in new}
+    out = []
+    for t in old:
+        if (n := fresh.pop((t["model"], t["users"]), None)) is None:
+            out.append(t)
+            continue
+        runs = {**t["runs"], **n["runs"]}
+        args.users_now = n["users"]
+        rows = [summarize(runs[s], args, n["system_tokens"]) for s in SERVERS if s in runs]
+        out.append({**n, "rows": rows, "checks": checks(rows), "runs": runs})
+    return out + list(fresh.values())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="qwen35-small", help="zoo names (smollm2: the real SmolLM2-135M-Instruct)")
@@ -419,10 +439,9 @@ def main() -> int:
     ap.add_argument("--time-cap", type=float, default=300, help="seconds one run may take; then it stops")
     ap.add_argument("--request-timeout", type=float, default=600)
     ap.add_argument("--seed", type=int, default=18)
-    ap.add_argument("--allow-failures", action="store_true", help="(failed requests are always counted)")
     ap.add_argument("--out", default="chat_sessions", help="results stem in bench/results")
     ap.add_argument("--merge", action="store_true",
-                    help="keep the tables of bench/results/<out>.json for the models and U not run now")
+                    help="keep bench/results/<out>.json's runs of the models, U and servers not run now")
     args = ap.parse_args()
     servers = args.servers.split(",")
     if unknown := [s for s in servers if s not in SERVERS]:
@@ -450,16 +469,13 @@ def main() -> int:
                     progress.advance()
             rows = [summarize(runs[s], args, conv["system_tokens"]) for s in servers]
             tables.append({"model": name, "users": u, "n_ctx": args.n_ctx, "system_tokens": conv["system_tokens"],
-                           "rows": rows, "checks": checks(rows),
-                           "runs": {s: [{k: v for k, v in run.items()} for run in runs[s]] for s in servers}})
+                           "rows": rows, "checks": checks(rows), "runs": runs})
         tok.close()
     progress.close()
     args_out = {k: v for k, v in vars(args).items() if k not in ("users_now", "n_ctx")}
     stem_json = RESULTS / f"{args.out}.json"
-    if args.merge and stem_json.exists():  # keep the earlier invocations' tables for other models and U
-        fresh = {(t["model"], t["users"]) for t in tables}
-        tables = [t for t in json.loads(stem_json.read_text())["tables"] if (t["model"], t["users"]) not in fresh] \
-            + tables
+    if args.merge and stem_json.exists():
+        tables = merge(json.loads(stem_json.read_text())["tables"], tables, args)
     write_results(args.out, {"machine": platform.platform(), "cpus": os.cpu_count(), **args_out, "tables": tables},
                   markdown(tables, args))
     from bench.plot import lines
