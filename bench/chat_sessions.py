@@ -383,14 +383,13 @@ def _s(v: float | None) -> str:
 def markdown(tables: list[dict], args: argparse.Namespace) -> str:
     lines = [f"Multi-turn chats: {args.turns} turns per user, system prompt ~{args.system_tokens} tokens, user "
              f"messages 50-300 tokens, answers of up to {args.max_tokens} tokens (greedy), users {args.stagger:g} s "
-             f"apart, 0.2-1 s think time; {args.threads} threads, {args.rounds} round(s), time cap "
-             f"{args.time_cap:g} s per run. TTFT in seconds; computed/new: prompt tokens the server computed / new "
+             f"apart, 0.2-1 s think time; {args.threads} threads, {args.rounds} round(s). TTFT in seconds; computed/new: prompt tokens the server computed / new "
              f"prompt tokens (turn 1: the whole prompt) of every request sent, from its own counters (- where it "
              f"reports none); "
              f"ideal: every new token once, the system prompt once.", ""]
     for t in tables:
         lines += [f"### {t['model']}, U = {t['users']} (n_ctx {t['n_ctx']}, system prompt {t['system_tokens']} "
-                  "tokens)", "",
+                  f"tokens, time cap {t.get('time_cap', args.time_cap):g} s)", "",
                   "| server | done / planned | failed | short | TTFT t1 p50 | t1 p95 | TTFT t2..K p50 | t2..K p95 "
                   "| tok/s | computed/new all | t2..K | computed/ideal | peak RSS MiB | cache MiB |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -442,7 +441,11 @@ def main() -> int:
     ap.add_argument("--out", default="chat_sessions", help="results stem in bench/results")
     ap.add_argument("--merge", action="store_true",
                     help="keep bench/results/<out>.json's runs of the models, U and servers not run now")
+    ap.add_argument("--render", action="store_true",
+                    help="run nothing: rebuild bench/results/<out>.{md,png} and its rows from the runs in <out>.json")
     args = ap.parse_args()
+    if args.render:
+        return render(args)
     servers = args.servers.split(",")
     if unknown := [s for s in servers if s not in SERVERS]:
         raise BenchError(f"--servers: unknown {unknown}; expected some of {list(SERVERS)}")
@@ -469,13 +472,32 @@ def main() -> int:
                     progress.advance()
             rows = [summarize(runs[s], args, conv["system_tokens"]) for s in servers]
             tables.append({"model": name, "users": u, "n_ctx": args.n_ctx, "system_tokens": conv["system_tokens"],
+                           "time_cap": args.time_cap,
                            "rows": rows, "checks": checks(rows), "runs": runs})
         tok.close()
     progress.close()
-    args_out = {k: v for k, v in vars(args).items() if k not in ("users_now", "n_ctx")}
     stem_json = RESULTS / f"{args.out}.json"
     if args.merge and stem_json.exists():
         tables = merge(json.loads(stem_json.read_text())["tables"], tables, args)
+    write(tables, args)
+    return 0
+
+
+def render(args: argparse.Namespace) -> int:
+    """--render: every table's rows and checks again from its stored runs, with the settings they ran with."""
+    data = json.loads((RESULTS / f"{args.out}.json").read_text())
+    for key in ("turns", "system_tokens", "max_tokens", "stagger", "threads", "rounds", "time_cap"):
+        setattr(args, key, data[key])
+    for t in data["tables"]:
+        args.users_now = t["users"]
+        t["rows"] = [summarize(runs, args, t["system_tokens"]) for runs in t["runs"].values()]
+        t["checks"] = checks(t["rows"])
+    write(data["tables"], args)
+    return 0
+
+
+def write(tables: list[dict], args: argparse.Namespace) -> None:
+    args_out = {k: v for k, v in vars(args).items() if k not in ("users_now", "n_ctx", "render", "merge")}
     write_results(args.out, {"machine": platform.platform(), "cpus": os.cpu_count(), **args_out, "tables": tables},
                   markdown(tables, args))
     from bench.plot import lines
@@ -483,7 +505,6 @@ def main() -> int:
                  for t in tables for r in t["rows"] for k, v in enumerate(r["ttft_by_turn_p50"]) if v is not None]
     lines(args.out, plot_rows, series="server", x="turn", y=lambda r: r["ttft"], title="TTFT p50 by turn",
           xlabel="turn", ylabel="time to first token, s", log2_x=False)
-    return 0
 
 
 if __name__ == "__main__":
