@@ -207,7 +207,9 @@ def _ours(url: str) -> dict:
     eng, mem = model["engine"] or {}, model["memory"] or {}
     return {"computed": eng.get("tokens_decoded", 0) - eng.get("tokens_generated", 0),
             "prefix_hits": eng.get("prefix_hits"), "prefix_misses": eng.get("prefix_misses"),
-            "cache_bytes": mem.get("cached_bytes"), "cached_prefixes": mem.get("cached_prefixes")}
+            "cache_bytes": mem.get("cached_bytes"), "cached_prefixes": mem.get("cached_prefixes"),
+            "memory": {k: mem.get(k) for k in ("weights_bytes", "kv_bytes", "rs_bytes", "compute_bytes",
+                                              "kv_cells_total", "rs_cells_total")}}
 
 
 def _metric(url: str, name: str) -> float:
@@ -280,7 +282,7 @@ def run_one(name: str, model: Path, conv: dict, tok: Tokenizer, args: argparse.N
     if "computed" in before:
         run["computed"] = after["computed"] - before["computed"]
     if kind == "pyllama-ssm":
-        run |= {k: after[k] for k in ("prefix_hits", "prefix_misses", "cache_bytes", "cached_prefixes")}
+        run |= {k: after[k] for k in ("prefix_hits", "prefix_misses", "cache_bytes", "cached_prefixes", "memory")}
     if kind == "llama-server":
         run["computed"] = sum(r["computed"] or 0 for r in ok)
     if kind == "example-server":
