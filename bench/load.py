@@ -10,7 +10,9 @@ compare (`Server` starts any of them on 127.0.0.1):
 
   pyllama-ssm       python -m pyllama_ssm.server --n_parallel N
   llama-cpp-python  python -m llama_cpp.server (stock 0.3.36, pyllama_ssm/_stock, over build/upstream/lib)
-  llama-server      build/upstream/bin/llama-server --parallel N (upstream, from the pin)
+  llama-server      build/upstream/bin/llama-server --parallel N (upstream, from the pin; N = 0: its defaults)
+  example-server    llama-cpp-python 0.3.36's batched example server (examples/server/server.py of the
+                    pinned sdist, extracted into build/stock/examples/server, over build/upstream/lib)
 
 Also here, for the benchmarks: the memory of a process (/proc), the
 buffer sizes llama.cpp logs when it allocates them, a progress bar on stderr,
@@ -30,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -47,6 +49,7 @@ ZOO = ROOT / "build" / "models"
 RESULTS = ROOT / "bench" / "results"
 STOCK = ROOT / "pyllama_ssm" / "_stock"  # tools/stock.py: stock's llama_cpp package inside
 UPSTREAM = ROOT / "build" / "upstream"
+EXAMPLE_SERVER = ROOT / "build" / "stock" / "examples" / "server" / "server.py"  # tools/stock.py examples/server
 MiB = 1 << 20
 PROMPT = "Benchmark client {client}, request {request}: describe the weather in a city you like, in detail."
 
@@ -67,15 +70,18 @@ def child_env(kind: str) -> dict[str, str]:
     if kind == "llama-server":
         return env
     path = [str(ROOT)]
-    if kind == "llama-cpp-python":
-        if not (STOCK / "llama_cpp").is_dir():
-            proc = subprocess.run([sys.executable, str(ROOT / "tools" / "stock.py")], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise BenchError(f"stock llama-cpp-python could not be extracted:\n{proc.stderr[-2000:]}")
+    if kind in ("llama-cpp-python", "example-server"):
+        for args, there in (((), STOCK / "llama_cpp"), (("examples/server",), EXAMPLE_SERVER.parent)):
+            if not there.exists():
+                proc = subprocess.run([sys.executable, str(ROOT / "tools" / "stock.py"), *args],
+                                      capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise BenchError(f"stock llama-cpp-python's {there.name} could not be extracted:\n"
+                                     f"{proc.stderr[-2000:]}")
         if not (UPSTREAM / "lib" / "libllama.so").exists():
             raise BenchError(f"stock llama-cpp-python needs {UPSTREAM}/lib/libllama.so: run `make build`")
         path.insert(0, str(STOCK))
-        env["LLAMA_CPP_LIB_PATH"] = str(UPSTREAM / "lib")
+        env["LLAMA_CPP_LIB_PATH"] = env["MTMD_CPP_LIB"] = str(UPSTREAM / "lib")  # the example server loads mtmd too
     env["PYTHONPATH"] = os.pathsep.join(path + [env.get("PYTHONPATH", "")])
     return env
 
@@ -107,6 +113,22 @@ def proc_memory(pid: int | str = "self") -> dict[str, int]:
     return {"peak_rss": fields["VmHWM"], "rss": fields["VmRSS"], "pss": fields["Pss"]}
 
 
+def tree_rss(pid: int) -> int:
+    """RSS in bytes of a process and all its descendants now (0 for one that is gone)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
 _BUFFER = re.compile(r"\b(model|KV|RS|compute|output) buffer size =\s*([0-9.]+) MiB")
 _BUFFER_KIND = {"model": "weights", "KV": "kv", "RS": "rs", "compute": "compute", "output": "output"}
 
@@ -134,9 +156,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def example_server_config(model: Path, n_ctx: int, parallel: int, threads: int, port: int) -> Path:
+    """The example server's JSON config for a local model (its README's format), written beside it.
+    n_seq_max 2 x parallel: each prompt checkpoint it keeps takes a sequence id of its own."""
+    config = {"server": {"host": "127.0.0.1", "port": port},
+              "model": {"alias": model.stem, "path": str(model), "n_ctx": n_ctx, "n_seq_max": 2 * max(parallel, 1),
+                        "n_batch": 512, "n_ubatch": 512, "threads": threads, "threads_batch": threads,
+                        "kv_unified": True}}
+    path = EXAMPLE_SERVER.parent / f"bench-{port}.json"
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
 def server_command(kind: str, model: Path, n_ctx: int, parallel: int, threads: int, port: int,
                    kv_unified: bool = False) -> list[str]:
-    """The command line of one server: the same model, context, threads and port for all."""
+    """The command line of one server: the same model, context, threads and port for all
+    (llama-server with parallel 0: its own defaults for slots and KV layout)."""
     if kind == "pyllama-ssm":
         return [sys.executable, "-m", "pyllama_ssm.server", "--model", str(model), "--n_ctx", str(n_ctx),
                 "--n_parallel", str(parallel), "--n_threads", str(threads), "--n_threads_batch", str(threads),
@@ -151,10 +186,15 @@ def server_command(kind: str, model: Path, n_ctx: int, parallel: int, threads: i
         binary = UPSTREAM / "bin" / "llama-server"
         if not binary.exists():
             raise BenchError(f"{binary} is missing: run `make build`")
-        return [str(binary), "-m", str(model), "-c", str(n_ctx), "--parallel", str(parallel), "-t", str(threads),
-                "-tb", str(threads), "--host", "127.0.0.1", "--port", str(port), "-lv", "4",
-                "--kv-unified" if kv_unified else "--no-kv-unified"]
-    raise ValueError(f"server kind {kind!r}: expected pyllama-ssm, llama-cpp-python or llama-server")
+        cmd = [str(binary), "-m", str(model), "-c", str(n_ctx), "-t", str(threads),
+               "-tb", str(threads), "--host", "127.0.0.1", "--port", str(port), "-lv", "4"]
+        if parallel:
+            cmd += ["--parallel", str(parallel), "--kv-unified" if kv_unified else "--no-kv-unified"]
+        return cmd
+    if kind == "example-server":
+        return [sys.executable, str(EXAMPLE_SERVER), "-C", str(example_server_config(model, n_ctx, parallel,
+                                                                                     threads, port))]
+    raise ValueError(f"server kind {kind!r}: expected pyllama-ssm, llama-cpp-python, llama-server or example-server")
 
 
 class Server:
@@ -165,8 +205,8 @@ class Server:
         self.kind = kind
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
+        env = child_env(kind)  # first: it extracts the stock code a command may need
         cmd = server_command(kind, model, n_ctx, parallel, threads, port, kv_unified)
-        env = child_env(kind)
         self._log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
         deadline = time.monotonic() + timeout
@@ -240,31 +280,38 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+async def stream_events(client: httpx.AsyncClient, path: str, body: dict) -> AsyncIterator[dict]:
+    """POST body to path, streamed: each server-sent event's JSON object until [DONE]; an HTTP error or
+    an error event is a BenchError."""
+    async with client.stream("POST", path, json=body) as r:
+        if r.status_code != 200:
+            raise BenchError(f"POST {path}: HTTP {r.status_code}: {(await r.aread()).decode()[:500]}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            payload = line.removeprefix("data: ")
+            if payload == "[DONE]":
+                return
+            data = json.loads(payload)
+            if "error" in data:
+                raise BenchError(f"POST {path}: error in the stream: {payload[:500]}")
+            yield data
+
+
 async def stream_completion(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> Sample:
     # plain greedy for every server: llama-cpp-python's (and ours, as a drop-in) default to a 1.1
     # repeat penalty, llama-server to none, and the penalty costs a pass over the vocabulary
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "repeat_penalty": 1.0, "stream": True}
     t0 = time.perf_counter()
     ttft, chunks, finish, usage = None, 0, None, None
-    async with client.stream("POST", "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise BenchError(f"POST /v1/completions: HTTP {r.status_code}: {(await r.aread()).decode()[:500]}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            payload = line.removeprefix("data: ")
-            if payload == "[DONE]":
-                break
-            data = json.loads(payload)
-            if "error" in data:
-                raise BenchError(f"POST /v1/completions: error in the stream: {payload[:500]}")
-            usage = data.get("usage") or usage
-            choice = data["choices"][0]
-            if choice.get("finish_reason"):
-                finish = choice["finish_reason"]
-            if choice.get("text"):
-                ttft = ttft if ttft is not None else time.perf_counter() - t0
-                chunks += 1
+    async for data in stream_events(client, "/v1/completions", body):
+        usage = data.get("usage") or usage
+        choice = data["choices"][0]
+        if choice.get("finish_reason"):
+            finish = choice["finish_reason"]
+        if choice.get("text"):
+            ttft = ttft if ttft is not None else time.perf_counter() - t0
+            chunks += 1
     seconds = time.perf_counter() - t0
     if finish is None or ttft is None:
         raise BenchError(f"POST /v1/completions: the stream ended without a token or a finish reason ({prompt!r})")

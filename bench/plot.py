@@ -8,9 +8,9 @@ from bench.load import RESULTS, BenchError
 
 
 def lines(stem: str, rows: list[dict], *, series: str, x: str, y: Callable[[dict], float], title: str,
-          xlabel: str, ylabel: str) -> None:
+          xlabel: str, ylabel: str, log2_x: bool = True) -> None:
     """bench/results/<stem>.png: a panel per rows' "model", a line per value of row[series], x on a log2
-    scale (client counts double)."""
+    scale (client counts double) unless log2_x is False."""
     try:
         import matplotlib
     except ImportError:
@@ -26,7 +26,8 @@ def lines(stem: str, rows: list[dict], *, series: str, x: str, y: Callable[[dict
             points = [(r[x], y(r)) for r in rows if r["model"] == model and r[series] == label]
             ax.plot(*zip(*points), "-o", label=label)
         xs = sorted({r[x] for r in rows})
-        ax.set_xscale("log", base=2)
+        if log2_x:
+            ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [f"{v:g}" for v in xs])
         ax.set_title(f"{model}, {title}")
         ax.set_xlabel(xlabel)

@@ -1,6 +1,7 @@
 """The pure-Python and data pieces of the pinned sdist, packaged into pyllama_ssm/_stock/.
 
     python tools/stock.py      # -> pyllama_ssm/_stock/ (ignored by git), build/stock/tests/
+    python tools/stock.py examples/server  # -> build/stock/examples/server/ (the batched example server)
 
 From the llama-cpp-python 0.3.36 sdist that tools/vendor.py downloads and
 verifies (nothing to compile, never committed):
@@ -19,7 +20,9 @@ never the checkout.  Users:
 - pyllama_ssm.gguf: the architecture table;
 - parity tests and benchmarks: `import llama_cpp` with pyllama_ssm/_stock on the
   path is stock, loading a prebuilt libllama through its LLAMA_CPP_LIB_PATH
-  variable (build/upstream/lib); stock's own tests go to build/stock/tests.
+  variable (build/upstream/lib); stock's own tests go to build/stock/tests;
+- bench/chat_sessions.py runs the sdist's batched example server
+  (examples/server/server.py, extracted on demand into build/stock/examples/server).
 """
 
 from __future__ import annotations
@@ -76,6 +79,10 @@ def main() -> int:
     try:
         pin = vendor.read_lock()
         archive = vendor.download(pin, vendor.cache_root())
+        if sys.argv[1:]:  # other parts of the sdist, for benchmarks (not packaged)
+            for part in sys.argv[1:]:
+                vendor.extract(archive, {**pin, "subdir": part}, TESTS.parent / part)
+            return 0
         done = DEST / vendor.STAMP
         if not (done.exists() and done.read_text() == stamp(pin)):
             populate(archive, pin, DEST)
