@@ -98,8 +98,13 @@ def prepare() -> Path:
     cuda = native.cuda_wanted("off")  # CPU unless CMAKE_ARGS asks for CUDA, as llama-cpp-python
     native.preflight(cuda)
     pin = vendor.read_lock()
-    archive = vendor.download(pin, vendor.cache_root())
-    vendor.extract(archive, pin)
+    # a source tree that already holds the pin's pieces (vendor/llama.cpp and pyllama_ssm/_stock, both
+    # stamped with the pin) builds without the sdist: no download, e.g. on a machine without network
+    have_stock = (ROOT / "pyllama_ssm" / "_stock" / vendor.STAMP).exists() and \
+        (ROOT / "pyllama_ssm" / "_stock" / vendor.STAMP).read_text() == stock.stamp(pin)
+    archive = None if have_stock and vendor.is_extracted(pin) else vendor.download(pin, vendor.cache_root())
+    if archive is not None:
+        vendor.extract(archive, pin)
     jobs = int(os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or os.cpu_count() or 2)
     builder = native.Builder(cuda, jobs, log=vendor.cache_root() / "logs" / f"pip-build-{os.getpid()}.log")
     artifact = builder.build_patched()
@@ -108,7 +113,10 @@ def prepare() -> Path:
     pkg = STAGE / "pyllama_ssm"
     _libraries(artifact / "lib", pkg / "_lib")
     _extension(artifact, pkg)
-    stock.populate(archive, pin, pkg / "_stock")
+    if archive is None:
+        shutil.copytree(ROOT / "pyllama_ssm" / "_stock", pkg / "_stock")
+    else:
+        stock.populate(archive, pin, pkg / "_stock")
     return STAGE
 
 

@@ -124,11 +124,16 @@ def extract(archive: Path, pin: dict[str, str], dest: Path = DEST) -> None:
     os.replace(tmp, dest)
 
 
+def is_extracted(pin: dict[str, str], dest: Path = DEST) -> bool:
+    """Whether dest holds the pin's tree already (its stamp names the pin's sha256)."""
+    return (dest / STAMP).exists() and (dest / STAMP).read_text().strip() == pin["sha256"]
+
+
 def main() -> int:
     try:
         pin = read_lock()
-        archive = download(pin, cache_root())
-        extract(archive, pin)
+        if not is_extracted(pin):  # an extracted, stamped tree needs no sdist (nor network)
+            extract(download(pin, cache_root()), pin)
     except VendorError as e:
         print(f"vendor: error: {e}", file=sys.stderr)
         return 1
