@@ -110,7 +110,10 @@ with ps.Context(m, n_ctx=4096, n_seq_max=8) as ctx:
 
 
 def test_engine_on_gpu():
-    """Four concurrent greedy requests on the GPU equal the same requests one by one."""
+    """Four concurrent greedy requests on the GPU follow the same requests run one by one: equal, or parting
+    only where the lone run's two best tokens are within rounding of each other.  GPU kernels sum in
+    orders that depend on the batch (batch invariance covers the CPU backend only), and the zoo's random
+    weights have near-ties; a wrong state would part at a clear winner."""
     code = """
 import sys, json
 import pyllama_ssm as ps
@@ -118,10 +121,16 @@ from pyllama_ssm.engine import Engine
 from pyllama_ssm.sampling import SamplingParams
 m = ps.Model(sys.argv[1], n_gpu_layers=999)
 prompts = [f"Request {i} asks about the sea" for i in range(4)]
-with Engine(m, n_ctx=2048, parallel=4) as e:
-    together = [r.result().tokens for r in [e.submit(p, SamplingParams(temperature=0), max_tokens=24) for p in prompts]]
-    alone = [e.generate(p, SamplingParams(temperature=0), max_tokens=24).tokens for p in prompts]
-print(json.dumps([together, alone]))
+g = SamplingParams(temperature=0)
+with Engine(m, n_ctx=2048, parallel=4, prefix_cache=0) as e:
+    together = [r.result().tokens for r in [e.submit(p, g, max_tokens=24) for p in prompts]]
+    alone = [e.generate(p, g, max_tokens=24, logprobs=2) for p in prompts]
+print(json.dumps([together, [[c.tokens, [sorted(t.values(), reverse=True) for t in c.top_logprobs]] for c in alone]]))
 """
     together, alone = json.loads(run_with_build("patched", code, str(zoo_path("qwen35"))).splitlines()[-1])
-    assert together == alone
+    for got, (want, tops) in zip(together, alone):
+        assert len(got) == len(want) == 24
+        k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+        if k is not None:
+            gap = tops[k][0] - tops[k][1]
+            assert gap < 0.02, f"parted at token {k} where the lone run's best token led by {gap:.3g}"
