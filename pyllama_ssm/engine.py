@@ -44,6 +44,7 @@ from .errors import EngineError, MemoryFullError, StateError
 from .model import Model
 from .prefix_cache import HolderStore, PoolStore, PrefixCache
 from .scheduler import SeqFacts, is_checkpoint, plan_step, preemption_victim, waits_for
+from .text import complete_text
 from .sampling import Sampler, SamplingParams
 
 
@@ -633,11 +634,8 @@ class Engine:
         if self.model.is_eog(tok):
             self._finish(slot, "stop")
             return
-        slot.pending_bytes += self.model.token_to_piece(tok)
-        text = slot.pending_bytes.decode("utf-8", "ignore") if _complete_utf8(slot.pending_bytes) else None
-        if text is not None:
-            slot.pending_bytes = b""
-            req.text += text
+        text, slot.pending_bytes = complete_text(slot.pending_bytes + self.model.token_to_piece(tok))
+        req.text += text
         for s in req.stop:
             at = req.text.find(s, max(0, slot.emitted - len(s)))
             if at >= 0:
@@ -747,14 +745,3 @@ def _logprobs(logits: np.ndarray, tok: int, k: int) -> tuple[float, dict[int, fl
     logp -= m + np.log(np.exp(logp - m).sum())
     top = np.argpartition(-logp, k - 1)[:k] if k else []
     return float(logp[tok]), {int(t): float(logp[t]) for t in sorted(top, key=lambda t: -logp[t])}
-
-
-def _complete_utf8(data: bytes) -> bool:
-    """False while data ends inside a multi-byte UTF-8 character."""
-    for back in range(1, min(4, len(data)) + 1):
-        b = data[-back]
-        if b & 0xC0 == 0x80:  # continuation byte: look further back
-            continue
-        need = 1 if b < 0x80 else 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
-        return back >= need
-    return True

@@ -48,6 +48,7 @@ from .batch import Batch
 from .bindings import ffi, lib
 from .context import Context, default_threads
 from .engine import Engine, EngineConfig
+from .text import incomplete_tail
 from .llama_cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache, longest_token_prefix
 from .llama_grammar import LlamaGrammar
 from .llama_types import *  # noqa: F403 - llama_cpp.llama re-exports the types too
@@ -1334,23 +1335,12 @@ class _StreamText:
         end (a byte that can never complete, inside the text, is dropped as the final text drops it)."""
         end = self.safe_end(text, final)
         if not final:
-            end -= _incomplete_tail(text[:end])
+            end -= incomplete_tail(text[:end])
         if end <= self.sent:
             return ""
         piece = text[self.sent:end].decode("utf-8", errors="ignore")
         self.sent = end
         return piece
-
-
-def _incomplete_tail(data: bytes) -> int:
-    """How many bytes at the end of data start a multi-byte UTF-8 character that more bytes may complete."""
-    for back in range(1, min(4, len(data)) + 1):
-        b = data[-back]
-        if b & 0xC0 == 0x80:  # continuation byte: its lead is further back
-            continue
-        need = 2 if b >> 5 == 0b110 else 3 if b >> 4 == 0b1110 else 4 if b >> 3 == 0b11110 else 1
-        return back if back < need else 0
-    return 0
 
 
 def _embeddings(ptr):
