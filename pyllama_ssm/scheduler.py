@@ -5,7 +5,7 @@ Nothing here touches llama.cpp, so every rule is unit-tested without a model
 carries out the answer on its context.
 
 - plan_step: each running sequence with a sampled token feeds it (one logits row each); the
-  prompts still to prefill share what is left of the token budget, oldest admission first.
+  prompts still to prefill share what is left of the token budget, the fewest tokens left first.
   A chunk ends on the last prefix-cache checkpoint it crosses (a multiple of the checkpoint
   interval) and where a queued request waits to share the prompt (see waits_for); a prompt
   whose every position is scored (prompt logprobs) takes at most the logits rows left.
@@ -55,11 +55,15 @@ class StepPlan:
 
 
 def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoints: bool) -> StepPlan:
-    """The next step: decode tokens first, then prompt chunks within the n_batch token budget and the
-    n_outputs logits rows; `checkpoints`: chunks end on prefix-cache checkpoints."""
+    """The next step: decode tokens first (oldest first), then prompt chunks, fewest tokens left first,
+    within the n_batch token budget and the n_outputs logits rows; `checkpoints`: chunks end on
+    prefix-cache checkpoints."""
     seqs = sorted(seqs, key=lambda s: s.admitted)
     # at most the budget and the rows: with fewer than the sequences, the oldest decode first
     decode = tuple(s.seq for s in seqs if s.decoding)[:min(n_batch, n_outputs)]
+    # the prompt closest to its first token first: a returning user's few new tokens do not wait behind
+    # another's long prefill (which still takes what budget is left); ties by admission
+    seqs.sort(key=lambda s: (len(s.prompt) - s.cursor, s.admitted))
     budget, rows = n_batch - len(decode), n_outputs - len(decode)
     chunks = []
     for s in seqs:

@@ -87,3 +87,10 @@ def test_any_plan_respects_the_budget_and_the_rows(specs, n_batch, n_outputs, ch
     # progress: while anything is left to do and budget allows, the step does something
     if any(s.decoding or s.cursor < len(s.prompt) for s in seqs):
         assert plan.n_tokens > 0
+
+
+def test_a_returning_users_few_new_tokens_go_before_a_long_prefill():
+    plan = plan_step([seq(0, 3000, cursor=0, admitted=0), seq(1, 1650, cursor=1500, admitted=1)],
+                     n_batch=512, n_outputs=4, checkpoints=True)
+    # the returning user's chunk first (to its checkpoint at 1600); the long one takes what is left
+    assert [(c.seq, c.n) for c in plan.prefill] == [(1, 100), (0, 384)]
