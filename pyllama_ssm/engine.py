@@ -621,8 +621,8 @@ class Engine:
 
     def _sample(self, slot: _Slot, idx: int) -> None:
         req = slot.req
-        # logprobs are the model's: read before a logits processor rewrites the buffer in place
-        raw = self.ctx.logits(idx) if req.n_logprobs is not None else None
+        # logprobs are the model's: a copy when a logits processor will rewrite the buffer in place
+        raw = None if req.n_logprobs is None else self.ctx.logits(idx, copy=req.params.logits_processor is not None)
         tok = slot.sampler.sample(self.ctx.ptr, idx)
         self._counters["generated"] += 1
         if raw is not None:

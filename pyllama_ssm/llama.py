@@ -1103,10 +1103,12 @@ class Llama:
     def _direct_logprobs(self, r: "_Request", completion: list[int]) -> CompletionLogprobs:
         """The logprobs of a finished completion, from the scores of logits_all: row j holds the
         logits after token j, so it scores token j + 1."""
-        rows = Llama.logits_to_logprobs(self._scores)
         first = 0 if r.echo else len(r.prompt_tokens)
+        base = max(first - 1, 0)  # the first row needed: no log-softmax over rows nobody reads
+        rows = Llama.logits_to_logprobs(self._scores[base:])
         tokens = r.prompt_tokens + completion
-        scored = [(None, None) if i == 0 else (float(rows[i - 1][tokens[i]]), self._top_of(rows[i - 1], r.logprobs))
+        scored = [(None, None) if i == 0 else
+                  (float(rows[i - 1 - base][tokens[i]]), self._top_of(rows[i - 1 - base], r.logprobs))
                   for i in range(first, len(tokens))]
         return self._logprobs_of(r, completion, scored)
 

@@ -98,7 +98,7 @@ def download(pin: dict[str, str], cache: Path) -> Path:
 
 
 def extract(archive: Path, pin: dict[str, str], dest: Path = DEST) -> None:
-    if (dest / STAMP).exists() and (dest / STAMP).read_text().strip() == pin["sha256"]:
+    if is_extracted(pin, dest):
         return
     prefix = f"{archive.name.removesuffix('.tar.gz')}/{pin['subdir']}/"
     tmp = dest.with_name(dest.name + ".tmp")
