@@ -145,3 +145,17 @@ def test_llama_cpp_errors_explain_only_their_own_threads_failure():
     t.join()
     assert "/nonexistent/model.gguf" in other["errors"]
     assert _runtime.take_errors() == ""
+
+
+def test_batch_invariance_on_the_upstream_build_is_refused_by_name():
+    code = """
+import pyllama_ssm as ps
+from conftest import zoo_path
+m = ps.Model(zoo_path("llama"))
+try:
+    ps.Context(m, n_ctx=256, batch_invariant=True)
+except ps.ContextError as e:
+    print(e)
+"""
+    out = run_with_build("upstream", "import sys; sys.path.insert(0, 'tests')\n" + code)
+    assert "batch_invariant=True" in out and "patched build" in out
