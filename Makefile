@@ -23,7 +23,7 @@ help:
 # Python dependencies, installed once per pyproject.toml change.
 build/.deps: pyproject.toml
 	@mkdir -p build
-	$(PYTHON) -m pip install -q -e ".[dev]"
+	$(PYTHON) -m pip install -q -e ".[dev,clients]"
 	@touch $@
 deps: build/.deps
 

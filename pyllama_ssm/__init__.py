@@ -1,8 +1,5 @@
 """pyllama-ssm: serve many sequences of state-space and hybrid models from one memory pool."""
 
-import sys
-import types
-
 from .batch import Batch
 from .bindings import BUILD, ffi, lib
 from .context import Context
@@ -28,31 +25,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def install_as_llama_cpp() -> None:
-    """Make `import llama_cpp` (and its llama, llama_types, llama_chat_format, llama_grammar and
-    llama_cache modules) resolve to pyllama-ssm, for code written for llama-cpp-python that cannot
-    be edited; as pymysql.install_as_MySQLdb() does.  Call it before that code imports llama_cpp.
-    llama_cpp.LLAMA_* / GGML_* constants come from llama.h; the ctypes functions of
-    llama_cpp.llama_cpp do not exist here (pyllama_ssm.lib has the same names, through cffi)."""
-    from . import llama, llama_cache, llama_chat_format, llama_grammar, llama_types
-
-    package = types.ModuleType("llama_cpp", "pyllama-ssm standing in for llama-cpp-python")
-    for module in (llama_types, llama):
-        package.__dict__.update({k: v for k, v in vars(module).items() if not k.startswith("_")})
-    package.__version__ = LLAMA_CPP_PYTHON_VERSION
-    package.__path__ = []  # a package: submodules come from sys.modules
-
-    def constant(name: str):
-        if name.isupper() and hasattr(lib, name):
-            return getattr(lib, name)
-        raise AttributeError(f"module 'llama_cpp' (pyllama-ssm) has no attribute {name!r}")
-
-    package.__getattr__ = constant
-    sys.modules["llama_cpp"] = package
-    for module in (llama, llama_types, llama_chat_format, llama_grammar, llama_cache):
-        name = module.__name__.rpartition(".")[2]
-        setattr(package, name, module)
-        sys.modules[f"llama_cpp.{name}"] = module
+def install_as_llama_cpp():
+    """Make `import llama_cpp` resolve to pyllama-ssm for code written for llama-cpp-python, as
+    pymysql.install_as_MySQLdb() does: stock llama-cpp-python 0.3.36's whole package over our
+    library, with pyllama_ssm.Llama as llama_cpp.Llama (pyllama_ssm/as_llama_cpp.py).  Call it
+    before that code imports llama_cpp; returns the llama_cpp package."""
+    from . import as_llama_cpp
+    return as_llama_cpp.install()
 
 
 __all__ = [

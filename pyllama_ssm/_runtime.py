@@ -42,9 +42,14 @@ def init() -> None:
     with _lock:
         if _initialized:
             return
-        lib.llama_log_set(lib._pyllama_log, ffi.NULL)
+        route_logs()
         lib.llama_backend_init()
         _initialized = True
+
+
+def route_logs() -> None:
+    """llama.cpp's log to _pyllama_log (again, once stock's llama_cpp._logger has taken it)."""
+    lib.llama_log_set(lib._pyllama_log, ffi.NULL)
 
 
 def _recent() -> collections.deque[str]:

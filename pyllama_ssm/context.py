@@ -117,6 +117,22 @@ class Context:
         return self._ptr
 
     @property
+    def ctx(self):
+        """The llama_context pointer as ctypes (llama_cpp.llama_cpp's llama_context_p), as stock's
+        _internals.LlamaContext.ctx."""
+        from .as_llama_cpp import pointer
+        return pointer(self.ptr)
+
+    def __getattr__(self, name: str):
+        # under install_as_llama_cpp(), the rest of stock's _internals.LlamaContext
+        # (kv_cache_clear, get_logits, ...) answers on the same context
+        if not name.startswith("_"):
+            from .as_llama_cpp import stock_view
+            if (view := stock_view(self)) is not None:
+                return getattr(view, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
     def mem(self):
         """The context's llama_memory_t (checked: raises once the context is closed)."""
         self.ptr

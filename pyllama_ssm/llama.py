@@ -522,13 +522,14 @@ class Llama:
     # -- facts -----------------------------------------------------------------------------
     @property
     def ctx(self):
-        """The raw llama_context pointer (cffi) of the single-sequence context."""
-        return self._direct("ctx").ptr
+        """The llama_context pointer of the single-sequence context, as ctypes: what stock's
+        Llama.ctx is, for llama_cpp.llama_cpp's functions (the cffi one: self._ctx.ptr)."""
+        return self._direct("ctx").ctx
 
     @property
     def model(self):
-        """The raw llama_model pointer (cffi)."""
-        return self._model.ptr
+        """The llama_model pointer, as ctypes (stock's Llama.model; the cffi one: self._model.ptr)."""
+        return self._model.model
 
     @property
     def engine(self) -> Optional[Engine]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, Optional, Protocol, Union
@@ -75,7 +76,19 @@ class LlamaChatCompletionHandlerRegistry:
 
 
 def get_chat_completion_handler(name: str) -> LlamaChatCompletionHandler:
-    return LlamaChatCompletionHandlerRegistry().get_chat_completion_handler_by_name(name)
+    try:
+        return LlamaChatCompletionHandlerRegistry().get_chat_completion_handler_by_name(name)
+    except LlamaChatCompletionHandlerNotFoundException:
+        # under install_as_llama_cpp(), formats registered with stock's llama_cpp.llama_chat_format
+        # (its multimodal handlers' names among them) are found there
+        stock = sys.modules.get("llama_cpp.llama_chat_format")
+        if stock is None or stock is sys.modules[__name__]:
+            raise
+        try:
+            return stock.get_chat_completion_handler(name)
+        except Exception:
+            raise LlamaChatCompletionHandlerNotFoundException(
+                f"chat_format={name!r}: unknown here and in llama_cpp.llama_chat_format") from None
 
 
 def register_chat_completion_handler(name: str):

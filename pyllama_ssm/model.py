@@ -63,6 +63,22 @@ class Model:
             raise ValueError(f"model {self.path} is closed")
         return self._ptr
 
+    @property
+    def model(self):
+        """The llama_model pointer as ctypes (llama_cpp.llama_cpp's llama_model_p), as stock's
+        _internals.LlamaModel.model."""
+        from .as_llama_cpp import pointer
+        return pointer(self.ptr)
+
+    def __getattr__(self, name: str):
+        # under install_as_llama_cpp(), the rest of stock's _internals.LlamaModel (token_get_text,
+        # n_ctx_train(), ...) answers on the same model
+        if not name.startswith("_"):
+            from .as_llama_cpp import stock_view
+            if (view := stock_view(self)) is not None:
+                return getattr(view, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def close(self) -> None:
         if getattr(self, "_ptr", None) is not None:
             for ctx in list(self._contexts):

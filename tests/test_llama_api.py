@@ -19,8 +19,8 @@ import warnings
 import numpy as np
 import pytest
 
-from conftest import zoo_path
-from pyllama_ssm import Llama, LlamaGrammar, TokenError, install_as_llama_cpp, lib
+from conftest import ROOT, zoo_path
+from pyllama_ssm import Llama, LlamaGrammar, TokenError, ffi, install_as_llama_cpp, lib
 from pyllama_ssm import llama_chat_format as chat_format
 from pyllama_ssm.llama import LlamaState, LogitsProcessorList, MinTokensLogitsProcessor, StoppingCriteriaList
 from pyllama_ssm.llama_cache import LlamaDiskCache, LlamaRAMCache
@@ -670,21 +670,30 @@ def test_invalid_grammar_text():
 
 # -- import llama_cpp -------------------------------------------------------------------------
 def test_install_as_llama_cpp():
+    """llama_cpp is stock's whole package over our libllama, with our Llama (tests/test_as_llama_cpp.py
+    drives it further)."""
     before = {k: v for k, v in sys.modules.items() if k == "llama_cpp" or k.startswith("llama_cpp.")}
     try:
-        install_as_llama_cpp()
+        package = install_as_llama_cpp()
         import llama_cpp
-        import llama_cpp.llama_cache
-        import llama_cpp.llama_chat_format
-        import llama_cpp.llama_types
-        from llama_cpp import ChatCompletionRequestUserMessage, Llama as LlamaCpp, LlamaGrammar as Grammar
+        import llama_cpp._internals
+        import llama_cpp.llama_cpp as low
+        from llama_cpp import ChatCompletionRequestUserMessage, Llama as LlamaCpp
         from llama_cpp.llama_grammar import JSON_GBNF
-        assert LlamaCpp is Llama and Grammar is LlamaGrammar and llama_cpp.__version__ == "0.3.36"
-        assert llama_cpp.llama_chat_format is chat_format and llama_cpp.llama_cache.LlamaRAMCache is LlamaRAMCache
+        assert package is llama_cpp and install_as_llama_cpp() is llama_cpp  # idempotent
+        assert LlamaCpp is Llama and llama_cpp.llama.Llama is Llama and llama_cpp.__version__ == "0.3.36"
         assert llama_cpp.LLAMA_POOLING_TYPE_MEAN == lib.LLAMA_POOLING_TYPE_MEAN and "root" in JSON_GBNF
         assert ChatCompletionRequestUserMessage(role="user", content="x") == {"role": "user", "content": "x"}
-        with pytest.raises(AttributeError, match="llama_backend_init"):
-            llama_cpp.llama_backend_init  # noqa: B018 - the ctypes layer is not provided
+        assert low.__file__.startswith(str(ROOT / "pyllama_ssm" / "_stock"))  # stock's code, not ours
+        assert low.llama_max_parallel_sequences() == lib.llama_max_parallel_sequences()
+        llm = Llama(model_path=str(zoo_path("qwen35")), n_ctx=256, verbose=False)
+        try:
+            assert low.llama_n_ctx(llm.ctx) == llm.n_ctx() and llm._ctx.ctx.value == llm.ctx.value
+            assert low.llama_vocab_n_tokens(low.llama_model_get_vocab(llm.model)) == llm.n_vocab()
+            assert llm._model.token_get_text(llm.token_eos()) == ffi.string(
+                lib.llama_vocab_get_text(llm._model.vocab, llm.token_eos())).decode()  # stock's method
+        finally:
+            llm.close()
     finally:
         for name in [k for k in sys.modules if k == "llama_cpp" or k.startswith("llama_cpp.")]:
             del sys.modules[name]
