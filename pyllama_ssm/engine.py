@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import concurrent.futures
 import contextlib
 import itertools
@@ -40,13 +41,15 @@ from . import memory as memory_mod
 from .batch import Batch
 from .bindings import has
 from .context import MAX_SEQ, Context
-from .errors import EngineError, MemoryFullError, StateError
+from .errors import EngineError, MemoryFullError, PoolExhaustedError, StateError
 from .model import Model
 from .prefix_cache import HolderStore, PoolStore, PrefixCache
 from .scheduler import SeqFacts, is_checkpoint, plan_step, preemption_victim, waits_for
 from .text import complete_text
 from .sampling import Sampler, SamplingParams
 
+log = logging.getLogger("pyllama_ssm.engine")
+DRAFT_MAX = 16  # draft tokens verified per sequence and step, at most
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,18 @@ class _Slot:
     relocated_at: int = -1   # position at which its cells were last moved (see _relieve_memory)
     share_at: set[int] = field(default_factory=set)  # prompt positions queued requests wait to share
     resumed_entry: tuple[int, ...] | None = None  # the prefix-cache entry it was restored from
+    draft: list[int] = field(default_factory=list)  # proposed this step, fed after next_token
+    spec: "_Speculation | None" = None  # this step's fed draft, until _settle keeps what was accepted
+    finishing: str | None = None  # a finish waiting for _settle (the memory must hold the kept tokens)
+
+
+@dataclass
+class _Speculation:
+    """A step that fed next_token and draft tokens at positions start..: what to undo if one is rejected."""
+
+    start: int
+    fed: list[int]
+    snapshot: int | None  # the recurrent state before them (a pool handle): none for attention-only
 
 
 @dataclass
@@ -201,6 +216,12 @@ class EngineStats:
     prefix_hits: int
     prefix_misses: int
     cached_prefixes: int
+    draft_tokens: int = 0     # speculative decoding: draft tokens verified
+    draft_accepted: int = 0   # of which the model agreed with
+
+    @property
+    def draft_acceptance(self) -> float:
+        return 0.0 if self.draft_tokens == 0 else self.draft_accepted / self.draft_tokens
 
     @property
     def python_overhead(self) -> float:
@@ -242,6 +263,10 @@ class EngineConfig:
     context_overrides: Mapping[str, Any] | None = None  # llama_context_params fields by name
     n_gpu_layers: int = 0
     rpc_servers: str | Sequence[str] | None = None
+    # speculative decoding: a llama_cpp.llama_speculative.LlamaDraftModel (any callable from the token
+    # ids so far to proposed next ids); each step verifies a sequence's proposal in the same batch, keeps
+    # what the sampler agrees with, and undoes the rest (recurrent state from a snapshot of the pool)
+    draft_model: Any = None
 
 
 class Engine:
@@ -259,12 +284,21 @@ class Engine:
             if self._own_model else model
         if not 1 <= parallel <= MAX_SEQ:
             raise ValueError(f"parallel={parallel}: must be in 1..{MAX_SEQ}")
-        stateful = self.model.is_recurrent or self.model.is_hybrid
+        self._stateful = stateful = self.model.is_recurrent or self.model.is_hybrid
         n_rs_pool, n_holders = 0, 0
+        # draft tokens per sequence and step; on recurrent memory a rejected one is undone from a snapshot
+        self._draft_max = 0 if cfg.draft_model is None or (stateful and not has("llama_memory_rs_snapshot")) \
+            else max(1, min(DRAFT_MAX, int(getattr(cfg.draft_model, "num_pred_tokens", DRAFT_MAX))))
+        if cfg.draft_model is not None and not self._draft_max:
+            log.warning("draft_model: speculative decoding on %s needs the patched build's snapshots; "
+                        "decoding without drafts", self.model.arch)
         if stateful:  # prefixes are snapshots of the recurrent pool (patched build only)
             self.n_cache = cfg.prefix_cache if has("llama_memory_rs_snapshot") else 0
-            # one state cell per sequence + the prefix cache + one copy-on-write cell per sequence
+            # one state cell per sequence + the prefix cache + one copy-on-write cell per sequence,
+            # + one snapshot per sequence while its draft is verified
             n_rs_pool = self.n_cache + parallel if self.n_cache else 0
+            if self._draft_max:
+                n_rs_pool = (n_rs_pool or parallel) + parallel
         elif memory_mod.available():  # prefixes are held by spare sequence ids sharing their cells
             # (the patched build: entry sizes come from its memory report)
             self.n_cache = n_holders = max(0, min(cfg.prefix_cache, MAX_SEQ - parallel))
@@ -272,7 +306,8 @@ class Engine:
             self.n_cache = 0
         # a step outputs logits for at most one token per sequence: size the output buffer to that
         # (upstream sizes it to n_batch rows of n_vocab floats: 300 MiB for 512 x 152k)
-        overrides = {"n_outputs_max": parallel + n_holders, **(cfg.context_overrides or {})}
+        # (drafts add a row per draft token)
+        overrides = {"n_outputs_max": parallel * (1 + self._draft_max) + n_holders, **(cfg.context_overrides or {})}
         self._n_outputs = overrides["n_outputs_max"] or n_batch  # 0: llama.cpp's default, n_batch
         self.ctx = Context(self.model, n_ctx=cfg.n_ctx, n_seq_max=parallel + n_holders, n_rs_pool=n_rs_pool,
                            n_batch=n_batch, n_ubatch=n_batch, n_threads=cfg.n_threads,
@@ -346,7 +381,8 @@ class Engine:
             running=len(self._running), preempted=len(self._preempted),
             steps=c["steps"], tokens_decoded=c["decoded"], tokens_generated=c["generated"],
             tokens_per_second=c["generated"] / elapsed, decode_seconds=self._t_decode, step_seconds=self._t_step,
-            prefix_hits=self.cache.hits, prefix_misses=self.cache.misses, cached_prefixes=len(self.cache.entries))
+            prefix_hits=self.cache.hits, prefix_misses=self.cache.misses, cached_prefixes=len(self.cache.entries),
+            draft_tokens=c["drafted"], draft_accepted=c["accepted"])
 
     def memory(self) -> EngineMemory:
         report = pool = None
@@ -520,7 +556,7 @@ class Engine:
     @staticmethod
     def _facts(slot: "_Slot") -> SeqFacts:
         return SeqFacts(slot.seq, slot.admitted, slot.req.prompt, slot.cursor, slot.next_token is not None,
-                        slot.req.prompt_logprobs is not None, slot.share_at)
+                        slot.req.prompt_logprobs is not None, slot.share_at, len(slot.draft))
 
     def _start(self, req: Request) -> None:
         """Move a queued request into a free sequence; anything it raises fails it alone."""
@@ -558,16 +594,22 @@ class Engine:
         self._admit()
         if not self._running:
             return
+        if self._draft_max:
+            self._propose_drafts()
         plan = plan_step(map(self._facts, self._running.values()), self.n_batch, self._n_outputs,
                          checkpoints=bool(self.n_cache))
         batch = self._batch
         batch.clear()
         outputs: list[tuple[_Slot, int]] = []   # (slot, batch index) whose logits sample a token
+        verify: dict[int, list[int]] = {}        # seq -> batch indices of its draft tokens' logits
         prefill: list[tuple[_Slot, int]] = []   # (slot, prompt tokens in this step)
         scored: list[tuple[_Slot, int, int]] = []  # (slot, first batch index, n): prompt logprobs
-        for seq in plan.decode:
+        for i, seq in enumerate(plan.decode):
             slot = self._running[seq]
             outputs.append((slot, batch.add(slot.next_token, slot.pos, slot.seq, logits=True)))
+            draft, slot.draft = slot.draft[:plan.drafts[i] if plan.drafts else 0], []
+            if draft and self._speculate(slot, draft):
+                verify[seq] = [batch.add(t, slot.pos + 1 + k, seq, logits=True) for k, t in enumerate(draft)]
         for chunk in plan.prefill:
             slot = self._running[chunk.seq]
             tokens = slot.req.prompt[chunk.start:chunk.start + chunk.n]
@@ -586,6 +628,8 @@ class Engine:
         try:
             self.ctx.decode(batch)
         except MemoryFullError:
+            for slot in self._running.values():  # the step did not happen: nothing to verify
+                self._drop_speculation(slot)
             self._relieve_memory()
             self._t_step += time.perf_counter() - t0
             return
@@ -614,10 +658,81 @@ class Engine:
                 continue
             try:
                 self._sample(slot, idx)
+                for k, draft_idx in enumerate(verify.get(slot.seq, ())):
+                    # the token just sampled is the draft's next: its logits (fed after it) sample on
+                    if slot.seq not in self._running or slot.finishing or slot.next_token != slot.spec.fed[k + 1]:
+                        break
+                    self._counters["accepted"] += 1
+                    slot.pos += 1
+                    self._sample(slot, draft_idx)
             except Exception as e:  # the request's own logits processor or grammar: it alone fails
                 if slot.seq in self._running:
                     self._release(slot, "error", e)
+        if verify:
+            self._settle([self._running[seq] for seq in verify if seq in self._running])
         self._t_step += time.perf_counter() - t0
+
+    # -- speculative decoding -----------------------------------------------------------------
+    def _propose_drafts(self) -> None:
+        """Ask the draft model what follows each decoding sequence (within its max_tokens and the context)."""
+        for slot in list(self._running.values()):
+            req = slot.req
+            room = min(self._draft_max, req.max_tokens - len(req.tokens) - 1, self.n_ctx - slot.pos - 2)
+            if slot.next_token is None or room <= 0:
+                continue
+            try:
+                proposal = self.config.draft_model(np.asarray(req.prompt + req.tokens, dtype=np.intc))
+                slot.draft = [self.model.check_token(int(t)) for t in np.asarray(proposal).ravel()[:room]]
+            except Exception as e:  # noqa: BLE001 - a failing draft model fails its request alone
+                self._release(slot, "error", e)
+
+    def _speculate(self, slot: _Slot, draft: list[int]) -> bool:
+        """Prepare to undo slot's draft: a snapshot of its recurrent state (none needed for attention,
+        whose cells are simply removed).  False when the pool has no room: decode without the draft."""
+        snapshot = None
+        if self._stateful:
+            try:
+                snapshot = self.ctx.snapshot(slot.seq)
+            except PoolExhaustedError:
+                return False
+        slot.spec = _Speculation(slot.pos, [slot.next_token, *draft], snapshot)
+        self._counters["drafted"] += len(draft)
+        return True
+
+    def _drop_speculation(self, slot: _Slot) -> None:
+        spec, slot.spec = slot.spec, None
+        if spec is not None and spec.snapshot is not None:
+            self.ctx.release(spec.snapshot)
+
+    def _settle(self, slots: list[_Slot]) -> None:
+        """After verification, each slot's memory keeps the fed tokens before slot.pos and loses the
+        rejected rest: attention cells are removed; a recurrent state goes back to its snapshot and the
+        kept tokens are decoded again (one batch for all).  Then the finishes that waited for it."""
+        replay: list[tuple[_Slot, int, list[int]]] = []
+        for slot in slots:
+            spec = slot.spec
+            kept = spec.fed[:slot.pos - spec.start]
+            if len(kept) < len(spec.fed):
+                if spec.snapshot is not None:
+                    self.ctx.restore(spec.snapshot, slot.seq)
+                    self.ctx.seq_rm(slot.seq, spec.start, -1)
+                    replay.append((slot, spec.start, kept))
+                else:
+                    self.ctx.seq_rm(slot.seq, slot.pos, -1)
+            self._drop_speculation(slot)
+        if replay:
+            batch = self._batch
+            batch.clear()
+            for slot, start, kept in replay:
+                batch.add_sequence(kept, start, slot.seq, logits_last=False)
+            try:
+                self.ctx.decode(batch)
+            except Exception as e:  # noqa: BLE001 - memory cannot take them back: those requests fail
+                for slot, _, _ in replay:
+                    self._release(slot, "error", e)
+        for slot in slots:
+            if slot.seq in self._running and slot.finishing:
+                self._finish(slot, slot.finishing)
 
     def _sample(self, slot: _Slot, idx: int) -> None:
         req = slot.req
@@ -670,6 +785,9 @@ class Engine:
         slot.emitted = upto
 
     def _finish(self, slot: _Slot, reason: str) -> None:
+        if slot.spec is not None:  # rejected draft tokens are still in its memory: _settle finishes it
+            slot.finishing = reason
+            return
         req = slot.req
         if slot.emitted < len(req.text):
             req._push(Chunk(req.tokens[-1] if req.tokens else -1, req.text[slot.emitted:]))
@@ -694,6 +812,7 @@ class Engine:
     def _release(self, slot: _Slot, reason: str, error: BaseException | None = None) -> None:
         del self._running[slot.seq]
         try:
+            self._drop_speculation(slot)
             self.ctx.seq_rm(slot.seq)
             self._free.append(slot.seq)  # only a cleared sequence id is used again
         finally:

@@ -45,9 +45,10 @@ import numpy.typing as npt
 
 from . import llama_chat_format, llama_grammar
 from .batch import Batch
-from .bindings import ffi, lib
+from .bindings import ffi, has, lib
 from .context import Context, default_threads
 from .engine import Engine, EngineConfig
+from .errors import PyllamaError
 from .text import incomplete_tail
 from .llama_cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache, longest_token_prefix
 from .llama_grammar import LlamaGrammar
@@ -333,8 +334,9 @@ class Llama:
         if n_ctx < 0 or n_batch < 1 or n_ubatch < 1:
             raise ValueError(f"n_ctx={n_ctx}, n_batch={n_batch}, n_ubatch={n_ubatch}: n_ctx must be >= 0 "
                              f"(0 = the model's training context), batch sizes >= 1")
-        if draft_model is not None:
-            raise ValueError("draft_model: speculative decoding is not supported by pyllama_ssm.Llama")
+        if draft_model is not None and not callable(draft_model):
+            raise ValueError(f"draft_model={draft_model!r}: expected a LlamaDraftModel (a callable from the token "
+                             "ids so far to proposed next ids, e.g. llama_cpp.llama_speculative.LlamaPromptLookupDecoding)")
         if lora_base is not None:
             raise ValueError("lora_base: not supported (llama.cpp applies a LoRA to the loaded model itself)")
         if tensor_split is not None and len(tensor_split) > lib.llama_max_devices():
@@ -356,7 +358,7 @@ class Llama:
         self.draft_model = draft_model
         self.cache: Optional[BaseLlamaCache] = None
         self.chat_template_kwargs: dict[str, Any] = {}  # extra template variables (llama.cpp server's name)
-        self._logits_all = logits_all
+        self._logits_all = logits_all if draft_model is None else True  # as stock: drafts are verified by row
         self._seed = seed or lib.LLAMA_DEFAULT_SEED
         self._seed_lock = threading.Lock()
         # n_parallel=1 is one call at a time, as in llama-cpp-python; threads that share the object
@@ -374,7 +376,7 @@ class Llama:
                                 vocab_only=vocab_only, overrides=self._model_overrides, rpc_servers=rpc_servers)
             stack.callback(self._model.close)
             if n_ctx == 0:
-                n_ctx = self._model.n_ctx_train
+                n_ctx = self._model.n_ctx_train or 512  # a vocab-only file may not say
             self._n_ctx = n_ctx
             self.n_batch = min(n_ctx, n_batch)
             self.n_threads = n_threads or max(default_threads() // 2, 1)
@@ -389,15 +391,19 @@ class Llama:
                                 ("type_v", type_v)):
                 if value is not None:
                     context_params[name] = value
-            # vocab_only: a tokenizer, no context; n_parallel == 1 (or embeddings): self._ctx, driven
-            # from here; n_parallel > 1: self._engine
-            if not vocab_only and (n_parallel == 1 or embedding):
+            # a rejected draft token is undone on recurrent memory from a snapshot of the pool (patched)
+            stateful_snapshots = (self._model.is_recurrent or self._model.is_hybrid) and has("llama_memory_rs_snapshot")
+            # n_parallel == 1 (or embeddings): self._ctx, driven from here; n_parallel > 1: self._engine.
+            # vocab_only: a tokenizer; with n_parallel == 1 a context too, as stock makes one (it holds
+            # no weights and costs nothing), so _ctx.ctx exists for low-level callers
+            if (n_parallel == 1 or embedding) and not (vocab_only and n_parallel > 1):
                 # embeddings batch many inputs as sequences of one context, as llama-cpp-python does
                 self._ctx = Context(self._model, n_ctx=n_ctx if n_parallel == 1 else self.n_batch,
                                     n_batch=self.n_batch, n_ubatch=min(self.n_batch, n_ubatch),
                                     n_seq_max=min(self.n_batch, lib.llama_max_parallel_sequences()) if embedding
                                     else 1, n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
                                     kv_unified=embedding, flash_attn=bool(flash_attn), embeddings=embedding,
+                                    n_rs_pool=1 if draft_model is not None and stateful_snapshots else 0,
                                     batch_invariant=bool(batch_invariant), overrides=context_params)
                 stack.callback(self._ctx.close)
                 self._batch = Batch(self.n_batch, 1)
@@ -409,7 +415,8 @@ class Llama:
                     n_ctx=n_ctx, parallel=n_parallel, n_batch=self.n_batch, n_threads=self.n_threads,
                     n_threads_batch=self.n_threads_batch, prefix_cache=prefix_cache,
                     prefix_cache_bytes=prefix_cache_bytes, flash_attn="auto" if flash_attn is None else bool(flash_attn),
-                    batch_invariant=bool(batch_invariant), context_overrides=context_params))
+                    batch_invariant=bool(batch_invariant), context_overrides=context_params,
+                    draft_model=draft_model))
                 stack.callback(self._engine.close)
             self._lora = self._load_lora(lora_path, lora_scale) if lora_path else None
             stack.pop_all()
@@ -544,7 +551,7 @@ class Llama:
     def _require_context(self, what: str) -> Context:
         if self._model is None:
             raise ValueError("Llama is closed")
-        if self._context is None:
+        if self._context is None or self.model_params.vocab_only:
             raise ValueError(f"{what}: this Llama holds only a vocabulary (vocab_only=True)")
         return self._context
 
@@ -614,7 +621,9 @@ class Llama:
         """Save states after completions and resume from the longest cached prefix (n_parallel=1)."""
         if cache is not None:
             self._direct("set_cache")
-            if not isinstance(cache, BaseLlamaCache):
+            # ours or llama_cpp.llama_cache's (stock's, under install_as_llama_cpp()): a mapping from
+            # token sequences to LlamaStates, looked up by longest prefix
+            if not all(hasattr(cache, m) for m in ("__getitem__", "__setitem__", "__contains__", "cache_size")):
                 raise TypeError(f"set_cache: expected a LlamaRAMCache or LlamaDiskCache, got {type(cache).__name__}")
         self.cache = cache
 
@@ -780,22 +789,60 @@ class Llama:
             self.reset()
             self._reused = 0
         sample_idx = self.n_tokens + len(tokens) - 1
+        drafted = False
         while True:
-            self.eval(tokens)
-            while sample_idx < self.n_tokens:
-                self._sampler = sampler
-                token = self.sample(idx=sample_idx)
-                sample_idx += 1
-                if stopping_criteria is not None and stopping_criteria(
-                        self._input_ids[:sample_idx], self._scores[sample_idx - self.n_tokens, :]):
-                    return
-                sent = yield token
-                tokens = [token] + list(sent or [])
-                if sample_idx < self.n_tokens and token != self._input_ids[sample_idx]:
-                    self.n_tokens = sample_idx  # the caller diverged from what is evaluated: truncate there
-                    self._ctx.seq_rm(0, self.n_tokens, -1)
-                    self._requires_eval = True
-                    break
+            undo = self._undo_point() if drafted else None
+            try:
+                self.eval(tokens)
+                while sample_idx < self.n_tokens:
+                    self._sampler = sampler
+                    token = self.sample(idx=sample_idx)
+                    sample_idx += 1
+                    if stopping_criteria is not None and stopping_criteria(
+                            self._input_ids[:sample_idx], self._scores[sample_idx - self.n_tokens, :]):
+                        return
+                    sent = yield token
+                    tokens = [token] + list(sent or [])
+                    if sample_idx < self.n_tokens and token != self._input_ids[sample_idx]:
+                        # a rejected draft, or the caller diverged from what is evaluated: cut there
+                        tokens = self._truncate(sample_idx, undo) + tokens
+                        break
+            finally:
+                if undo is not None and undo[1] is not None:
+                    self._ctx.release(undo[1])
+            drafted = False
+            if self.draft_model is not None:  # proposed tokens are evaluated (and verified) with the next
+                room = self._n_ctx - self.n_tokens - len(tokens)
+                ids = np.concatenate([self._input_ids[:self.n_tokens], np.asarray(tokens, dtype=np.intc)])
+                draft = [int(t) for t in np.asarray(self.draft_model(ids)).ravel()[:max(room, 0)]]
+                tokens, drafted = tokens + draft, bool(draft)
+
+    def _undo_point(self) -> Optional[tuple[int, Optional[int]]]:
+        """Where a rejected draft goes back to: (n_tokens, a snapshot of the recurrent state, or None
+        for attention-only memory, whose tail is simply removed); None when it cannot be had."""
+        if not (self._is_recurrent or self._is_hybrid):
+            return self.n_tokens, None
+        try:
+            return self.n_tokens, self._ctx.snapshot(0)
+        except (PyllamaError, AttributeError):  # no pool room, or the upstream build: replay instead
+            return None
+
+    def _truncate(self, n: int, undo: Optional[tuple[int, Optional[int]]]) -> list[int]:
+        """Keep the first n evaluated tokens; returns those that must be evaluated again first.
+        Recurrent memory cannot drop a tail: it goes back to the undo point (or to nothing)."""
+        self._requires_eval = True
+        if self._ctx.seq_rm(0, n, -1):
+            self.n_tokens = n
+            return []
+        start = undo[0] if undo is not None and undo[1] is not None else 0
+        replay = self.input_ids[start:n].tolist()
+        if undo is not None and undo[1] is not None:
+            self._ctx.restore(undo[1], 0)
+            self._ctx.seq_rm(0, start, -1)
+        else:
+            self._ctx.clear(True)
+        self.n_tokens = start
+        return replay
 
     @_one_at_a_time
     def save_state(self) -> LlamaState:

@@ -4,7 +4,8 @@ Nothing here touches llama.cpp, so every rule is unit-tested without a model
 (tests/test_scheduler.py); the Engine (engine.py) gathers the facts, asks, and
 carries out the answer on its context.
 
-- plan_step: each running sequence with a sampled token feeds it (one logits row each); the
+- plan_step: each running sequence with a sampled token feeds it (one logits row each), then the
+  draft tokens proposed after it (speculative decoding), oldest sequence first; the
   prompts still to prefill share what is left of the token budget, the fewest tokens left first.
   A chunk ends on the last prefix-cache checkpoint it crosses (a multiple of the checkpoint
   interval) and where a queued request waits to share the prompt (see waits_for); a prompt
@@ -33,6 +34,7 @@ class SeqFacts:
     decoding: bool                # holds a sampled token to feed this step
     score_prompt: bool = False    # logits at every prompt position (prompt logprobs)
     share_at: set[int] = field(default_factory=set)  # positions queued requests wait for
+    draft: int = 0                # draft tokens proposed to verify after the sampled one
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,11 @@ class Chunk:
 class StepPlan:
     decode: tuple[int, ...]    # sequences feeding their sampled token
     prefill: tuple[Chunk, ...]
+    drafts: tuple[int, ...] = ()  # per decode sequence: draft tokens fed (and verified) after it
 
     @property
     def n_tokens(self) -> int:
-        return len(self.decode) + sum(c.n for c in self.prefill)
+        return len(self.decode) + sum(self.drafts) + sum(c.n for c in self.prefill)
 
 
 def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoints: bool) -> StepPlan:
@@ -60,11 +63,18 @@ def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoint
     prefix-cache checkpoints."""
     seqs = sorted(seqs, key=lambda s: s.admitted)
     # at most the budget and the rows: with fewer than the sequences, the oldest decode first
-    decode = tuple(s.seq for s in seqs if s.decoding)[:min(n_batch, n_outputs)]
+    decoding = [s for s in seqs if s.decoding][:min(n_batch, n_outputs)]
+    decode = tuple(s.seq for s in decoding)
+    budget, rows = n_batch - len(decode), n_outputs - len(decode)
+    # draft tokens next, oldest first: each needs a logits row to be verified (they are few, and an
+    # accepted one saves a whole step of its sequence)
+    drafts = []
+    for s in decoding:
+        drafts.append(max(0, min(s.draft, budget, rows)))
+        budget, rows = budget - drafts[-1], rows - drafts[-1]
     # the prompt closest to its first token first: a returning user's few new tokens do not wait behind
     # another's long prefill (which still takes what budget is left); ties by admission
     seqs.sort(key=lambda s: (len(s.prompt) - s.cursor, s.admitted))
-    budget, rows = n_batch - len(decode), n_outputs - len(decode)
     chunks = []
     for s in seqs:
         remaining = len(s.prompt) - s.cursor
@@ -84,7 +94,7 @@ def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoint
         chunks.append(Chunk(s.seq, s.cursor, n, s.score_prompt, last))
         budget -= n
         rows -= n if s.score_prompt else int(last)
-    return StepPlan(decode, tuple(chunks))
+    return StepPlan(decode, tuple(chunks), tuple(drafts) if any(drafts) else ())
 
 
 def is_checkpoint(s: SeqFacts) -> bool:

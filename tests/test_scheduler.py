@@ -94,3 +94,15 @@ def test_a_returning_users_few_new_tokens_go_before_a_long_prefill():
                      n_batch=512, n_outputs=4, checkpoints=True)
     # the returning user's chunk first (to its checkpoint at 1600); the long one takes what is left
     assert [(c.seq, c.n) for c in plan.prefill] == [(1, 100), (0, 384)]
+
+
+def test_draft_tokens_follow_their_decode_token_within_budget_and_rows():
+    old = SeqFacts(0, admitted=0, prompt=[1] * 4, cursor=4, decoding=True, draft=5)
+    new = SeqFacts(1, admitted=1, prompt=[1] * 4, cursor=4, decoding=True, draft=5)
+    prefill = SeqFacts(2, admitted=2, prompt=[1] * 100, cursor=0, decoding=False)
+    plan = plan_step([new, old, prefill], n_batch=16, n_outputs=13, checkpoints=False)
+    assert plan.decode == (0, 1) and plan.drafts == (5, 5)
+    assert plan.prefill[0].n == 16 - 2 - 10 and plan.n_tokens == 16  # the prompt takes what is left
+    assert plan_step([new, old, prefill], n_batch=8, n_outputs=64, checkpoints=False).drafts == (5, 1)  # budget
+    assert plan_step([new, old], n_batch=64, n_outputs=5, checkpoints=False).drafts == (3, 0)  # logits rows
+    assert plan_step([SeqFacts(0, 0, [1], 1, True)], 16, 16, False).drafts == ()
