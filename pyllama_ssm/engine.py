@@ -43,9 +43,9 @@ from .bindings import has
 from .context import MAX_SEQ, Context
 from .errors import EngineError, MemoryFullError, PoolExhaustedError, StateError
 from .model import Model
+from .output import complete_text, stop_hold, token_logprobs
 from .prefix_cache import HolderStore, PoolStore, PrefixCache
 from .scheduler import SeqFacts, is_checkpoint, plan_step, preemption_victim, waits_for
-from .text import complete_text
 from .sampling import Sampler, SamplingParams
 
 log = logging.getLogger("pyllama_ssm.engine")
@@ -597,7 +597,7 @@ class Engine:
         if self._draft_max:
             self._propose_drafts()
         plan = plan_step(map(self._facts, self._running.values()), self.n_batch, self._n_outputs,
-                         checkpoints=bool(self.n_cache))
+                         checkpoints=bool(self.n_cache), draft_budget=self._draft_max)
         batch = self._batch
         batch.clear()
         outputs: list[tuple[_Slot, int]] = []   # (slot, batch index) whose logits sample a token
@@ -741,7 +741,7 @@ class Engine:
         tok = slot.sampler.sample(self.ctx.ptr, idx)
         self._counters["generated"] += 1
         if raw is not None:
-            lp, top = _logprobs(raw, tok, req.n_logprobs)
+            lp, top = token_logprobs(raw, tok, req.n_logprobs)
             req.logprobs.append(lp)
             req.top_logprobs.append(top)
         req.tokens.append(tok)
@@ -771,14 +771,14 @@ class Engine:
         for k in range(n):
             target = slot.cursor + k + 1
             if target < len(req.prompt):
-                req.prompt_logprobs[target], req.prompt_top_logprobs[target] = _logprobs(
+                req.prompt_logprobs[target], req.prompt_top_logprobs[target] = token_logprobs(
                     self.ctx.logits(first + k, copy=False), req.prompt[target], req.n_logprobs or 0)
 
     def _emit(self, slot: _Slot, tok: int, final: bool = False) -> None:
         """Stream new text, holding back a tail that could still become a stop string."""
         req = slot.req
         text = req.text
-        hold = 0 if final else max((len(s) - 1 for s in req.stop), default=0)
+        hold = 0 if final else stop_hold(text, req.stop)
         upto = max(slot.emitted, len(text) - hold)
         lp = (req.logprobs[-1], req.top_logprobs[-1]) if req.logprobs else (None, None)
         req._push(Chunk(tok, text[slot.emitted:upto], *lp))
@@ -855,12 +855,3 @@ class Engine:
                 self.ctx.seq_rm(slot.seq)
         self._release(slot, "error", MemoryFullError(
             f"request {slot.req.id}: {slot.pos} tokens do not fit the memory of this context (n_ctx={self.n_ctx})"))
-
-
-def _logprobs(logits: np.ndarray, tok: int, k: int) -> tuple[float, dict[int, float]]:
-    """log P(tok) and the k most likely tokens' log-probabilities, from raw logits (in float64)."""
-    logp = logits.astype(np.float64)
-    m = logp.max()
-    logp -= m + np.log(np.exp(logp - m).sum())
-    top = np.argpartition(-logp, k - 1)[:k] if k else []
-    return float(logp[tok]), {int(t): float(logp[t]) for t in sorted(top, key=lambda t: -logp[t])}

@@ -49,7 +49,6 @@ from .bindings import ffi, has, lib
 from .context import Context, default_threads
 from .engine import Engine, EngineConfig
 from .errors import PyllamaError
-from .text import incomplete_tail
 from .llama_cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache, longest_token_prefix
 from .llama_grammar import LlamaGrammar
 from .llama_types import *  # noqa: F403 - llama_cpp.llama re-exports the types too
@@ -58,6 +57,7 @@ from .llama_types import (ChatCompletionFunction, ChatCompletionRequestFunctionC
                           CompletionLogprobs, CreateChatCompletionResponse, CreateChatCompletionStreamResponse,
                           CreateCompletionResponse, CreateCompletionStreamResponse, CreateEmbeddingResponse)
 from .model import Model
+from .output import incomplete_tail, log_softmax, stop_hold, top_logprobs
 from .sampling import Sampler, SamplingParams
 
 __all__ = ["Llama", "LlamaState", "LlamaTokenizer", "LogitsProcessor", "LogitsProcessorList", "StoppingCriteria",
@@ -972,12 +972,6 @@ class Llama:
         alternatives[text] = float(logprob)
         return text, offset, float(logprob), alternatives
 
-    @staticmethod
-    def _top_of(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
-        """The k best (token, logprob); ties to the higher token id, as sorting (logprob, id) descending does."""
-        order = np.lexsort((-np.arange(len(logprobs)), -logprobs))[:k]
-        return [(int(t), float(logprobs[t])) for t in order]
-
     def _completion_chunk(self, cid: str, created: int, model: str, text: str, logprobs=None,
                           finish_reason: Optional[str] = None) -> CreateCompletionStreamResponse:
         return {"id": cid, "object": "text_completion", "created": created, "model": model,
@@ -1144,7 +1138,7 @@ class Llama:
                 shown = piece
             row = Llama.logits_to_logprobs(self._scores[len(r.prompt_tokens) + stream.tokens_sent - 1, :])
             entry = self._token_logprobs(token, len(r.prompt) + len(text[: stream.sent].decode("utf-8", "ignore")),
-                                         row[token], self._top_of(row, r.logprobs))
+                                         row[token], top_logprobs(row, r.logprobs))
             stream.sent, stream.tokens_sent = stream.sent + len(piece), stream.tokens_sent + 1
             yield self._completion_chunk(*head, shown.decode("utf-8", errors="ignore"), self._stream_logprobs(entry))
 
@@ -1156,7 +1150,7 @@ class Llama:
         rows = Llama.logits_to_logprobs(self._scores[base:])
         tokens = r.prompt_tokens + completion
         scored = [(None, None) if i == 0 else
-                  (float(rows[i - 1 - base][tokens[i]]), self._top_of(rows[i - 1 - base], r.logprobs))
+                  (float(rows[i - 1 - base][tokens[i]]), top_logprobs(rows[i - 1 - base], r.logprobs))
                   for i in range(first, len(tokens))]
         return self._logprobs_of(r, completion, scored)
 
@@ -1302,12 +1296,8 @@ class Llama:
     # -- helpers llama-cpp-python exposes -------------------------------------------------------
     @staticmethod
     def logits_to_logprobs(logits: Union[npt.NDArray[np.single], list], axis: int = -1) -> npt.NDArray[np.single]:
-        """log_softmax in float32, as llama-cpp-python computes it."""
-        maxs = np.amax(logits, axis=axis, keepdims=True)
-        maxs[~np.isfinite(maxs)] = 0
-        shifted = np.subtract(logits, maxs, dtype=np.single)
-        with np.errstate(divide="ignore"):
-            return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+        """log_softmax in float32, as llama-cpp-python computes it (pyllama_ssm.output's, for every path)."""
+        return log_softmax(np.asarray(logits), axis=axis)
 
     @staticmethod
     def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -1374,11 +1364,7 @@ class _StreamText:
 
     def safe_end(self, text: bytes, final: bool) -> int:
         """End of what no stop string can still claim: before the longest tail that starts a stop string."""
-        if final:
-            return len(text)
-        hold = max((n for s in self.stops for n in range(min(len(s), len(text)), 0, -1)
-                    if text.endswith(s[:n])), default=0)
-        return len(text) - hold
+        return len(text) if final else len(text) - stop_hold(text, self.stops)
 
     def take(self, text: bytes, final: bool) -> str:
         """The next safe piece of text: it stops short only of a character still incomplete at the very

@@ -57,10 +57,12 @@ class StepPlan:
         return len(self.decode) + sum(self.drafts) + sum(c.n for c in self.prefill)
 
 
-def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoints: bool) -> StepPlan:
+def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoints: bool,
+              draft_budget: int | None = None) -> StepPlan:
     """The next step: decode tokens first (oldest first), then prompt chunks, fewest tokens left first,
     within the n_batch token budget and the n_outputs logits rows; `checkpoints`: chunks end on
-    prefix-cache checkpoints."""
+    prefix-cache checkpoints.  draft_budget: draft tokens in all, shared evenly by the decoding sequences
+    (verifying drafts pays while a step is bound by reading the weights, less as the batch grows)."""
     seqs = sorted(seqs, key=lambda s: s.admitted)
     # at most the budget and the rows: with fewer than the sequences, the oldest decode first
     decoding = [s for s in seqs if s.decoding][:min(n_batch, n_outputs)]
@@ -69,8 +71,9 @@ def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoint
     # draft tokens next, oldest first: each needs a logits row to be verified (they are few, and an
     # accepted one saves a whole step of its sequence)
     drafts = []
+    share = max(1, draft_budget // len(decoding)) if draft_budget is not None and decoding else budget
     for s in decoding:
-        drafts.append(max(0, min(s.draft, budget, rows)))
+        drafts.append(max(0, min(s.draft, share, budget, rows)))
         budget, rows = budget - drafts[-1], rows - drafts[-1]
     # the prompt closest to its first token first: a returning user's few new tokens do not wait behind
     # another's long prefill (which still takes what budget is left); ties by admission

@@ -106,3 +106,5 @@ def test_draft_tokens_follow_their_decode_token_within_budget_and_rows():
     assert plan_step([new, old, prefill], n_batch=8, n_outputs=64, checkpoints=False).drafts == (5, 1)  # budget
     assert plan_step([new, old], n_batch=64, n_outputs=5, checkpoints=False).drafts == (3, 0)  # logits rows
     assert plan_step([SeqFacts(0, 0, [1], 1, True)], 16, 16, False).drafts == ()
+    assert plan_step([new, old], 64, 64, False, draft_budget=6).drafts == (3, 3)  # shared evenly
+    assert plan_step([new, old], 64, 64, False, draft_budget=1).drafts == (1, 1)  # at least one each

@@ -11,26 +11,18 @@ on both sides so that a verification batch computes what single-token steps do.
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_with_build, zoo_names, zoo_path
+from conftest import run_with_build, zoo_names, zoo_path
 from pyllama_ssm import Llama, TokenError
+from pyllama_ssm.llama_speculative import LlamaPromptLookupDecoding
 from pyllama_ssm.sampling import SamplingParams
 
 PROMPTS = [b"Once upon a time there", b"The weather today is", b"def main():"]
 N_TOKENS = 20
-
-
-def _stock_speculative():
-    spec = importlib.util.spec_from_file_location(
-        "stock_llama_speculative", ROOT / "pyllama_ssm" / "_stock" / "llama_cpp" / "llama_speculative.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Oracle:
@@ -98,7 +90,7 @@ def test_greedy_with_a_draft_equals_greedy_without(model, n_parallel):
 def test_prompt_lookup_decoding_through_create_completion(model):
     """The documented form, Llama(draft_model=LlamaPromptLookupDecoding(...)): same text, from
     several threads at once on n_parallel=4."""
-    lookup = _stock_speculative().LlamaPromptLookupDecoding(num_pred_tokens=4)
+    lookup = LlamaPromptLookupDecoding(num_pred_tokens=4)
     prompt = "Copy: red green blue red green blue red green blue. Copy: red green"
     plain = _llama(model, 4)
     expected = plain.create_completion(prompt, max_tokens=16, temperature=0)["choices"][0]["text"]
@@ -163,3 +155,14 @@ def test_upstream_build_replays_instead_of_restoring():
     """Without the patch series' snapshots, a rejected draft on recurrent memory is replayed from the
     start: slower, the same tokens."""
     assert run_with_build("upstream", UPSTREAM, str(zoo_path("mamba"))).strip() == "True"
+
+
+def test_server_flag_draft_model_prompt_lookup_decoding():
+    """llama_cpp.server's --draft_model prompt-lookup-decoding --draft_model_num_pred_tokens N."""
+    from pyllama_ssm.server.registry import llama_kwargs
+    from pyllama_ssm.server.settings import ModelSettings
+    kwargs = llama_kwargs(ModelSettings(model=str(zoo_path("llama")), draft_model="prompt-lookup-decoding",
+                                        draft_model_num_pred_tokens=3))
+    assert isinstance(kwargs["draft_model"], LlamaPromptLookupDecoding) and kwargs["draft_model"].num_pred_tokens == 3
+    with pytest.raises(ValueError, match="draft_model='medusa'"):
+        llama_kwargs(ModelSettings(model=str(zoo_path("llama")), draft_model="medusa"))

@@ -54,7 +54,7 @@ def parse_kv_overrides(items: list[str]) -> dict[str, bool | int | float | str]:
 
 def llama_kwargs(s: ModelSettings) -> dict[str, Any]:
     """Llama's keyword arguments for one model's settings (what llama_cpp.server passes, plus n_parallel)."""
-    for name in ("clip_model_path", "hf_pretrained_model_name_or_path", "hf_tokenizer_config_path", "draft_model"):
+    for name in ("clip_model_path", "hf_pretrained_model_name_or_path", "hf_tokenizer_config_path"):
         if getattr(s, name) is not None:
             raise ValueError(f"{name}: not supported by pyllama_ssm.server (model {s.alias!r})")
     if s.chat_format in _UNSUPPORTED_CHAT_FORMATS:
@@ -65,6 +65,12 @@ def llama_kwargs(s: ModelSettings) -> dict[str, Any]:
         "cache_size", "clip_model_path", "hf_pretrained_model_name_or_path", "hf_tokenizer_config_path",
         "draft_model", "draft_model_num_pred_tokens", "mul_mat_q", "reasoning_format", "parse_tool_calls"})  # mul_mat_q: accepted, ignored as stock does
     kwargs["kv_overrides"] = parse_kv_overrides(s.kv_overrides) if s.kv_overrides else None
+    if s.draft_model is not None:  # llama_cpp.server's one method
+        if s.draft_model != "prompt-lookup-decoding":
+            raise ValueError(f"draft_model={s.draft_model!r}: the speculative decoding method must be "
+                             f"'prompt-lookup-decoding' (model {s.alias!r})")
+        from ..llama_speculative import LlamaPromptLookupDecoding
+        kwargs["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=s.draft_model_num_pred_tokens)
     return kwargs
 
 
