@@ -11,8 +11,8 @@ process with the same context size (room for every client's full prompt):
   no cache  Engine(prefix_cache=0): every client prefills the whole system prompt
 Measured: the time to first token of client 1 and of clients 2..N (p50/p95),
 the prompt tokens served from the cache, and the memory in use at its peak while
-clients 2..N run (read on the engine thread each time one of them samples a
-token): attention cells and recurrent cells (live + snapshots) from the memory
+clients 2..N run (read every 20 ms through Engine.call, on the engine thread
+between steps): attention cells and recurrent cells (live + snapshots) from the memory
 report, times their size, and the process's peak RSS.
 Target (issue #6): clients 2..N at least 5x faster to their first token with the
 cache than without it (and, with the cache, than client 1).
@@ -55,9 +55,8 @@ with Engine(path, n_ctx=n_ctx, parallel=clients, n_threads=threads, prefix_cache
 
     peak = {"kv_cells": 0, "rs_cells": 0}
 
-    def watch(tokens, logits):
-        # a logits processor runs on the engine thread between decodes: the moment to read the memory
-        # in use (from another thread, Engine.memory() waits for the engine's lock until it idles)
+    def sample_memory():
+        # runs on the engine thread (Engine.call), between steps: the memory in use at that moment
         rep = engine.ctx.memory_report()
         rs_cells = rep.rs_cells_live
         if cache:  # the snapshot pool: live states and the cache's snapshots
@@ -65,7 +64,10 @@ with Engine(path, n_ctx=n_ctx, parallel=clients, n_threads=threads, prefix_cache
             rs_cells = pool.n_cells_live + pool.n_cells_snapshot
         peak["kv_cells"] = max(peak["kv_cells"], rep.kv_cells_used)
         peak["rs_cells"] = max(peak["rs_cells"], rs_cells)
-        return logits
+
+    def watch(done: threading.Event):
+        while not done.wait(0.02):
+            engine.call(sample_memory)
 
     def serve(batch, params):
         # submit together; per request the seconds to its first token, then its completion
@@ -81,7 +83,15 @@ with Engine(path, n_ctx=n_ctx, parallel=clients, n_threads=threads, prefix_cache
         return firsts, [r.result() for r in reqs]
 
     (ttft_first,), (done_first,) = serve(prompts[:1], GREEDY)
-    ttft_rest, done_rest = serve(prompts[1:], SamplingParams(temperature=0, logits_processor=watch))
+    done = threading.Event()
+    watcher = threading.Thread(target=watch, args=(done,))
+    watcher.start()
+    try:
+        ttft_rest, done_rest = serve(prompts[1:], GREEDY)
+    finally:
+        done.set()
+        watcher.join()
+    engine.call(sample_memory)
     report = engine.memory().report
     print(json.dumps({
         "prompt_tokens": len(prompts[0]), "n_ctx": engine.n_ctx,
