@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import pyllama_ssm as ps
 from conftest import zoo_model, zoo_names, zoo_path
-from pyllama_ssm import engine as engine_mod
+from pyllama_ssm.engine import core as engine_mod
 from pyllama_ssm.engine import Engine
 from pyllama_ssm.errors import EngineError
 from pyllama_ssm.limits import FLOAT_MAX, INT32_MAX

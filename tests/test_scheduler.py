@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyllama_ssm.scheduler import (CHECKPOINT_INTERVAL, SeqFacts, is_checkpoint, plan_step, preemption_victim,
+from pyllama_ssm.engine.scheduler import (CHECKPOINT_INTERVAL, SeqFacts, is_checkpoint, plan_step, preemption_victim,
                                    waits_for)
 
 

@@ -1,7 +1,7 @@
 """The Engine's decisions, from plain data: what the next step decodes, who waits, who is swapped out.
 
 Nothing here touches llama.cpp, so every rule is unit-tested without a model
-(tests/test_scheduler.py); the Engine (engine.py) gathers the facts, asks, and
+(tests/test_scheduler.py); the Engine (core.py) gathers the facts, asks, and
 carries out the answer on its context.
 
 - plan_step: each running sequence with a sampled token feeds it (one logits row each), then the

@@ -37,16 +37,16 @@ from typing import Any
 
 import numpy as np
 
-from . import memory as memory_mod
-from .batch import Batch
-from .bindings import has
-from .context import MAX_SEQ, Context
-from .errors import EngineError, MemoryFullError, PoolExhaustedError, StateError
-from .model import Model
-from .output import complete_text, stop_hold, token_logprobs
+from .. import memory as memory_mod
+from ..batch import Batch
+from ..bindings import has
+from ..context import MAX_SEQ, Context
+from ..errors import EngineError, MemoryFullError, PoolExhaustedError, StateError
+from ..model import Model
+from ..output import complete_text, stop_hold, token_logprobs
 from .prefix_cache import HolderStore, PoolStore, PrefixCache
 from .scheduler import SeqFacts, is_checkpoint, plan_step, preemption_victim, waits_for
-from .sampling import Sampler, SamplingParams
+from ..sampling import Sampler, SamplingParams
 
 log = logging.getLogger("pyllama_ssm.engine")
 DRAFT_MAX = 16  # draft tokens verified per sequence and step, at most

@@ -21,8 +21,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from .context import Context
-from .errors import PoolExhaustedError, SnapshotError
+from ..context import Context
+from ..errors import PoolExhaustedError, SnapshotError
 from .scheduler import common_prefix
 
 
