@@ -288,7 +288,7 @@ def leaks(snapshot: dict) -> list[str]:
 async def soak(url: str, *, api_key: str | None = None, clients: int = 64, requests: int = 400,
                n_variants: int = 32, long_words: int = 300, disconnect_share: float = 0.15,
                abandon_share: float = 0.1, fuzz_share: float = 0.1, seed: int = 0,
-               rss_slack_bytes: int = 64 * MiB, time_limit_s: float = 1800) -> Report:
+               rss_slack_bytes: int = 64 * MiB, time_limit_s: float = 1800, exact: bool = False) -> Report:
     rng = random.Random(seed)
     vs = variants(rng, n_variants, long_words)
     answered = (1 - disconnect_share - abandon_share - fuzz_share) / 2
@@ -337,6 +337,8 @@ async def soak(url: str, *, api_key: str | None = None, clients: int = 64, reque
                 continue
             if parts_at_near_tie(answer[0], alone[v.name][0], ties[v.name]):
                 report.near_ties += 1
+                if exact:
+                    report.mismatches.append(f"{v.name} (near-tie): under load {answer!r}, alone {alone[v.name]!r}")
             else:
                 report.mismatches.append(f"{v.name}: under load {answer!r}, alone {alone[v.name]!r}")
     return report
@@ -361,6 +363,10 @@ def main() -> int:
     p.add_argument("--rss-slack-mib", type=int, default=64)
     p.add_argument("--time-limit", type=float, default=1800, help="seconds the load may take before it fails")
     p.add_argument("--json", help="also write the report here")
+    p.add_argument("--server-args", default="", help="more flags for the server it starts, e.g. "
+                   "'--batch_invariant true --flash_attn true' (then run with --exact)")
+    p.add_argument("--exact", action="store_true", help="a near-tie parting is a mismatch too (for "
+                   "batch-invariant kernels, where load must not change an answer at all)")
     args = p.parse_args()
 
     def run(url: str) -> Report:
@@ -368,7 +374,8 @@ def main() -> int:
                                 n_variants=args.variants, long_words=args.long_words, seed=args.seed,
                                 disconnect_share=args.disconnect_share, abandon_share=args.abandon_share,
                                 fuzz_share=args.fuzz_share,
-                                rss_slack_bytes=args.rss_slack_mib * MiB, time_limit_s=args.time_limit))
+                                rss_slack_bytes=args.rss_slack_mib * MiB, time_limit_s=args.time_limit,
+                                exact=args.exact))
 
     if args.url:
         report = run(args.url)
@@ -377,6 +384,7 @@ def main() -> int:
 
         flags = ["--model", args.model, "--n_ctx", str(args.n_ctx), "--n_parallel", str(args.n_parallel),
                  "--max_queued_requests", str(args.clients)]
+        flags += args.server_args.split()
         with ServerProcess(*flags, *(["--api_key", args.api_key] if args.api_key else [])) as server:
             report = run(server.url)
     print(report.summary())
