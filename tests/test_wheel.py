@@ -103,7 +103,8 @@ def test_platform_wheel_with_the_library_inside(wheel):
     assert wheel.name == f"pyllama_ssm-0.1.0-{tag}-{tag}-{sysconfig.get_platform().replace('-', '_')}.whl"
     names = zipfile.ZipFile(wheel).namelist()
     libs = {Path(n).name for n in names if n.startswith("pyllama_ssm/_lib/")}
-    assert {"libllama.so.0", "libggml.so.0", "libggml-base.so.0", "libggml-cpu.so.0", "libggml-rpc.so.0"} <= libs
+    assert {"libllama.so.0", "libggml.so.0", "libggml-base.so.0", "libggml-cpu.so.0", "libggml-rpc.so.0",
+            "libmtmd.so.0"} <= libs  # libmtmd: llama_cpp.mtmd_cpp under install_as_llama_cpp()
     assert [n for n in names if re.fullmatch(r"pyllama_ssm/_llama_patched\.cpython-.*\.so", n)]
     assert not [n for n in names if "_llama_upstream" in n or "_cdef_" in n], "only the patched library ships"
     for piece in ("_stock/llama_cpp/__init__.py", "_stock/llama_cpp/llama_grammar.py", "_stock/llama_cpp/server/app.py",
@@ -200,6 +201,28 @@ def test_installed_wheel_has_no_upstream_build(venv):
     assert proc.returncode != 0
     assert "BuildMissingError: the upstream bindings are not built" in proc.stderr, proc.stderr[-2000:]
     assert "the pristine upstream build is a development tool" in proc.stderr
+
+
+INSTALLED_LLAMA_CPP = r"""
+import re, sys
+import pyllama_ssm
+llama_cpp = pyllama_ssm.install_as_llama_cpp()
+import llama_cpp.mtmd_cpp, llama_cpp._internals
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=128, verbose=False)
+n = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm.model))
+libs = sorted(set(re.findall(r"\S*/lib(?:llama|mtmd)\.so\S*", open("/proc/self/maps").read())))
+print(n == llm.n_vocab(), llama_cpp.mtmd_cpp.mtmd_default_marker().decode(), *libs)
+"""
+
+
+def test_installed_llama_cpp_is_stock_over_the_wheels_library(venv):
+    """The wheel's llama_cpp: stock's package from _stock, its ctypes layer on the wheel's own libllama
+    (one copy) and libmtmd, nothing from llama-cpp-python itself (not installed)."""
+    ok, marker, *libs = run_in(venv, INSTALLED_LLAMA_CPP, str(zoo_path("qwen35"))).split()
+    site = venv.parent.parent
+    assert ok == "True" and marker == "<__media__>"
+    assert [Path(p).name for p in libs] == ["libllama.so.0", "libmtmd.so.0"], libs
+    assert all(p.startswith(str(site)) and "/pyllama_ssm/_lib/" in p for p in libs), libs
 
 
 def test_installed_plan_command(venv):

@@ -60,10 +60,12 @@ def get_requires_for_build_wheel(config_settings=None) -> list[str]:
 
 
 def _libraries(libdir: Path, dest: Path) -> list[str]:
-    """Copy libllama and the ggml libraries (its backends among them: cpu, rpc, cuda, ...) into
-    dest under their sonames (libX.so.N: what the loader looks for; a wheel cannot hold the
-    build tree's symlinks).  The tools' libraries (llama-common, mtmd, ...) stay out."""
-    names = sorted(p.name for p in libdir.iterdir() if re.fullmatch(r"lib(llama|ggml[\w.+-]*)\.so\.\d+", p.name))
+    """Copy libllama, the ggml libraries (its backends among them: cpu, rpc, cuda, ...) and libmtmd
+    (llama_cpp.mtmd_cpp's, under install_as_llama_cpp()) into dest under their sonames (libX.so.N:
+    what the loader looks for; a wheel cannot hold the build tree's symlinks).  The tools' other
+    libraries (llama-common, the server's) stay out."""
+    names = sorted(p.name for p in libdir.iterdir()
+                   if re.fullmatch(r"lib(llama|mtmd|ggml[\w.+-]*)\.so\.\d+", p.name))
     if not any(n.startswith("libllama.so.") for n in names):
         raise native.BuildError(f"no libllama.so.N in {libdir}: the library build is incomplete")
     dest.mkdir(parents=True)
