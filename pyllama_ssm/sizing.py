@@ -128,18 +128,23 @@ def context_bytes(facts: ModelFacts, shape: ContextShape) -> dict[str, dict[str,
             out["snapshots"][dev] += snap
     head = "GPU" if layer_on_gpu(hp.n_layer_all, hp.n_layer_all, shape.n_gpu_layers) else "CPU"
     out["output"]["CPU"] = hp.n_vocab * max(1, shape.n_seq_max) * 4
-    out["compute"][head] = compute_estimate(hp, min(shape.n_ubatch, n_ctx))
+    out["compute"][head] = compute_estimate(hp, min(shape.n_ubatch, n_ctx), kv_size, shape.flash_attn)
     return out
 
 
-def compute_estimate(hp: HParams, n_ubatch: int) -> int:
-    """An estimate of the compute buffer: a ubatch of logits plus a few layer activations.
+def compute_estimate(hp: HParams, n_ubatch: int, n_kv: int = 0, flash_attn: bool = True) -> int:
+    """An estimate of the compute buffer: the larger of a ubatch of logits plus a few layer activations
+    and, without flash attention, one layer's attention scores and their mask ((n_head + 1) x n_kv x
+    n_ubatch floats; the graph allocator reuses one region for both).  At long contexts the scores,
+    not the KV, dominate: 6 GiB at 8 x 128k on a small hybrid, where flash attention needs 1 GiB.
 
     The graph allocator's real figure depends on the graph; on the zoo models it
-    is within 5% of this (logits dominate), on large models it grows with n_ff.
+    is within 5% of this, on large models it grows with n_ff.
     """
     width = max(hp.n_embd * 4, max((h * hp.head_k for h in hp.n_head), default=0) * 3)
-    return 4 * n_ubatch * (hp.n_vocab + width)
+    heads = max((h for h, a in zip(hp.n_head, hp.attention) if a), default=0)
+    scores = 0 if flash_attn or not heads else (heads + 1) * n_kv * n_ubatch
+    return 4 * max(n_ubatch * (hp.n_vocab + width), scores)
 
 
 def weights_bytes(facts: ModelFacts, n_gpu_layers: int) -> dict[str, int]:

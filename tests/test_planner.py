@@ -24,7 +24,9 @@ from pyllama_ssm.errors import ContextError
 needs_report = pytest.mark.skipif(not memory.available(), reason="memory report needs the patched build")
 
 SHAPES = [dict(n_ctx=1024, n_seq_max=1), dict(n_ctx=2048, n_seq_max=4, n_rs_pool=3),
-          dict(n_ctx=4096, n_seq_max=8, kv_unified=False)]
+          dict(n_ctx=4096, n_seq_max=8, kv_unified=False),
+          # without flash attention one layer's scores (n_head x n_kv x n_ubatch) dominate the compute buffer
+          dict(n_ctx=16384, n_seq_max=4, flash_attn=False)]
 
 
 @needs_report
@@ -39,7 +41,8 @@ def test_planner_equals_the_memory_report(name):
         assert (b["kv"], b["recurrent"] + b["snapshots"], b["output"]) == (r.kv_bytes, r.rs_bytes, r.output_bytes), kw
         snapshots = r.rs_bytes * kw.get("n_rs_pool", 0) // r.rs_cells_total if r.rs_cells_total else 0
         assert abs(b["snapshots"] - snapshots) <= 64  # per-layer rounding of the pool's share
-        assert abs(b["compute"] - r.compute_bytes) < 0.1 * r.compute_bytes, "the estimate drifted"
+        if not (facts.hp.is_mla and kw.get("flash_attn") is False):  # MLA's unfused attention: not modelled
+            assert abs(b["compute"] - r.compute_bytes) < 0.1 * r.compute_bytes, ("the estimate drifted", kw)
     weights = sum(sizing.weights_bytes(facts, 0).values())
     assert abs(weights - r.weights_bytes) < 1e-3 * r.weights_bytes
 
