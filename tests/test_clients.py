@@ -1,8 +1,8 @@
 """The llama-cpp-python clients give stock's output on pyllama-ssm (issue #15 item 5).
 
-LangChain (`LlamaCpp`, `ChatLlamaCpp`: invoke, stream, bind_tools, with_structured_output), outlines
-(`from_llamacpp`: text, regex, JSON from a pydantic model) and guidance (`models.LlamaCpp`: gen,
-select) run tests/parity/clients_driver.py, greedy, on SmolLM2 (real weights) and on a zoo hybrid:
+LangChain (`LlamaCpp`, `ChatLlamaCpp`: invoke, stream, a grammar, bind_tools, with_structured_output),
+outlines (`from_llamacpp`: text, regex, JSON from a pydantic model) and guidance (`models.LlamaCpp`:
+gen, select) run tests/parity/clients_driver.py, greedy, on SmolLM2 (real weights) and on a zoo hybrid:
 
 - stock llama-cpp-python 0.3.36 on build/upstream;
 - pyllama-ssm as `llama_cpp` (install_as_llama_cpp) with n_parallel=1, on the same library and on
@@ -25,9 +25,9 @@ Not compared, and why:
   streams on (tests/test_llama_api.py::test_stream_sends_text_as_soon_as_its_bytes_are_complete):
   there the streamed text, not its chunking, must match.
 
-Then the switch for programs that cannot call install_as_llama_cpp(): stock's own server run as
-`python -m pyllama_ssm.as_llama_cpp -m llama_cpp.server`, and a script run as
-`python -m pyllama_ssm.as_llama_cpp SCRIPT`.
+Then the switch for programs that cannot call install_as_llama_cpp(), on an installed program: stock's
+own server run as `python -m pyllama_ssm.as_llama_cpp -m llama_cpp.server` (the PROGRAM form:
+tests/test_as_llama_cpp.py).
 """
 
 from __future__ import annotations
@@ -35,21 +35,19 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, ZOO, child_env, zoo_path
+from conftest import ZOO, child_env, zoo_path
 from parity.stock import run_ours, run_stock
 
 DRIVER = Path(__file__).parent / "parity" / "clients_driver.py"
 RUN_DRIVER = f"import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path({str(DRIVER)!r}, run_name='__main__')"
 SMOLLM2 = ZOO / "smollm2-135m-instruct-q4_1.gguf"
 MODELS = ["smollm2", "granitehybrid"]
-CASES = {"langchain": ["llm.invoke", "llm.stream", "chat.invoke", "chat.stream", "chat.bind_tools",
+CASES = {"langchain": ["llm.invoke", "llm.stream", "llm.grammar", "chat.invoke", "chat.stream", "chat.bind_tools",
                        "chat.with_structured_output"],
          "outlines": ["text", "regex", "json"],
          "guidance": ["gen", "select"]}
@@ -147,6 +145,7 @@ def test_stock_outputs_are_what_the_clients_promise(runs):
     out = results["patched"]["stock"]
     if available("langchain"):
         assert "".join(out["langchain.llm.stream"]) == out["langchain.llm.invoke"] != ""
+        assert out["langchain.llm.grammar"] in ("yes", "no")
         assert "".join(out["langchain.chat.stream"]) == out["langchain.chat.invoke"]["content"] != ""
         assert [c["name"] for c in out["langchain.chat.bind_tools"]["tool_calls"]] == ["get_weather"]
         parsed = out["langchain.chat.with_structured_output"]["parsed"]
@@ -161,15 +160,12 @@ def test_stock_outputs_are_what_the_clients_promise(runs):
 # -- programs that cannot call install_as_llama_cpp() ---------------------------------------------
 
 
-def test_as_llama_cpp_runs_programs_and_modules_on_pyllama_ssm(tmp_path):
-    """`python -m pyllama_ssm.as_llama_cpp -m llama_cpp.server`: stock's own server answers /v1/models and
-    /v1/completions through our Llama on the patched libllama; and a script, run by path, sees the
-    same llama_cpp with its own arguments."""
+def test_as_llama_cpp_runs_stock_server_module_on_pyllama_ssm():
+    """`python -m pyllama_ssm.as_llama_cpp -m llama_cpp.server`: stock's own server, unedited, answers
+    /v1/models and /v1/completions through pyllama-ssm on the patched libllama, the only one loaded."""
     httpx = pytest.importorskip("httpx")
-    for module, why in (("fastapi", "llama_cpp.server"), ("uvicorn", "llama_cpp.server"),
-                        ("sse_starlette", "llama_cpp.server"), ("starlette_context", "llama_cpp.server"),
-                        ("pydantic_settings", "llama_cpp.server")):
-        pytest.importorskip(module, reason=f"{why} needs {module}")
+    for module in ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings"):
+        pytest.importorskip(module, reason=f"stock's llama_cpp.server needs {module}")
     from pyllama_ssm.server.process import ServerProcess
 
     model = zoo_path("qwen35")
@@ -186,11 +182,3 @@ def test_as_llama_cpp_runs_programs_and_modules_on_pyllama_ssm(tmp_path):
     libllama = {line.split()[-1] for line in maps.splitlines() if re.search(r"/libllama\.so[.\d]*$", line)}
     assert [Path(p).parent.parent.name for p in libllama] == ["patched"], libllama  # one library, ours
     assert re.search(r"pyllama_ssm/_llama_patched\.\S*\.so", maps), "pyllama-ssm's bindings are not loaded"
-
-    script = tmp_path / "program.py"
-    script.write_text("import sys, llama_cpp\n"
-                      "print(llama_cpp.Llama.__module__, llama_cpp.llama_cpp.llama_max_devices() > 0, sys.argv[1:])\n")
-    proc = subprocess.run([sys.executable, "-m", "pyllama_ssm.as_llama_cpp", str(script), "--flag", "x"],
-                          capture_output=True, text=True, env=child_env("patched"), cwd=ROOT, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["pyllama_ssm.llama", "True", "['--flag',", "'x']"]

@@ -82,6 +82,8 @@ def langchain(out: dict) -> None:
     try:
         llm = LlamaCpp(streaming=False, **common)
         chat = ChatLlamaCpp(**common)
+        # LlamaCpp(grammar=GBNF) builds llama_cpp.LlamaGrammar itself and passes it to every completion
+        constrained = LlamaCpp(streaming=False, grammar='root ::= "yes" | "no"', **common)
         # the dict form: langchain-community 0.4.2 passes a bare name through, which llama_cpp ignores
         tools = chat.bind_tools([get_weather], tool_choice={"type": "function", "function": {"name": "get_weather"}})
         structured = chat.with_structured_output(Fruit, include_raw=True)
@@ -95,6 +97,7 @@ def langchain(out: dict) -> None:
 
     run({"langchain.llm.invoke": lambda: llm.invoke(PROMPT),
          "langchain.llm.stream": lambda: list(llm.stream(PROMPT)),
+         "langchain.llm.grammar": lambda: constrained.invoke("Is the sky blue? Answer yes or no:"),
          "langchain.chat.invoke": lambda: message(chat.invoke([HumanMessage(QUESTION)])),
          "langchain.chat.stream": lambda: [c.content for c in chat.stream([HumanMessage(QUESTION)])],
          "langchain.chat.bind_tools": lambda: message(tools.invoke("What is the weather in Paris?")),
