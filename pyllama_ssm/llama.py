@@ -671,7 +671,9 @@ class Llama:
         generated so far (n_parallel>1), and the raw logits, as llama-cpp-python gives them.
         """
         if grammar is not None:
-            if not isinstance(grammar, LlamaGrammar):
+            # ours, or stock's (llama_cpp.LlamaGrammar after install_as_llama_cpp(), what LangChain and
+            # stock's chat handlers build): both hold the GBNF text in _grammar
+            if not isinstance(getattr(grammar, "_grammar", None), str):
                 raise TypeError(f"grammar: expected a LlamaGrammar, got {type(grammar).__name__}")
             llama_grammar.check(grammar._grammar, self._model.vocab)
         bias = {}

@@ -239,6 +239,16 @@ def test_stream_sends_text_as_soon_as_its_bytes_are_complete():
                 assert len([p for p in pieces if p]) >= tokens - 4, (n_parallel, prompt, pieces)
 
 
+def test_stream_holds_back_only_a_tail_that_may_begin_a_stop_string(llm, par):
+    """Stock's rule, on both paths: a stop string that the text does not approach delays nothing, so
+    the chunks are those of the same stream without it (the Engine held back len(stop) - 1 characters)."""
+    for model in (llm, par):
+        kw = dict(max_tokens=16, temperature=0, stream=True)
+        free = [c["choices"][0]["text"] for c in model(PROMPT, **kw)]
+        stopped = [c["choices"][0]["text"] for c in model(PROMPT, stop=["\x07never"], **kw)]
+        assert stopped == free and len(free) > 8, (model.n_parallel, free, stopped)
+
+
 def test_logprobs_need_logits_all_with_one_sequence():
     with Llama(str(zoo_path("llama")), n_ctx=64, verbose=False) as m:
         with pytest.raises(ValueError, match="logits_all"):
