@@ -112,6 +112,17 @@ def pointer(cdata) -> ctypes.c_void_p:
     return ctypes.c_void_p(int(ffi.cast("uintptr_t", cdata)) or None)
 
 
+class StockInternals:
+    """For Model and Context: under install_as_llama_cpp(), what ours lacks of stock's _internals
+    object of the same kind (LlamaModel.token_get_text, LlamaContext.kv_cache_clear, ...) answers
+    on the same llama.cpp object, through stock_view."""
+
+    def __getattr__(self, name: str):
+        if not name.startswith("_") and (view := stock_view(self)) is not None:
+            return getattr(view, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
 def stock_view(obj):
     """Stock's _internals object (LlamaModel, LlamaContext or LlamaBatch) over the same llama.cpp
     object as our Model, Context or Batch, owning nothing: its methods are stock's, on our pointers."""

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from . import _runtime, memory, sizing
+from .as_llama_cpp import StockInternals, pointer
 from .batch import Batch
 from .bindings import ffi, has, lib, set_fields
 from .errors import (ContextError, DecodeError, MemoryFullError, PoolExhaustedError, SnapshotError,
@@ -38,7 +39,7 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-class Context:
+class Context(StockInternals):
     """An inference context over a Model.
 
     Sequences 0..n_seq_max-1 share the context's memory.  Use as a context
@@ -120,17 +121,7 @@ class Context:
     def ctx(self):
         """The llama_context pointer as ctypes (llama_cpp.llama_cpp's llama_context_p), as stock's
         _internals.LlamaContext.ctx."""
-        from .as_llama_cpp import pointer
         return pointer(self.ptr)
-
-    def __getattr__(self, name: str):
-        # under install_as_llama_cpp(), the rest of stock's _internals.LlamaContext
-        # (kv_cache_clear, get_logits, ...) answers on the same context
-        if not name.startswith("_"):
-            from .as_llama_cpp import stock_view
-            if (view := stock_view(self)) is not None:
-                return getattr(view, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     @property
     def mem(self):

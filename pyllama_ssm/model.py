@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from . import _runtime, gguf, rpc, sizing
+from .as_llama_cpp import StockInternals, pointer
 from .bindings import ffi, lib, set_fields
 from .errors import ModelLoadError, TokenError
 
-class Model:
+class Model(StockInternals):
     """A model loaded from a GGUF file.  Use as a context manager or call close()."""
 
     _free = lib.llama_model_free  # kept on the class: __del__ may run after module teardown
@@ -67,17 +68,7 @@ class Model:
     def model(self):
         """The llama_model pointer as ctypes (llama_cpp.llama_cpp's llama_model_p), as stock's
         _internals.LlamaModel.model."""
-        from .as_llama_cpp import pointer
         return pointer(self.ptr)
-
-    def __getattr__(self, name: str):
-        # under install_as_llama_cpp(), the rest of stock's _internals.LlamaModel (token_get_text,
-        # n_ctx_train(), ...) answers on the same model
-        if not name.startswith("_"):
-            from .as_llama_cpp import stock_view
-            if (view := stock_view(self)) is not None:
-                return getattr(view, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def close(self) -> None:
         if getattr(self, "_ptr", None) is not None:
