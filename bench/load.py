@@ -169,13 +169,16 @@ def example_server_config(model: Path, n_ctx: int, parallel: int, threads: int, 
 
 
 def server_command(kind: str, model: Path, n_ctx: int, parallel: int, threads: int, port: int,
-                   kv_unified: bool = False) -> list[str]:
+                   kv_unified: bool = False, extra: tuple[str, ...] = ()) -> list[str]:
     """The command line of one server: the same model, context, threads and port for all
-    (llama-server with parallel 0: its own defaults for slots and KV layout)."""
+    (llama-server with parallel 0: its own defaults for slots and KV layout); `extra`: more
+    pyllama-ssm options (--batch_invariant true, ...)."""
     if kind == "pyllama-ssm":
         return [sys.executable, "-m", "pyllama_ssm.server", "--model", str(model), "--n_ctx", str(n_ctx),
                 "--n_parallel", str(parallel), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-                "--host", "127.0.0.1", "--port", str(port)]
+                "--host", "127.0.0.1", "--port", str(port), *extra]
+    if extra:
+        raise ValueError(f"extra options are for pyllama-ssm, not {kind}")
     if kind == "llama-cpp-python":
         # one request at a time whatever the clients (no parallel flag); by default a new request ends the
         # stream in progress, which no one serving several clients wants: they queue instead
@@ -201,12 +204,12 @@ class Server:
     """One server process on a free loopback port, ready when /v1/models answers; stop() on exit."""
 
     def __init__(self, kind: str, model: Path, *, n_ctx: int, parallel: int, threads: int,
-                 kv_unified: bool = False, timeout: float = 180):
+                 kv_unified: bool = False, extra: tuple[str, ...] = (), timeout: float = 180):
         self.kind = kind
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         env = child_env(kind)  # first: it extracts the stock code a command may need
-        cmd = server_command(kind, model, n_ctx, parallel, threads, port, kv_unified)
+        cmd = server_command(kind, model, n_ctx, parallel, threads, port, kv_unified, extra)
         self._log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
         deadline = time.monotonic() + timeout

@@ -1056,7 +1056,7 @@ class Llama:
         stop_bytes = [s.encode("utf-8") for s in r.stop]
         stream = _StreamText(stop_bytes)
         echo = r.stream and r.echo  # streamed echo: the prompt's chunk comes once the prompt is evaluated
-        text, finish_reason, multibyte_fix = b"", "length", 0
+        text, finish_reason, multibyte_fix, end = b"", "length", 0, None
         for token in self._generate(r.prompt_tokens, params, stopping_criteria=stopping_criteria):
             if r.cancellation.is_set:
                 return
@@ -1065,7 +1065,7 @@ class Llama:
                 yield self._completion_chunk(*head, r.echo_text, self._direct_logprobs(r, []) if r.logprobs
                                              is not None else None)
             if self._model.is_eog(token):
-                text, finish_reason = self.detokenize(completion, prev_tokens=r.prompt_tokens), "stop"
+                text, finish_reason, end = self.detokenize(completion, prev_tokens=r.prompt_tokens), "stop", token
                 break
             completion.append(token)
             all_text = self.detokenize(completion, prev_tokens=r.prompt_tokens)
@@ -1102,7 +1102,7 @@ class Llama:
         if r.stream:
             return
         text_str = text.decode("utf-8", errors="ignore")
-        choice_logprobs = self._direct_logprobs(r, completion) if r.logprobs is not None else None
+        choice_logprobs = self._direct_logprobs(r, completion, end) if r.logprobs is not None else None
         yield {**self._completion_chunk(*head, r.echo_text + text_str, choice_logprobs,
                                         finish_reason),
                "usage": _usage(len(r.prompt_tokens), len(completion))}
@@ -1144,27 +1144,30 @@ class Llama:
             stream.sent, stream.tokens_sent = stream.sent + len(piece), stream.tokens_sent + 1
             yield self._completion_chunk(*head, shown.decode("utf-8", errors="ignore"), self._stream_logprobs(entry))
 
-    def _direct_logprobs(self, r: "_Request", completion: list[int]) -> CompletionLogprobs:
+    def _direct_logprobs(self, r: "_Request", completion: list[int], end: Optional[int] = None) -> CompletionLogprobs:
         """The logprobs of a finished completion, from the scores of logits_all: row j holds the
-        logits after token j, so it scores token j + 1."""
+        logits after token j, so it scores token j + 1 (the last row: the end-of-generation token `end`)."""
         first = 0 if r.echo else len(r.prompt_tokens)
         base = max(first - 1, 0)  # the first row needed: no log-softmax over rows nobody reads
         rows = Llama.logits_to_logprobs(self._scores[base:])
-        tokens = r.prompt_tokens + completion
+        tokens = r.prompt_tokens + completion + ([end] if end is not None else [])
         scored = [(None, None) if i == 0 else
                   (float(rows[i - 1 - base][tokens[i]]), top_logprobs(rows[i - 1 - base], r.logprobs))
                   for i in range(first, len(tokens))]
-        return self._logprobs_of(r, completion, scored)
+        return self._logprobs_of(r, completion, scored, end)
 
     def _logprobs_of(self, r: "_Request", completion: list[int],
-                     scored: list[tuple[Optional[float], Optional[Iterable[tuple[int, float]]]]]) -> CompletionLogprobs:
+                     scored: list[tuple[Optional[float], Optional[Iterable[tuple[int, float]]]]],
+                     end: Optional[int] = None) -> CompletionLogprobs:
         """OpenAI's completion logprobs: one entry per token of the completion, preceded with echo=True by
         one per prompt token; `scored` holds each one's (logprob, top alternatives).  Deliberately unlike
         llama-cpp-python, which scores each echoed prompt token with the logits at its own position (the
         prediction of the next token): here token i is scored given tokens 0..i-1, so loglikelihoods
         (lm-eval) are right.  The first prompt token has none; a BOS that the tokenizer added to a text
-        prompt is not listed, and one the caller sent as a token id is."""
-        tokens = (r.prompt_tokens + completion) if r.echo else completion
+        prompt is not listed, and one the caller sent as a token id is.  With echo=True the end-of-generation
+        token `end` that stopped the completion is listed last (no text), as vLLM lists it: lm-eval asks
+        max_tokens=1 and drops the last entry as the generated token, which without it is a prompt token."""
+        tokens = (r.prompt_tokens + completion + ([end] if end is not None else [])) if r.echo else completion
         skip = int(r.echo and isinstance(r.prompt, str) and r.prompt_tokens[:1] == [self.token_bos()])
         base = 0 if r.echo else len(r.prompt)
         out: CompletionLogprobs = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
@@ -1231,7 +1234,8 @@ class Llama:
                 if r.echo:
                     scored = [(lp_, top and top.items()) for lp_, top in
                               zip(result.prompt_logprobs, result.prompt_top_logprobs)] + scored
-                lp = self._logprobs_of(r, completion, scored)
+                end = result.tokens[-1] if len(result.tokens) > len(completion) else None
+                lp = self._logprobs_of(r, completion, scored, end)
             yield {**self._completion_chunk(*head, r.echo_text + result.text, lp,
                                             result.finish_reason),
                    "usage": _usage(len(r.prompt_tokens), len(completion))}
