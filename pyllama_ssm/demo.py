@@ -60,10 +60,11 @@ def engine_run(model: Model, prompts: list[str], n_gen: int) -> tuple[float, int
                     print(f"[seq {i}] {QUESTIONS[i % len(QUESTIONS)]!r} -> {texts[i][:60]!r}", flush=True)
             time.sleep(0.01)
         wall = time.perf_counter() - t0
-        tokens = sum(len(r.tokens) for r in reqs)
+        done = [r.result() for r in reqs]
+        tokens = sum(len(c.tokens) for c in done)
         mem = engine.memory()
         stats = engine.stats()
-    return wall, tokens, (mem, stats, sum(r.usage.cached_tokens for r in reqs))
+    return wall, tokens, (mem, stats, sum(c.usage.cached_tokens for c in done))
 
 
 def separate_contexts(model: Model, prompts: list[str], n_gen: int) -> tuple[float, int, int]:

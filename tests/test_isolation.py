@@ -154,11 +154,12 @@ def test_concurrent_conversations_never_restore_each_other(name, setup, kernels)
     near_ties = 0
     with Engine(model, n_ctx=512, parallel=1, prefix_cache=0, **KERNELS[kernels]) as alone:
         for prompt, req, i in done:
-            check_restored(req.restored_from, prompt, shared, tokenize(f" {all_secrets[i]}", False))
-            near_ties += check_answer(req.tokens, alone.generate(prompt, GREEDY, max_tokens=N_GEN, logprobs=2),
+            done_req = req.result()
+            check_restored(done_req.restored_from, prompt, shared, tokenize(f" {all_secrets[i]}", False))
+            near_ties += check_answer(done_req.tokens, alone.generate(prompt, GREEDY, max_tokens=N_GEN, logprobs=2),
                                       f"conversation {i}")
-    own = sum(1 for _, req, _ in done if req.restored_from and len(req.restored_from) > shared)
-    preempted = sum(req.preemptions for _, req, _ in done)
+    own = sum(1 for _, req, _ in done if req.result().restored_from and len(req.result().restored_from) > shared)
+    preempted = sum(req.result().preemptions for _, req, _ in done)
     print(f"{name} {setup} {kernels}: {len(done)} answers, {near_ties} near-tie partings, {hits} prefix hits ({own} on a "
           f"conversation's own turns), {evictions} evictions, {preempted} swaps to host")
     assert len(done) == N_CONVERSATIONS * TURNS and near_ties <= (0 if kernels == "invariant" else len(done) // 8)

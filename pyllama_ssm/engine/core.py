@@ -80,10 +80,42 @@ class Completion:
     # prompt_logprobs=True: entry i scores prompt token i given tokens 0..i-1 (None for token 0)
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    restored_from: tuple[int, ...] | None = None  # the prefix-cache entry's tokens it resumed from
+    preemptions: int = 0                          # times it was swapped out to host memory
+
+
+@dataclass
+class _Generation:
+    """What the Engine has made of one request so far: its own, written on its thread only; the caller
+    sees it as the Completion handed over when the request ends (and the prompt's logprobs, handed over
+    once its prefill ends)."""
+
+    usage: Usage
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    restored_from: tuple[int, ...] | None = None
+    preemptions: int = 0
+
+    @classmethod
+    def of(cls, req: "Request") -> "_Generation":
+        scored = [None] * len(req.prompt) if req.score_prompt else None
+        return cls(Usage(prompt_tokens=len(req.prompt)), logprobs=[] if req.n_logprobs is not None else None,
+                   top_logprobs=[] if req.n_logprobs is not None else None,
+                   prompt_logprobs=scored, prompt_top_logprobs=list(scored) if scored is not None else None)
+
+    def completion(self, finish_reason: str) -> Completion:
+        return Completion(self.text, list(self.tokens), finish_reason, self.usage, self.logprobs, self.top_logprobs,
+                          self.prompt_logprobs, self.prompt_top_logprobs, self.restored_from, self.preemptions)
 
 
 class Request:
-    """A submitted generation: iterate for Chunks, or wait for result()."""
+    """The caller's handle on a submitted generation: iterate for Chunks, or wait for result().  What it
+    was asked is fixed at submit(); what the Engine makes of it arrives through the chunks, the prompt
+    logprobs (once its prefill ended) and the Completion (once it ended), never as shared state."""
 
     _ids = itertools.count()
 
@@ -96,18 +128,11 @@ class Request:
         self.max_tokens = max_tokens
         self.stop = [s for s in stop if s]
         self.n_logprobs = logprobs
-        self.logprobs: list[float] | None = [] if logprobs is not None else None
-        self.top_logprobs: list[dict[int, float]] | None = [] if logprobs is not None else None
-        self.prompt_logprobs: list[float | None] | None = [None] * len(prompt) if prompt_logprobs else None
-        self.prompt_top_logprobs: list[dict[int, float] | None] | None = \
-            [None] * len(prompt) if prompt_logprobs else None
-        self.tokens: list[int] = []
-        self.text = ""
+        self.score_prompt = prompt_logprobs
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
-        self.usage = Usage(prompt_tokens=len(prompt))
-        self.restored_from: tuple[int, ...] | None = None  # the prefix-cache entry's tokens it resumed from
-        self.preemptions = 0
+        self._completion: Completion | None = None
+        self._prompt_scores: tuple[list, list] | None = None
         self._chunks: collections.deque[Chunk] = collections.deque()
         self._cond = threading.Condition()
         self.cancelled = False
@@ -118,17 +143,32 @@ class Request:
             self._chunks.append(chunk)
             self._cond.notify_all()
 
-    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+    def _scored_prompt(self, gen: "_Generation") -> None:
+        with self._cond:
+            self._prompt_scores = (list(gen.prompt_logprobs), list(gen.prompt_top_logprobs))
+
+    def _finish(self, reason: str, error: BaseException | None = None, gen: "_Generation | None" = None) -> None:
         with self._cond:
             if self.finish_reason is None:
                 self.finish_reason = reason
                 self.error = error
+                self._completion = (gen or _Generation.of(self)).completion(reason)
             self._cond.notify_all()
 
     # -- user side --------------------------------------------------------------------
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prompt_logprobs(self) -> list[float | None] | None:
+        """With prompt_logprobs=True, once its prefill ended (before its first chunk): entry i scores
+        prompt token i given tokens 0..i-1 (None for token 0).  None before, or when not asked."""
+        return self._prompt_scores[0] if self._prompt_scores is not None else None
+
+    @property
+    def prompt_top_logprobs(self) -> list[dict[int, float] | None] | None:
+        return self._prompt_scores[1] if self._prompt_scores is not None else None
 
     def cancel(self) -> None:
         """Stop generating; the sequence's memory is freed at the next step (queued: it never starts).
@@ -168,8 +208,7 @@ class Request:
                 raise TimeoutError(f"request {self.id}: not finished within {timeout}s")
         if self.error is not None:
             raise self.error
-        return Completion(self.text, list(self.tokens), self.finish_reason, self.usage,
-                          self.logprobs, self.top_logprobs, self.prompt_logprobs, self.prompt_top_logprobs)
+        return self._completion
 
 
 @dataclass
@@ -183,7 +222,8 @@ class _Slot:
     pos: int = 0             # next position
     next_token: int | None = None
     pending_bytes: bytes = b""
-    emitted: int = 0         # characters of req.text already streamed
+    gen: _Generation | None = None  # what it has made so far (set at start)
+    emitted: int = 0         # characters of gen.text already streamed
     admitted: int = 0
     relocated_at: int = -1   # position at which its cells were last moved (see _relieve_memory)
     share_at: set[int] = field(default_factory=set)  # prompt positions queued requests wait to share
@@ -470,7 +510,7 @@ class Engine:
         for slot in list(self._running.values()):
             self._release(slot, "cancelled", RuntimeError("engine closed"))
         for slot, _ in self._preempted:
-            slot.req._finish("cancelled", RuntimeError("engine closed"))
+            slot.req._finish("cancelled", RuntimeError("engine closed"), slot.gen)
 
     def _failed(self) -> EngineError:
         cause = self.failure
@@ -518,7 +558,7 @@ class Engine:
                     slot.sampler.close()
                     slot.req._finish("error", MemoryFullError(
                         f"request {slot.req.id}: {slot.pos} tokens do not fit the memory of this context "
-                        f"(n_ctx={self.n_ctx})"))
+                        f"(n_ctx={self.n_ctx})"), slot.gen)
                     continue
                 self._resume_blocked = True  # wait for running sequences to finish
                 return
@@ -527,7 +567,7 @@ class Engine:
                 self.ctx.seq_rm(seq)
                 self._free.append(seq)
                 slot.sampler.close()
-                slot.req._finish("error", e)
+                slot.req._finish("error", e, slot.gen)
                 continue
             self._preempted.popleft()
             slot.seq = seq
@@ -548,7 +588,7 @@ class Engine:
 
     def _awaits_shared_prefix(self, req: Request) -> bool:
         """Whether req waits for a prefix a running request is prefilling now (scheduler.waits_for)."""
-        if not self.n_cache or req.prompt_logprobs is not None:
+        if not self.n_cache or req.score_prompt:
             return False
         hit = self.cache.peek(req.prompt)
         return waits_for(req.prompt, hit.n_tokens if hit else 0, map(self._facts, self._running.values())) is not None
@@ -556,7 +596,7 @@ class Engine:
     @staticmethod
     def _facts(slot: "_Slot") -> SeqFacts:
         return SeqFacts(slot.seq, slot.admitted, slot.req.prompt, slot.cursor, slot.next_token is not None,
-                        slot.req.prompt_logprobs is not None, slot.share_at, len(slot.draft))
+                        slot.req.score_prompt, slot.share_at, len(slot.draft))
 
     def _start(self, req: Request) -> None:
         """Move a queued request into a free sequence; anything it raises fails it alone."""
@@ -566,16 +606,16 @@ class Engine:
             self._pending.remove(req)
             req._finish("error", e)
             return
-        slot = _Slot(req, self._free.pop(), sampler, admitted=next(self._admissions))
+        slot = _Slot(req, self._free.pop(), sampler, gen=_Generation.of(req), admitted=next(self._admissions))
         self._pending.remove(req)
         self._running[slot.seq] = slot
         try:
-            hit = self.cache.lookup(req.prompt) if self.n_cache and req.prompt_logprobs is None else None
+            hit = self.cache.lookup(req.prompt) if self.n_cache and not req.score_prompt else None
             if hit is not None:
                 self.cache.restore(hit, slot.seq)
                 slot.cursor = slot.pos = hit.n_tokens
-                req.usage.cached_tokens = slot.cursor
-                req.restored_from = hit.entry.tokens[:hit.n_tokens]
+                slot.gen.usage.cached_tokens = slot.cursor
+                slot.gen.restored_from = hit.entry.tokens[:hit.n_tokens]
                 slot.resumed_entry = hit.entry.tokens
         except Exception as e:  # noqa: BLE001
             self._release(slot, "error", e)
@@ -587,7 +627,7 @@ class Engine:
         for entry in [e for e in self._preempted if e[0].req.cancelled]:  # swapped out: nothing to free
             self._preempted.remove(entry)
             entry[0].sampler.close()
-            entry[0].req._finish("cancelled")
+            entry[0].req._finish("cancelled", gen=entry[0].gen)
         for req in [r for r in self._pending if r.cancelled]:  # queued: it leaves the queue now
             self._pending.remove(req)
             req._finish("cancelled")
@@ -646,6 +686,8 @@ class Engine:
                 continue
             slot.cursor += n
             slot.pos += n
+            if slot.req.score_prompt and slot.cursor == len(slot.req.prompt):
+                slot.req._scored_prompt(slot.gen)  # the caller may read them before the first chunk
             if self.n_cache and is_checkpoint(self._facts(slot)):
                 self._keep_prefix(slot, slot.req.prompt[:slot.cursor])
         for slot, idx in outputs:
@@ -677,11 +719,11 @@ class Engine:
         """Ask the draft model what follows each decoding sequence (within its max_tokens and the context)."""
         for slot in list(self._running.values()):
             req = slot.req
-            room = min(self._draft_max, req.max_tokens - len(req.tokens) - 1, self.n_ctx - slot.pos - 2)
+            room = min(self._draft_max, req.max_tokens - len(slot.gen.tokens) - 1, self.n_ctx - slot.pos - 2)
             if slot.next_token is None or room <= 0:
                 continue
             try:
-                proposal = self.config.draft_model(np.asarray(req.prompt + req.tokens, dtype=np.intc))
+                proposal = self.config.draft_model(np.asarray(req.prompt + slot.gen.tokens, dtype=np.intc))
                 slot.draft = [self.model.check_token(int(t)) for t in np.asarray(proposal).ravel()[:room]]
             except Exception as e:  # noqa: BLE001 - a failing draft model fails its request alone
                 self._release(slot, "error", e)
@@ -735,31 +777,31 @@ class Engine:
                 self._finish(slot, slot.finishing)
 
     def _sample(self, slot: _Slot, idx: int) -> None:
-        req = slot.req
+        req, gen = slot.req, slot.gen
         # logprobs are the model's: a copy when a logits processor will rewrite the buffer in place
         raw = None if req.n_logprobs is None else self.ctx.logits(idx, copy=req.params.logits_processor is not None)
         tok = slot.sampler.sample(self.ctx.ptr, idx)
         self._counters["generated"] += 1
         if raw is not None:
             lp, top = token_logprobs(raw, tok, req.n_logprobs)
-            req.logprobs.append(lp)
-            req.top_logprobs.append(top)
-        req.tokens.append(tok)
-        req.usage.completion_tokens += 1
+            gen.logprobs.append(lp)
+            gen.top_logprobs.append(top)
+        gen.tokens.append(tok)
+        gen.usage.completion_tokens += 1
         if self.model.is_eog(tok):
             self._finish(slot, "stop")
             return
         text, slot.pending_bytes = complete_text(slot.pending_bytes + self.model.token_to_piece(tok))
-        req.text += text
+        gen.text += text
         for s in req.stop:
-            at = req.text.find(s, max(0, slot.emitted - len(s)))
+            at = gen.text.find(s, max(0, slot.emitted - len(s)))
             if at >= 0:
-                req.text = req.text[:at]
+                gen.text = gen.text[:at]
                 self._emit(slot, tok, final=True)
                 self._finish(slot, "stop")
                 return
         self._emit(slot, tok)
-        if len(req.tokens) >= req.max_tokens or slot.pos + 1 >= self.n_ctx:
+        if len(gen.tokens) >= req.max_tokens or slot.pos + 1 >= self.n_ctx:
             self._finish(slot, "length")
         else:
             slot.next_token = tok
@@ -767,20 +809,20 @@ class Engine:
     def _record_prompt_logprobs(self, slot: _Slot, first: int, n: int) -> None:
         """Batch rows first..first+n-1 hold the logits after prompt tokens cursor..cursor+n-1:
         they score the prompt tokens one position later."""
-        req = slot.req
+        req, gen = slot.req, slot.gen
         for k in range(n):
             target = slot.cursor + k + 1
             if target < len(req.prompt):
-                req.prompt_logprobs[target], req.prompt_top_logprobs[target] = token_logprobs(
+                gen.prompt_logprobs[target], gen.prompt_top_logprobs[target] = token_logprobs(
                     self.ctx.logits(first + k, copy=False), req.prompt[target], req.n_logprobs or 0)
 
     def _emit(self, slot: _Slot, tok: int, final: bool = False) -> None:
         """Stream new text, holding back a tail that could still become a stop string."""
-        req = slot.req
-        text = req.text
+        req, gen = slot.req, slot.gen
+        text = gen.text
         hold = 0 if final else stop_hold(text, req.stop)
         upto = max(slot.emitted, len(text) - hold)
-        lp = (req.logprobs[-1], req.top_logprobs[-1]) if req.logprobs else (None, None)
+        lp = (gen.logprobs[-1], gen.top_logprobs[-1]) if gen.logprobs else (None, None)
         req._push(Chunk(tok, text[slot.emitted:upto], *lp))
         slot.emitted = upto
 
@@ -788,13 +830,13 @@ class Engine:
         if slot.spec is not None:  # rejected draft tokens are still in its memory: _settle finishes it
             slot.finishing = reason
             return
-        req = slot.req
-        if slot.emitted < len(req.text):
-            req._push(Chunk(req.tokens[-1] if req.tokens else -1, req.text[slot.emitted:]))
-            slot.emitted = len(req.text)
+        req, gen = slot.req, slot.gen
+        if slot.emitted < len(gen.text):
+            req._push(Chunk(gen.tokens[-1] if gen.tokens else -1, gen.text[slot.emitted:]))
+            slot.emitted = len(gen.text)
         # the memory holds prompt + all generated tokens but the last: a prefix for the next turn
         if self.n_cache:
-            self._keep_prefix(slot, req.prompt + req.tokens[:-1])
+            self._keep_prefix(slot, req.prompt + gen.tokens[:-1])
         self._release(slot, reason)
 
     def _keep_prefix(self, slot: _Slot, tokens: list[int]) -> None:
@@ -818,7 +860,7 @@ class Engine:
         finally:
             slot.sampler.close()
             self._resume_blocked = False
-            slot.req._finish(reason, error)
+            slot.req._finish(reason, error, slot.gen)
 
     def _relieve_memory(self) -> None:
         """The step did not fit: drop cached prefixes, else swap the newest sequence out."""
@@ -836,7 +878,7 @@ class Engine:
             del self._running[slot.seq]
             self._free.append(slot.seq)
             self._preempted.append((slot, state))
-            slot.req.preemptions += 1
+            slot.gen.preemptions += 1
             self._resume_blocked = True
             self._counters["preemptions"] += 1
             return
