@@ -29,7 +29,8 @@ the run; prompt tokens the server computed / new prompt tokens (a turn's new
 tokens: its prompt less the previous turn's prompt and answer; turn 1: the whole
 prompt; prompts counted with the model's tokenizer and chat template here), from
 each server's own counters:
-  pyllama-ssm        /extras/stats: tokens decoded less tokens generated (whole run only)
+  pyllama-ssm        /extras/stats: tokens decoded less tokens generated (whole run), and per turn the
+                     prompt tokens less usage.prompt_tokens_details.cached_tokens (stream_options.include_usage)
   llama-server       timings.prompt_n of each response (per turn)
   example-server     /metrics llamacpp:prompt_tokens_total (whole run only)
   llama-cpp-python   its log's "prompt eval time ... / N tokens" per request (whole run only)
@@ -118,9 +119,11 @@ def script(tok: Tokenizer, users: int, turns: int, system_tokens: int, seed: int
 
 # -- one run: one server, one model, U users ----------------------------------------------------------
 
-async def chat_turn(client: httpx.AsyncClient, messages: list[dict], max_tokens: int) -> dict:
+async def chat_turn(client: httpx.AsyncClient, messages: list[dict], max_tokens: int, usage_per_turn: bool) -> dict:
     # plain greedy for every server (llama-cpp-python and ours default to a 1.1 repeat penalty)
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "repeat_penalty": 1.0, "stream": True}
+    if usage_per_turn:  # ours: the last chunk's usage says how much of the prompt the prefix cache served
+        body["stream_options"] = {"include_usage": True}
     t0 = time.perf_counter()
     ttft, chunks, finish, text, timings, usage = None, 0, None, [], None, None
     async for data in stream_events(client, "/v1/chat/completions", body):
@@ -138,11 +141,16 @@ async def chat_turn(client: httpx.AsyncClient, messages: list[dict], max_tokens:
         raise BenchError("the stream ended without a finish reason")
     tokens = (usage or {}).get("completion_tokens") or (timings or {}).get("predicted_n") or \
         (max_tokens if finish == "length" else chunks)
+    computed, reused = (timings or {}).get("prompt_n"), (timings or {}).get("cache_n")
+    if usage_per_turn and usage and "prompt_tokens_details" in usage:
+        reused = usage["prompt_tokens_details"].get("cached_tokens") or 0
+        computed = usage["prompt_tokens"] - reused
     return {"ttft": ttft if ttft is not None else seconds, "seconds": seconds, "tokens": tokens, "finish": finish,
-            "text": "".join(text), "computed": (timings or {}).get("prompt_n"), "reused": (timings or {}).get("cache_n")}
+            "text": "".join(text), "computed": computed, "reused": reused}
 
 
-async def drive(url: str, conv: dict, tok: Tokenizer, args: argparse.Namespace, cap: float | None) -> dict:
+async def drive(url: str, conv: dict, tok: Tokenizer, args: argparse.Namespace, cap: float | None,
+                usage_per_turn: bool = False) -> dict:
     """All users' conversations against one server; (records, wall seconds, whether the cap stopped it)."""
     records: list[dict] = []
     t_start = time.perf_counter()
@@ -159,7 +167,7 @@ async def drive(url: str, conv: dict, tok: Tokenizer, args: argparse.Namespace, 
                        "new_tokens": prompt if k == 0 else max(prompt - prev_prompt - prev_answer, 1)}
                 records.append(rec)
                 try:
-                    rec.update(await chat_turn(client, history, args.max_tokens))
+                    rec.update(await chat_turn(client, history, args.max_tokens, usage_per_turn))
                 except (httpx.HTTPError, BenchError, json.JSONDecodeError) as e:
                     rec["error"] = f"{type(e).__name__}: {e}"[:300]
                     return  # the conversation cannot go on without its answer
@@ -267,7 +275,7 @@ def run_one(name: str, model: Path, conv: dict, tok: Tokenizer, args: argparse.N
         before = counters(kind, server.url)
         watch = RssWatch(server.proc.pid)
         try:
-            out = asyncio.run(drive(server.url, conv, tok, args, cap))
+            out = asyncio.run(drive(server.url, conv, tok, args, cap, usage_per_turn=kind == "pyllama-ssm"))
         finally:
             peak_tree = watch.stop()
         after = counters(kind, server.url)
