@@ -863,9 +863,10 @@ class Engine:
             slot.req._finish(reason, error, slot.gen)
 
     def _relieve_memory(self) -> None:
-        """The step did not fit: drop cached prefixes, else swap the newest sequence out."""
+        """The step did not fit: drop the least recently used cached prefix (the step is tried again),
+        else swap the newest sequence out."""
         if self.cache.entries:
-            self.cache.clear()
+            self.cache.evict_one()
             return
         if len(self._running) > 1:
             slot = self._running[preemption_victim(map(self._facts, self._running.values()))]
