@@ -172,8 +172,9 @@ async def one_request(client: httpx.AsyncClient, v: Variant, mode: str,
         return r.status_code, (r.text, content.decode(errors="replace")), 0
     if mode == "abandon":  # give up after a short wait: leaving closes the connection
         try:
-            # gone before any answer can come: within 5-100 ms (a prefix-cache hit answers in tens of ms)
-            r = await client.post(v.route, json=v.body, timeout=httpx.Timeout(120, read=rng.uniform(0.005, 0.1)))
+            # gone before any answer can come: within 2-20 ms (a prefix-cache hit on a tiny model answers in
+            # tens of ms)
+            r = await client.post(v.route, json=v.body, timeout=httpx.Timeout(120, read=rng.uniform(0.002, 0.02)))
         except httpx.ReadTimeout:
             return 200, None, 0
         if r.status_code != 200:

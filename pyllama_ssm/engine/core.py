@@ -274,7 +274,8 @@ class EngineMemory:
     report: memory_mod.MemoryReport | None
     swapped_bytes: int              # preempted sequences' states, in host memory
     cached_prefixes: int
-    cached_bytes: int = 0            # what the prefix cache keeps alive (recurrent cells + attention prefixes)
+    cached_bytes: int = 0            # what the prefix cache adds: its recurrent state cells (its attention
+                                     # prefixes are cells of the KV cache, allocated whole: cached_tokens)
     pool: memory_mod.PoolStats | None = field(default=None)
     cached_tokens: int = 0           # attention cells of those prefixes, at most
 
@@ -297,7 +298,7 @@ class EngineConfig:
     n_threads: int | None = None
     n_threads_batch: int | None = None
     prefix_cache: int = 32                         # entries (prefix_cache_bytes bounds them too)
-    prefix_cache_bytes: int | None = 256 << 20     # None: no byte bound
+    prefix_cache_bytes: int | None = 256 << 20     # on its recurrent snapshots (prefix_cache.py); None: no bound
     flash_attn: bool | str = "auto"
     batch_invariant: bool = False
     context_overrides: Mapping[str, Any] | None = None  # llama_context_params fields by name

@@ -78,7 +78,8 @@ class ModelSettings(_Strict):
         "(n_parallel > 1, flash attention; costs 0-30% of throughput on CPU).")
     prefix_cache: int = Field(default=32, ge=0, le=256, description="Prompt prefixes the Engine keeps (n_parallel > 1).")
     prefix_cache_bytes: Optional[int] = Field(
-        default=256 << 20, ge=0, description="Bytes the Engine's prefix cache may hold (n_parallel > 1; null: no bound).")
+        default=256 << 20, ge=0, description="Bytes the Engine's prefix cache may add: its recurrent snapshots (n_parallel > 1; null: no bound; "
+        "attention prefixes stay in the KV cache, allocated whole).")
     # Sampling params
     last_n_tokens_size: int = Field(default=64, ge=0, description="Last n tokens kept for repeat penalty.")
     # LoRA params
