@@ -9,6 +9,11 @@ The disk cache keeps one file per entry (numpy .npz, no pickle), written to a
 temporary file and renamed into place, so a crash never leaves a half-written
 entry under a real name; a file that is truncated or not ours is reported with a
 RuntimeWarning and treated as a miss.
+
+Why ours and not stock's: stock's module imports its package as the top-level `llama_cpp`, so it
+exists only under install_as_llama_cpp() (as_llama_cpp.py), where it is `llama_cpp.llama_cache` and
+Llama.set_cache takes its caches too.  Ours is also safer on disk: stock's disk cache unpickles
+whatever diskcache holds, ours reads numpy arrays only and reports a file it cannot read as a miss.
 """
 
 from __future__ import annotations

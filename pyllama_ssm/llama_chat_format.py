@@ -7,6 +7,12 @@ GGUF files carry (a Llama registers its model's as "chat_template.default"),
 and guess_chat_format_from_gguf_metadata.  A handler renders the prompt, turns
 response_format and a forced tool choice into a grammar, calls
 llama.create_completion and reshapes the result as a chat completion.
+
+Why ours and not stock's: stock's module loads its ctypes layer and the rest of its package as the
+top-level `llama_cpp` (`import llama_cpp.llama_cpp`), so it exists only under install_as_llama_cpp()
+(as_llama_cpp.py).  There `llama_cpp.llama_chat_format` is stock's own, multimodal handlers included;
+our Llama takes its handlers and finds the formats registered there (get_chat_completion_handler).
+Without it, pyllama_ssm.Llama renders the same prompts (tests/parity: every template of the pin).
 """
 
 from __future__ import annotations

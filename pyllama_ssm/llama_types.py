@@ -2,6 +2,10 @@
 
 Code written for llama-cpp-python annotates with these names, so they are kept
 exactly; the shapes follow the OpenAI API.
+
+Why ours beside stock's (the same names and shapes, and TypedDicts are plain dicts, so either
+serves either Llama): `import pyllama_ssm` loads nothing of the pinned sdist's package, which under
+install_as_llama_cpp() (as_llama_cpp.py) is `llama_cpp.llama_types` itself.
 """
 
 from __future__ import annotations
