@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.load import ZOO, BenchError, run_main, write_results  # noqa: E402
+from bench.load import run_main, timed_requests, write_results, zoo_model  # noqa: E402
 from bench.plot import lines  # noqa: E402
 from pyllama_ssm import Model  # noqa: E402
 from pyllama_ssm.engine import Engine  # noqa: E402
@@ -37,20 +36,11 @@ SETUPS = {"invariant": dict(flash_attn=True, batch_invariant=True),
           "no-fa": dict(flash_attn=False, batch_invariant=False)}
 INSTRUCTION = ("You are a careful assistant. Read the question, think about the history involved, and answer "
                "in one short paragraph without repeating the question. ") * 8
-MODELS = {"smollm2": "smollm2-135m-instruct-q4_1.gguf"}
 
 
 def prompts(n: int) -> list[str]:
     return [INSTRUCTION + f"Question {i}: what happened in the year {1500 + 37 * i}, and why does it matter?"
             for i in range(n)]
-
-
-def run(engine: Engine, batch: list[str], n_gen: int) -> tuple[float, list]:
-    engine.cache.clear()  # every round computes its prompts: the cache is measured elsewhere
-    t0 = time.perf_counter()
-    reqs = [engine.submit(p, GREEDY, max_tokens=n_gen, logprobs=0) for p in batch]
-    done = [r.result() for r in reqs]
-    return time.perf_counter() - t0, done
 
 
 def main() -> int:
@@ -63,13 +53,11 @@ def main() -> int:
     levels = [int(x) for x in args.clients.split(",")]
     rows = []
     for name in args.models.split(","):
-        path = ZOO / MODELS.get(name, f"{name}.gguf")
-        if not path.exists():
-            raise BenchError(f"{path} is missing: make models (SmolLM2) or tests/models/generate.py --size small")
-        with Model(path) as model:
+        with Model(zoo_model(name)) as model:
             engines = {s: Engine(model, n_ctx=max(levels) * 512, parallel=max(levels), **kw) for s, kw in SETUPS.items()}
             try:
-                lone = {s: {p: run(e, [p], args.n_gen)[1][0] for p in prompts(max(levels))} for s, e in engines.items()}
+                lone = {s: {p: timed_requests(e, [p], args.n_gen, GREEDY, logprobs=0)[1][0]
+                            for p in prompts(max(levels))} for s, e in engines.items()}
                 for n in levels:
                     batch = prompts(n)
                     times: dict[str, list[float]] = {s: [] for s in SETUPS}
@@ -77,7 +65,7 @@ def main() -> int:
                     tokens = 0
                     for _ in range(args.rounds):
                         for s, e in engines.items():
-                            seconds, done = run(e, batch, args.n_gen)
+                            seconds, done = timed_requests(e, batch, args.n_gen, GREEDY, logprobs=0)
                             times[s].append(seconds)
                             tokens = sum(len(c.tokens) + c.usage.prompt_tokens for c in done)
                             for p, c in zip(batch, done):

@@ -73,7 +73,6 @@ WORDS = ("state space model recurrent memory attention token sequence batch cach
          "stream request answer context layer weight vector matrix kernel river mountain city garden music window "
          "engine planet orbit signal market harbor forest winter summer library theorem proof question story "
          "journey bridge lantern compass marble violin canvas meadow thunder").split()
-MODEL_ALIASES = {"smollm2": "smollm2-135m-instruct-q4_1"}
 
 
 # -- the conversations ------------------------------------------------------------------------------
@@ -462,7 +461,7 @@ def main() -> int:
     users = [int(u) for u in args.users.split(",")]
     if args.turns < 1 or min(users) < 1:
         raise BenchError("--turns and --users must be at least 1")
-    models = {name: zoo_model(MODEL_ALIASES.get(name, name)) for name in args.models.split(",")}
+    models = {name: zoo_model(name) for name in args.models.split(",")}
     progress = Progress(len(models) * len(users) * args.rounds * len(servers))
     tables = []
     for name, path in models.items():

@@ -385,11 +385,26 @@ def write_results(stem: str, data: dict, markdown: str) -> None:
     print(f"wrote bench/results/{stem}.json and {stem}.md")
 
 
+REAL_MODELS = {"smollm2": "smollm2-135m-instruct-q4_1"}  # tests/models/real.py (make models)
+
+
 def zoo_model(name: str) -> Path:
-    path = ZOO / f"{name}.gguf"
+    """A model by its bench name: a zoo file, or "smollm2" for the real-weights SmolLM2."""
+    path = ZOO / f"{REAL_MODELS.get(name, name)}.gguf"
     if not path.exists():
-        raise BenchError(f"{path} is missing: python tests/models/generate.py --size small (make bench does it)")
+        how = "make models" if name in REAL_MODELS else "python tests/models/generate.py --size small (make bench does it)"
+        raise BenchError(f"{path} is missing: {how}")
     return path
+
+
+def timed_requests(engine, prompts: list, n_gen: int, params=None, **submit) -> tuple[float, list]:
+    """Submit every prompt to an Engine at once, its prefix cache emptied first (every round computes
+    its prompts); (wall seconds until the last finished, their Completions)."""
+    engine.cache.clear()
+    t0 = time.perf_counter()
+    reqs = [engine.submit(p, params, max_tokens=n_gen, **submit) for p in prompts]
+    done = [r.result() for r in reqs]
+    return time.perf_counter() - t0, done
 
 
 def run_main(main: Callable[[], int]) -> NoReturn:

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.load import ZOO, BenchError, run_main, write_results  # noqa: E402
+from bench.load import run_main, timed_requests, write_results, zoo_model  # noqa: E402
 from bench.plot import lines  # noqa: E402
 from pyllama_ssm import Model  # noqa: E402
 from pyllama_ssm.engine import Engine  # noqa: E402
@@ -33,7 +32,6 @@ from pyllama_ssm.llama_speculative import LlamaPromptLookupDecoding  # noqa: E40
 from pyllama_ssm.sampling import SamplingParams  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)
-MODELS = {"smollm2": "smollm2-135m-instruct-q4_1.gguf"}
 SUBJECTS = ["the harbour", "the old mill", "the library", "the mountain pass", "the orchard", "the market square",
             "the lighthouse", "the river crossing"]
 
@@ -51,14 +49,6 @@ def prompts(n: int) -> list[str]:
     return out
 
 
-def run(engine: Engine, batch: list[str], n_gen: int) -> tuple[float, list]:
-    engine.cache.clear()  # every round computes its prompts
-    t0 = time.perf_counter()
-    reqs = [engine.submit(p, GREEDY, max_tokens=n_gen) for p in batch]
-    done = [r.result() for r in reqs]
-    return time.perf_counter() - t0, done
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2,qwen35-small")
@@ -69,10 +59,7 @@ def main() -> int:
     levels = [int(x) for x in args.clients.split(",")]
     rows = []
     for name in args.models.split(","):
-        path = ZOO / MODELS.get(name, f"{name}.gguf")
-        if not path.exists():
-            raise BenchError(f"{path} is missing: make models (SmolLM2) or tests/models/generate.py --size small")
-        with Model(path) as model:
+        with Model(zoo_model(name)) as model:
             setups = {"plain": None, "lookup": LlamaPromptLookupDecoding(num_pred_tokens=10)}
             # batch-invariant kernels on both: a verification batch then computes what single steps do,
             # so every answer must be the plain one's (with llama.cpp's default kernels they drift, as
@@ -88,7 +75,7 @@ def main() -> int:
                     before = {s: e.stats() for s, e in engines.items()}
                     for _ in range(args.rounds):
                         for s, e in engines.items():
-                            seconds, done = run(e, batch, args.n_gen)
+                            seconds, done = timed_requests(e, batch, args.n_gen, GREEDY)
                             times[s].append(seconds)
                             texts[s] = [c.text for c in done]
                             generated = sum(len(c.tokens) for c in done)

@@ -48,7 +48,7 @@ from .batch import Batch
 from .bindings import ffi, has, lib
 from .context import Context, default_threads
 from .engine import Engine, EngineConfig
-from .errors import PyllamaError
+from .errors import PoolExhaustedError
 from .llama_cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache, longest_token_prefix
 from .llama_grammar import LlamaGrammar
 from .llama_types import *  # noqa: F403 - llama_cpp.llama re-exports the types too
@@ -391,8 +391,9 @@ class Llama:
                                 ("type_v", type_v)):
                 if value is not None:
                     context_params[name] = value
-            # a rejected draft token is undone on recurrent memory from a snapshot of the pool (patched)
-            stateful_snapshots = (self._model.is_recurrent or self._model.is_hybrid) and has("llama_memory_rs_snapshot")
+            # a rejected draft token is undone on recurrent memory from a snapshot of the pool (patched build)
+            self._draft_snapshots = draft_model is not None and has("llama_memory_rs_snapshot") and \
+                (self._model.is_recurrent or self._model.is_hybrid)
             # n_parallel == 1 (or embeddings): self._ctx, driven from here; n_parallel > 1: self._engine.
             # vocab_only: a tokenizer; with n_parallel == 1 a context too, as stock makes one (it holds
             # no weights and costs nothing), so _ctx.ctx exists for low-level callers
@@ -403,7 +404,7 @@ class Llama:
                                     n_seq_max=min(self.n_batch, lib.llama_max_parallel_sequences()) if embedding
                                     else 1, n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
                                     kv_unified=embedding, flash_attn=bool(flash_attn), embeddings=embedding,
-                                    n_rs_pool=1 if draft_model is not None and stateful_snapshots else 0,
+                                    n_rs_pool=int(self._draft_snapshots),
                                     batch_invariant=bool(batch_invariant), overrides=context_params)
                 stack.callback(self._ctx.close)
                 self._batch = Batch(self.n_batch, 1)
@@ -824,9 +825,11 @@ class Llama:
         for attention-only memory, whose tail is simply removed); None when it cannot be had."""
         if not (self._is_recurrent or self._is_hybrid):
             return self.n_tokens, None
+        if not self._draft_snapshots:  # the upstream build: replay from the start instead
+            return None
         try:
             return self.n_tokens, self._ctx.snapshot(0)
-        except (PyllamaError, AttributeError):  # no pool room, or the upstream build: replay instead
+        except PoolExhaustedError:  # the pool's one cell is taken: replay instead
             return None
 
     def _truncate(self, n: int, undo: Optional[tuple[int, Optional[int]]]) -> list[int]:

@@ -113,19 +113,22 @@ def test_a_failing_draft_model_fails_its_request_alone():
     def broken(ids):
         raise RuntimeError("draft model exploded")
 
-    llm = _llama("qwen35", 2, broken)
-    try:
-        with pytest.raises(RuntimeError, match="draft model exploded"):
-            llm.create_completion("Hello", max_tokens=8, temperature=0)
-        assert llm.engine.stats().running == 0
-    finally:
-        llm.close()
-    llm = _llama("llama", 2, lambda ids: np.array([10 ** 9], dtype=np.int64))  # not a token of the vocabulary
-    try:
-        with pytest.raises(TokenError, match="1000000000"):
-            llm.create_completion("Hello", max_tokens=8, temperature=0)
-    finally:
-        llm.close()
+    for n_parallel in (1, 2):
+        llm = _llama("qwen35", n_parallel, broken)
+        try:
+            with pytest.raises(RuntimeError, match="draft model exploded"):
+                llm.create_completion("Hello", max_tokens=8, temperature=0)
+            assert llm.engine is None or llm.engine.stats().running == 0
+            with pytest.raises(RuntimeError, match="draft model exploded"):  # again: nothing was left held
+                llm.create_completion("Hello again", max_tokens=8, temperature=0)
+        finally:
+            llm.close()
+        llm = _llama("llama", n_parallel, lambda ids: np.array([10 ** 9], dtype=np.int64))  # not a token id
+        try:
+            with pytest.raises(TokenError, match="1000000000"):
+                llm.create_completion("Hello", max_tokens=8, temperature=0)
+        finally:
+            llm.close()
 
 
 def test_draft_model_must_be_callable():

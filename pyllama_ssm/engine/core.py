@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
 import concurrent.futures
 import contextlib
 import itertools
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -44,9 +44,9 @@ from ..context import MAX_SEQ, Context
 from ..errors import EngineError, MemoryFullError, PoolExhaustedError, StateError
 from ..model import Model
 from ..output import complete_text, stop_hold, token_logprobs
+from ..sampling import Sampler, SamplingParams
 from .prefix_cache import HolderStore, PoolStore, PrefixCache
 from .scheduler import SeqFacts, is_checkpoint, plan_step, preemption_victim, waits_for
-from ..sampling import Sampler, SamplingParams
 
 log = logging.getLogger("pyllama_ssm.engine")
 DRAFT_MAX = 16  # draft tokens verified per sequence and step, at most
@@ -218,11 +218,11 @@ class _Slot:
     req: Request
     seq: int
     sampler: Sampler
+    gen: _Generation         # what it has made so far
     cursor: int = 0          # prompt tokens already in memory
     pos: int = 0             # next position
     next_token: int | None = None
     pending_bytes: bytes = b""
-    gen: _Generation | None = None  # what it has made so far (set at start)
     emitted: int = 0         # characters of gen.text already streamed
     admitted: int = 0
     relocated_at: int = -1   # position at which its cells were last moved (see _relieve_memory)
@@ -345,10 +345,11 @@ class Engine:
             self.n_cache = n_holders = max(0, min(cfg.prefix_cache, MAX_SEQ - parallel))
         else:
             self.n_cache = 0
-        # a step outputs logits for at most one token per sequence: size the output buffer to that
-        # (upstream sizes it to n_batch rows of n_vocab floats: 300 MiB for 512 x 152k)
-        # (drafts add a row per draft token)
-        overrides = {"n_outputs_max": parallel * (1 + self._draft_max) + n_holders, **(cfg.context_overrides or {})}
+        # a step outputs logits for one token per sequence, and one per draft token (plan_step shares
+        # _draft_max among them, at least one each): size the output buffer to that (upstream sizes it
+        # to n_batch rows of n_vocab floats: 300 MiB for 512 x 152k)
+        draft_rows = max(self._draft_max, parallel) if self._draft_max else 0
+        overrides = {"n_outputs_max": parallel + draft_rows + n_holders, **(cfg.context_overrides or {})}
         self._n_outputs = overrides["n_outputs_max"] or n_batch  # 0: llama.cpp's default, n_batch
         self.ctx = Context(self.model, n_ctx=cfg.n_ctx, n_seq_max=parallel + n_holders, n_rs_pool=n_rs_pool,
                            n_batch=n_batch, n_ubatch=n_batch, n_threads=cfg.n_threads,
@@ -607,7 +608,7 @@ class Engine:
             self._pending.remove(req)
             req._finish("error", e)
             return
-        slot = _Slot(req, self._free.pop(), sampler, gen=_Generation.of(req), admitted=next(self._admissions))
+        slot = _Slot(req, self._free.pop(), sampler, _Generation.of(req), admitted=next(self._admissions))
         self._pending.remove(req)
         self._running[slot.seq] = slot
         try:
