@@ -997,6 +997,7 @@ class Llama:
                           model: Optional[str] = None, stopping_criteria: Optional[StoppingCriteriaList] = None,
                           logits_processor: Optional[LogitsProcessorList] = None,
                           grammar: Optional[LlamaGrammar] = None, logit_bias: Optional[dict[int, float]] = None,
+                          prefix_checkpoints: Sequence[int] = (),
                           ) -> Union[CreateCompletionResponse, Iterator[CreateCompletionStreamResponse]]:
         """Complete a prompt (text, or token ids taken as given).
 
@@ -1004,7 +1005,9 @@ class Llama:
         log-probability and the k best alternatives (n_parallel=1 needs logits_all=True).
         stream=True returns a CompletionStream of chunks: closing or cancelling it early (cancel()
         from any thread) frees the sequence.  Bad arguments raise ValueError/TypeError before
-        anything runs.
+        anything runs.  prefix_checkpoints (ours; n_parallel > 1): prompt positions where later
+        prompts are likely to part from this one, kept in the prefix cache (chat handlers pass the
+        end of the system message and of the last turn).
         """
         self._require_context("create_completion")
         if suffix is not None:
@@ -1040,7 +1043,8 @@ class Llama:
             self.detokenize(prompt_tokens).decode("utf-8", errors="ignore")
         # inside create_chat_completion, the chat stream's cancellation
         cancellation = getattr(_chat_scope, "cancellation", None) or _Cancellation()
-        request = _Request(prompt, prompt_tokens, max_tokens, stops, logprobs, echo, echo_text, stream, cancellation)
+        request = _Request(prompt, prompt_tokens, max_tokens, stops, logprobs, echo, echo_text, stream, cancellation,
+                           tuple(prefix_checkpoints))
         if self._engine is not None:
             out = self._engine_completion(request, params, head, stopping_criteria)
         else:
@@ -1199,7 +1203,7 @@ class Llama:
         if r.cancellation.is_set:  # cancelled before its first next(): never submitted
             return
         req = self._engine.submit(r.prompt_tokens, params, max_tokens=r.max_tokens, stop=r.stop, logprobs=r.logprobs,
-                                  prompt_logprobs=r.echo and r.logprobs is not None)
+                                  prompt_logprobs=r.echo and r.logprobs is not None, checkpoints=r.checkpoints)
         r.cancellation.on_set(req.cancel)
         try:
             if r.stream:
@@ -1361,6 +1365,7 @@ class _Request:
     echo_text: str   # the prompt's text when echo=True, else ""
     stream: bool
     cancellation: _Cancellation
+    checkpoints: tuple[int, ...] = ()  # prompt positions worth a prefix-cache entry
 
 
 class _StreamText:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Iterator
 from datetime import datetime
@@ -113,6 +114,10 @@ class ChatFormatterResponse:
     stop: Optional[Union[str, list[str]]] = None
     stopping_criteria: Any = None  # a llama.StoppingCriteriaList
     added_special: bool = False
+    # leading parts of `prompt` where a later conversation is likely to part from this one (ours, not
+    # stock's): the end of the system message(s), shared by every user, and the end of the last turn,
+    # before the generation prompt, where the next request's history renders the answer
+    boundaries: tuple[str, ...] = ()
 
 
 class ChatFormatter(Protocol):
@@ -157,12 +162,15 @@ class Jinja2ChatFormatter(ChatFormatter):
         def raise_exception(message: str):
             raise ValueError(f"chat template: {message}")
 
-        try:
-            prompt = self._environment.render(
+        def render(messages: Messages, add_generation_prompt: bool) -> str:
+            return self._environment.render(
                 messages=messages, eos_token=self.eos_token, bos_token=self.bos_token,
-                raise_exception=raise_exception, add_generation_prompt=self.add_generation_prompt,
+                raise_exception=raise_exception, add_generation_prompt=add_generation_prompt,
                 functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
                 strftime_now=self.strftime_now, **kwargs)
+
+        try:
+            prompt = render(messages, self.add_generation_prompt)
         except Exception as e:
             # raised as stock raises it; the note tells a server that the messages did not fit the template
             e.add_note(TEMPLATE_REFUSED)
@@ -172,7 +180,30 @@ class Jinja2ChatFormatter(ChatFormatter):
             from .llama import StoppingCriteriaList, StopOnTokenIds
             stopping_criteria = StoppingCriteriaList([StopOnTokenIds(self.stop_token_ids)])
         return ChatFormatterResponse(prompt=prompt, stop=[self.eos_token], stopping_criteria=stopping_criteria,
-                                     added_special=True)
+                                     added_special=True, boundaries=self._boundaries(render, messages, prompt))
+
+    @staticmethod
+    def _boundaries(render, messages: Messages, prompt: str) -> tuple[str, ...]:
+        """Where later prompts part from this one, found by rendering what they would hold: the system
+        message(s) and another user's first message, and this conversation with an answer and a next
+        message.  A template may render a past answer unlike the generation prompt (a thinking model's
+        `<think>` is dropped from the history): the common part with the prompt is what the next turn
+        can reuse.  A template that refuses such a conversation gives no boundary there."""
+        probes = []
+        n_system = next((i for i, m in enumerate(messages) if m.get("role") != "system"), len(messages))
+        if 0 < n_system < len(messages):
+            probes.append([*messages[:n_system], {"role": "user", "content": "x"}])
+        probes.append([*messages, {"role": "assistant", "content": "x"}, {"role": "user", "content": "x"}])
+        found = []
+        for probe in probes:
+            try:
+                text = render(probe, False)
+            except Exception:  # noqa: BLE001 - e.g. "no user message": no boundary there
+                continue
+            n = len(os.path.commonprefix([prompt, text]))
+            if n > 0:
+                found.append(prompt[:n])
+        return tuple(found)
 
     def to_chat_handler(self) -> LlamaChatCompletionHandler:
         return chat_formatter_to_chat_completion_handler(self)
@@ -387,12 +418,26 @@ def chat_formatter_to_chat_completion_handler(chat_formatter: ChatFormatter) -> 
                     mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, model=model,
                     logits_processor=logits_processor, logit_bias=logit_bias)
         out = llama.create_completion(prompt=prompt, stop=stop, stopping_criteria=result.stopping_criteria,
-                                      grammar=grammar, logprobs=top_logprobs if logprobs else None, **args)
+                                      grammar=grammar, logprobs=top_logprobs if logprobs else None,
+                                      prefix_checkpoints=_token_boundaries(llama, result, prompt), **args)
         if tool is not None:
             return _convert_completion_to_chat_function(tool["function"]["name"], out, stream)
         return _convert_completion_to_chat(out, stream=stream)
 
     return chat_completion_handler
+
+
+def _token_boundaries(llama, result: ChatFormatterResponse, prompt: list[int]) -> list[int]:
+    """The formatter's boundaries as prompt positions: the tokens a boundary's text shares with the prompt
+    (a boundary inside what tokenizes as one token falls before it)."""
+    if not result.boundaries or getattr(llama, "_engine", None) is None:  # only the Engine keeps prefixes
+        return []
+    found = set()
+    for text in result.boundaries:
+        head = llama.tokenize(text.encode("utf-8"), add_bos=not result.added_special, special=True)
+        n = next((i for i, (a, b) in enumerate(zip(head, prompt)) if a != b), min(len(head), len(prompt)))
+        found.add(n)
+    return sorted(found - {0})
 
 
 def register_chat_format(name: str):

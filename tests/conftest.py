@@ -78,10 +78,12 @@ def run_with_build(build: str, code: str, *args: str, timeout: float = 600, env:
 
     One process holds one libllama, so comparing the builds needs two processes.
     """
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+    # -X faulthandler: a crash in the library prints the Python stack, not nothing
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code, *args], capture_output=True, text=True,
                           env=child_env(build, **(env or {})), timeout=timeout, cwd=CHILD_CWD)
     if proc.returncode != 0:
-        raise AssertionError(f"{build} subprocess failed:\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"{build} subprocess failed (exit status {proc.returncode}):\n{proc.stderr[-3000:]}"
+                             f"\nits stdout ends:\n{proc.stdout[-1000:]}")
     return proc.stdout
 
 

@@ -404,3 +404,13 @@ def test_a_conversation_keeps_its_newest_tail_not_one_per_turn(name):
         keys = e.call(lambda: list(e.cache.entries))
     finished = [k for k in keys if len(k) % 64 != 0]  # a tail, not a prefill checkpoint
     assert len(finished) == 1, [len(k) for k in keys]
+
+
+def test_checkpoints_must_be_prompt_positions():
+    with Engine(zoo_model("qwen35"), n_ctx=512, parallel=1) as e:
+        prompt = e.model.tokenize("a short prompt")
+        for bad in ([0], [len(prompt) + 1], ["3"]):
+            with pytest.raises(ValueError, match="checkpoints="):
+                e.submit(prompt, GREEDY, max_tokens=1, checkpoints=bad)
+        assert e.generate(prompt, GREEDY, max_tokens=2, checkpoints=[2, len(prompt)]).usage.completion_tokens == 2
+        assert {len(k) for k in e.cache.entries} >= {2, len(prompt)}

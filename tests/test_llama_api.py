@@ -334,6 +334,45 @@ def test_chat_uses_the_model_template(name):
         assert chunks[-1]["choices"][0]["finish_reason"] == out["choices"][0]["finish_reason"]
 
 
+@pytest.mark.parametrize("name", ["nemotron_h", "qwen35", "jamba"])
+def test_chat_turns_compute_only_where_the_next_prompt_parts(name):
+    """On recurrent memory a state exists only where it was saved.  A chat prompt keeps prefix-cache
+    entries at the end of its system message and of its last turn (before the generation prompt), so
+    the next turn, and another user on the same system prompt, compute only from where their prompt
+    parts from this one: not from the last 64-token checkpoint before it, not from the start of an
+    answer that tokenizes differently when sent back as text (random weights), and not from before a
+    generation prompt that the history renders otherwise (nemotron_h's template drops `<think>`)."""
+    system = {"role": "system", "content": "Background notes. " + "The lantern bridge crosses the meadow. " * 12}
+    with Llama(str(zoo_path(name)), n_ctx=2048, n_parallel=2, verbose=False) as m:
+        formatter = chat_format.Jinja2ChatFormatter(m.metadata["tokenizer.chat_template"],
+                                                    eos_token=m.detokenize([m.token_eos()], special=True).decode(),
+                                                    bos_token=m.detokenize([m.token_bos()], special=True).decode())
+
+        def tokens(messages):
+            return m.tokenize(formatter(messages=messages).prompt.encode(), add_bos=False, special=True)
+
+        def computed(messages, max_tokens=2):
+            before = m.engine.stats()
+            out = m.create_chat_completion(messages, max_tokens=max_tokens, temperature=0)
+            after = m.engine.stats()
+            # every generated token but the last was fed back
+            n = (after.tokens_decoded - before.tokens_decoded) - (after.tokens_generated - before.tokens_generated - 1)
+            return n, out["choices"][0]["message"]["content"]
+
+        first = [system, {"role": "user", "content": "Tell me about the river and the old mill"}]
+        computed(first, max_tokens=6)
+        _, answer = computed(first, max_tokens=6)  # the same prompt again: its turn boundary is cached
+        second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And the sea?"}]
+        other = [system, {"role": "user", "content": "Something else entirely"}]
+        for later in (second, other):
+            a, b = tokens(first), tokens(later)
+            parts_at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+            n, _ = computed(later)
+            # at most what follows the parting (less where the answer's own tokens are reused); the
+            # other user parts inside the user turn's header, a few tokens after the system message's end
+            assert 0 < n <= len(b) - parts_at + (4 if later is other else 0), (name, n, len(b) - parts_at)
+
+
 def test_named_chat_formats():
     messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
     expected = {

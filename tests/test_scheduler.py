@@ -108,3 +108,14 @@ def test_draft_tokens_follow_their_decode_token_within_budget_and_rows():
     assert plan_step([SeqFacts(0, 0, [1], 1, True)], 16, 16, False).drafts == ()
     assert plan_step([new, old], 64, 64, False, draft_budget=6).drafts == (3, 3)  # shared evenly
     assert plan_step([new, old], 64, 64, False, draft_budget=1).drafts == (1, 1)  # at least one each
+
+
+def test_a_turn_boundary_may_be_the_prompts_end():
+    """A chat's turn boundary (Engine.submit's checkpoints) is kept even at the prompt's last token: the
+    next turn parts there when its history renders the answer after the generation prompt."""
+    prompt = list(range(100))
+    assert is_checkpoint(SeqFacts(0, 0, prompt, cursor=100, decoding=True, share_at={100}))
+    assert not is_checkpoint(SeqFacts(0, 0, prompt, cursor=100, decoding=True))
+    assert is_checkpoint(SeqFacts(0, 0, prompt, cursor=37, decoding=False, share_at={37}))
+    plan = plan_step([SeqFacts(0, 0, prompt, cursor=0, decoding=False, share_at={37})], 512, 4, checkpoints=True)
+    assert [c.n for c in plan.prefill] == [37]  # the chunk ends at the boundary

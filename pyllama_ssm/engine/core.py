@@ -31,7 +31,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -120,7 +120,8 @@ class Request:
     _ids = itertools.count()
 
     def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams, max_tokens: int,
-                 stop: list[str], logprobs: int | None = None, prompt_logprobs: bool = False):
+                 stop: list[str], logprobs: int | None = None, prompt_logprobs: bool = False,
+                 checkpoints: tuple[int, ...] = ()):
         self.id = next(self._ids)
         self.engine = engine
         self.prompt = prompt
@@ -129,6 +130,7 @@ class Request:
         self.stop = [s for s in stop if s]
         self.n_logprobs = logprobs
         self.score_prompt = prompt_logprobs
+        self.checkpoints = checkpoints
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self._completion: Completion | None = None
@@ -382,11 +384,15 @@ class Engine:
     # -- public API ------------------------------------------------------------------------
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None, *, max_tokens: int = 128,
                stop: list[str] | str | None = None, add_special: bool = True,
-               logprobs: int | None = None, prompt_logprobs: bool = False) -> Request:
+               logprobs: int | None = None, prompt_logprobs: bool = False,
+               checkpoints: Iterable[int] = ()) -> Request:
         """Queue a generation.  logprobs=k reports each token's log-probability and the k most
         likely alternatives (from the model's raw logits, as llama-cpp-python does).
         prompt_logprobs=True scores the prompt too, each token by the logits of the position
-        before it (the prompt is then computed whole, not taken from the prefix cache)."""
+        before it (the prompt is then computed whole, not taken from the prefix cache).
+        checkpoints: prompt positions (1..len(prompt)) where later prompts are likely to part from
+        this one, e.g. a chat's turn boundaries: its prefill stops there and keeps a prefix-cache
+        entry (recurrent memory exists only where it was saved; attention cells serve any prefix)."""
         if self.failure is not None:
             raise self._failed()
         if self._closing:
@@ -403,8 +409,12 @@ class Engine:
             raise ValueError(f"max_tokens={max_tokens!r}: must be an int >= 0")
         if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= self.model.n_vocab):
             raise ValueError(f"logprobs={logprobs}: must be in 0..{self.model.n_vocab}")
+        checkpoints = tuple(checkpoints)
+        if not all(isinstance(p, int) and 0 < p <= len(tokens) for p in checkpoints):
+            raise ValueError(f"checkpoints={list(checkpoints)}: must be prompt positions in 1..{len(tokens)}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        req = Request(self, tokens, params or SamplingParams(), max_tokens, stops, logprobs, prompt_logprobs)
+        req = Request(self, tokens, params or SamplingParams(), max_tokens, stops, logprobs, prompt_logprobs,
+                      checkpoints if self.n_cache and not self.cache.store.partial else ())
         if max_tokens == 0 and not prompt_logprobs:
             req._finish("length")
             return req
@@ -619,6 +629,7 @@ class Engine:
                 slot.gen.usage.cached_tokens = slot.cursor
                 slot.gen.restored_from = hit.entry.tokens[:hit.n_tokens]
                 slot.resumed_entry = hit.entry.tokens
+            slot.share_at.update(p for p in req.checkpoints if p > slot.cursor)
         except Exception as e:  # noqa: BLE001
             self._release(slot, "error", e)
 
@@ -836,10 +847,19 @@ class Engine:
         if slot.emitted < len(gen.text):
             req._push(Chunk(gen.tokens[-1] if gen.tokens else -1, gen.text[slot.emitted:]))
             slot.emitted = len(gen.text)
-        # the memory holds prompt + all generated tokens but the last: a prefix for the next turn
-        if self.n_cache:
+        # the memory holds prompt + all generated tokens but the last: a prefix for the next turn, if the
+        # next turn can hold them: a chat's history holds the answer's text, tokenized again
+        if self.n_cache and (not req.checkpoints or self._round_trips(gen.tokens)):
             self._keep_prefix(slot, req.prompt + gen.tokens[:-1])
         self._release(slot, reason)
+
+    def _round_trips(self, tokens: list[int]) -> bool:
+        """Whether the text of generated tokens tokenizes back into them, all but the last (which is not
+        in memory).  Real models' answers nearly always do; where they do not, a later prompt holding the
+        text parts from these tokens and the turn boundary before the answer serves it instead."""
+        text = self.model.detokenize(tokens)
+        again = self.model.tokenize(text.decode("utf-8", errors="replace"), add_special=False)
+        return again[:len(tokens) - 1] == tokens[:-1]
 
     def _keep_prefix(self, slot: _Slot, tokens: list[int]) -> None:
         """A prefix-cache entry for slot's memory, which holds `tokens`.  The entry the slot resumed from

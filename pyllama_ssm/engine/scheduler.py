@@ -33,7 +33,7 @@ class SeqFacts:
     cursor: int                   # prompt tokens already in memory
     decoding: bool                # holds a sampled token to feed this step
     score_prompt: bool = False    # logits at every prompt position (prompt logprobs)
-    share_at: set[int] = field(default_factory=set)  # positions queued requests wait for
+    share_at: set[int] = field(default_factory=set)  # positions queued requests wait for, turn boundaries
     draft: int = 0                # draft tokens proposed to verify after the sampled one
 
 
@@ -101,8 +101,12 @@ def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoint
 
 
 def is_checkpoint(s: SeqFacts) -> bool:
-    """Whether the prompt position s.cursor deserves a prefix-cache entry."""
-    return 0 < s.cursor < len(s.prompt) and (s.cursor % CHECKPOINT_INTERVAL == 0 or s.cursor in s.share_at)
+    """Whether the prompt position s.cursor deserves a prefix-cache entry: a multiple of the interval
+    inside the prompt, or a position others part at (a queued request's, a chat's turn boundary, which
+    may be the prompt's end)."""
+    if s.cursor in s.share_at:
+        return 0 < s.cursor <= len(s.prompt)
+    return 0 < s.cursor < len(s.prompt) and s.cursor % CHECKPOINT_INTERVAL == 0
 
 
 def waits_for(prompt: Sequence[int], cached: int, running: Iterable[SeqFacts]) -> SeqFacts | None:
