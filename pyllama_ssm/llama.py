@@ -318,7 +318,7 @@ class Llama:
         # pyllama-ssm
         n_parallel: int = 1,
         batch_invariant: bool = False,
-        prefix_cache: int = 32,
+        prefix_cache: Optional[int] = None,
         prefix_cache_bytes: Optional[int] = 256 << 20,
         **kwargs: Any,  # as llama-cpp-python: unknown keywords (LangChain's n_parts, f16_kv...) are ignored
     ):

@@ -299,7 +299,8 @@ class EngineConfig:
     n_batch: int = 512
     n_threads: int | None = None
     n_threads_batch: int | None = None
-    prefix_cache: int = 32                         # entries (prefix_cache_bytes bounds them too)
+    prefix_cache: int | None = None                # entries (None: 32, or 3 per sequence if more; the
+    #                                                byte budget bounds them too)
     prefix_cache_bytes: int | None = 256 << 20     # on its recurrent snapshots (prefix_cache.py); None: no bound
     flash_attn: bool | str = "auto"
     batch_invariant: bool = False
@@ -329,6 +330,8 @@ class Engine:
             raise ValueError(f"parallel={parallel}: must be in 1..{MAX_SEQ}")
         self._stateful = stateful = self.model.is_recurrent or self.model.is_hybrid
         n_rs_pool, n_holders = 0, 0
+        # a conversation keeps its turn boundary and its tail: room for both per sequence, and shared prefixes
+        n_entries = cfg.prefix_cache if cfg.prefix_cache is not None else max(32, 3 * parallel)
         # draft tokens per sequence and step; on recurrent memory a rejected one is undone from a snapshot
         self._draft_max = 0 if cfg.draft_model is None or (stateful and not has("llama_memory_rs_snapshot")) \
             else max(1, min(DRAFT_MAX, int(getattr(cfg.draft_model, "num_pred_tokens", DRAFT_MAX))))
@@ -336,7 +339,7 @@ class Engine:
             log.warning("draft_model: speculative decoding on %s needs the patched build's snapshots; "
                         "decoding without drafts", self.model.arch)
         if stateful:  # prefixes are snapshots of the recurrent pool (patched build only)
-            self.n_cache = cfg.prefix_cache if has("llama_memory_rs_snapshot") else 0
+            self.n_cache = n_entries if has("llama_memory_rs_snapshot") else 0
             # one state cell per sequence + the prefix cache + one copy-on-write cell per sequence,
             # + one snapshot per sequence while its draft is verified
             n_rs_pool = self.n_cache + parallel if self.n_cache else 0
@@ -344,7 +347,7 @@ class Engine:
                 n_rs_pool = (n_rs_pool or parallel) + parallel
         elif memory_mod.available():  # prefixes are held by spare sequence ids sharing their cells
             # (the patched build: entry sizes come from its memory report)
-            self.n_cache = n_holders = max(0, min(cfg.prefix_cache, MAX_SEQ - parallel))
+            self.n_cache = n_holders = max(0, min(n_entries, MAX_SEQ - parallel))
         else:
             self.n_cache = 0
         # a step outputs logits for one token per sequence, and one per draft token (plan_step shares
@@ -850,7 +853,11 @@ class Engine:
         # the memory holds prompt + all generated tokens but the last: a prefix for the next turn, if the
         # next turn can hold them: a chat's history holds the answer's text, tokenized again
         if self.n_cache and (not req.checkpoints or self._round_trips(gen.tokens)):
-            self._keep_prefix(slot, req.prompt + gen.tokens[:-1])
+            tail = req.prompt + gen.tokens[:-1]
+            self._keep_prefix(slot, tail)
+            boundary = self.cache.entries.get(tuple(req.prompt[:max(req.checkpoints)])) if req.checkpoints else None
+            if boundary is not None and tuple(tail) in self.cache.entries:
+                boundary.tail = tuple(tail)
         self._release(slot, reason)
 
     def _round_trips(self, tokens: list[int]) -> bool:
@@ -865,12 +872,19 @@ class Engine:
         """A prefix-cache entry for slot's memory, which holds `tokens`.  The entry the slot resumed from
         gives way once this one extends it, unless another request resumed from it too: a conversation
         keeps its newest tail, not one per turn, while prefixes that others share (a system prompt) and
-        the prompt's own checkpoints (where a re-tokenized answer parts from the tail) stay."""
+        the prompt's own checkpoints (where a re-tokenized answer parts from the tail) stay.  A chat
+        (a request with turn boundaries) keeps only those boundaries and its newest entry: its interval
+        checkpoints and an earlier turn's entries that nobody resumed from give way too (an 8-user chat
+        on nemotron_h-small otherwise filled the cache with them, 32 entries of 7 MiB)."""
         if not self.cache.add(slot.seq, tokens):
             return
         old, slot.resumed_entry = slot.resumed_entry, None
+        key = tuple(tokens)
+        if slot.req.checkpoints:
+            self.cache.drop_superseded(key, old, {*slot.req.checkpoints, *slot.share_at})
+            return
         entry = self.cache.entries.get(old) if old is not None else None
-        if entry is not None and entry.hits <= 1 and len(old) < len(tokens) and tuple(tokens[:len(old)]) == old:
+        if entry is not None and entry.hits <= 1 and len(old) < len(key) and key[:len(old)] == old:
             self.cache.drop(old)
 
     def _release(self, slot: _Slot, reason: str, error: BaseException | None = None) -> None:

@@ -24,6 +24,7 @@ KV full drops cached prefixes first (Engine._relieve_memory).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from ..context import Context
@@ -83,6 +84,7 @@ class Entry:
     handle: int
     last_used: int
     hits: int = 0
+    tail: tuple[int, ...] | None = None  # a chat turn boundary's: the answer's tail entry that extends it
 
 
 @dataclass
@@ -130,7 +132,9 @@ class PrefixCache:
         return best
 
     def lookup(self, prompt: list[int]) -> Hit | None:
-        """peek(), counted as a hit or a miss and marking the entry used."""
+        """peek(), counted as a hit or a miss and marking the entry used.  A hit on a chat's turn boundary
+        whose prompt parts from the answer's tail that followed it (the history re-tokenized the answer,
+        or the answer was edited) drops that tail if nobody used it: the conversation has moved on."""
         best = self.peek(prompt)
         if best is None:
             self.misses += 1
@@ -138,6 +142,9 @@ class PrefixCache:
             self.hits += 1
             best.entry.hits += 1
             best.entry.last_used = next(self._clock)
+            tail = self.entries.get(best.entry.tail) if best.entry.tail is not None else None
+            if tail is not None and tail.hits == 0 and tuple(prompt[:len(tail.tokens)]) != tail.tokens:
+                self.drop(tail.tokens)
         return best
 
     def restore(self, hit: Hit, seq_id: int) -> None:
@@ -168,6 +175,13 @@ class PrefixCache:
             self.entries[key] = Entry(key, handle, next(self._clock))
             return True
         return False
+
+    def drop_superseded(self, key: tuple[int, ...], resumed: tuple[int, ...] | None, keep: Container[int]) -> None:
+        """Drop the entries that `key` extends and nobody else used: never hit, or hit once by the request
+        now extending them (`resumed`).  Lengths in `keep` stay (turn boundaries, positions others wait for)."""
+        for k, e in list(self.entries.items()):
+            if len(k) < len(key) and len(k) not in keep and e.hits <= (k == resumed) and key[:len(k)] == k:
+                self.drop(k)
 
     def drop(self, key: tuple[int, ...]) -> None:
         """Drop the entry for these tokens, if any."""

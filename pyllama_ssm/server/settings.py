@@ -76,7 +76,9 @@ class ModelSettings(_Strict):
     batch_invariant: bool = Field(
         default=False, description="Each answer independent of what else runs and of the prefix cache "
         "(n_parallel > 1, flash attention; costs 0-30% of throughput on CPU).")
-    prefix_cache: int = Field(default=32, ge=0, le=256, description="Prompt prefixes the Engine keeps (n_parallel > 1).")
+    prefix_cache: Optional[int] = Field(
+        default=None, ge=0, le=256,
+        description="Prompt prefixes the Engine keeps (n_parallel > 1; null: 32, or 3 per sequence if more).")
     prefix_cache_bytes: Optional[int] = Field(
         default=256 << 20, ge=0, description="Bytes the Engine's prefix cache may add: its recurrent snapshots (n_parallel > 1; null: no bound; "
         "attention prefixes stay in the KV cache, allocated whole).")
