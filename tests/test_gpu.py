@@ -138,8 +138,8 @@ print(json.dumps([together, [[c.tokens, [sorted(t.values(), reverse=True) for t 
 
 SPECULATIVE = """
 import sys, json
+import pyllama_ssm as ps  # before numpy: see the README's GPU section
 import numpy as np
-import pyllama_ssm as ps
 from pyllama_ssm.sampling import SamplingParams
 path, n_parallel = sys.argv[1], int(sys.argv[2])
 prompts = ["Once upon a time there", "The weather today is", "def main():"]
