@@ -286,8 +286,9 @@ def run_one(name: str, model: Path, conv: dict, tok: Tokenizer, args: argparse.N
     kind, parallel, unified = SERVERS[name]
     parallel = args.users_now if parallel == "U" else parallel
     cap = args.time_cap
+    extra = tuple(args.ours_args.split()) if kind == "pyllama-ssm" else ()
     with Server(kind, model, n_ctx=args.n_ctx, parallel=parallel, threads=args.threads, kv_unified=unified,
-                timeout=300) as server:
+                extra=extra, timeout=300) as server:
         before = counters(kind, server.url)
         watch = RssWatch(server.proc.pid)
         try:
@@ -301,7 +302,8 @@ def run_one(name: str, model: Path, conv: dict, tok: Tokenizer, args: argparse.N
         logged = log_figures(kind, log)
     recs = out["records"]
     ok = [r for r in recs if "error" not in r]
-    run = {"server": name, "kind": kind, "parallel": parallel, "seconds": out["seconds"], "capped": out["capped"],
+    run = {"server": name, "kind": kind, "parallel": parallel, "extra_args": list(extra),
+           "seconds": out["seconds"], "capped": out["capped"],
            "records": recs, "peak_rss": max(peak_tree, main_peak), **logged}
     if "computed" in before:
         run["computed"] = after["computed"] - before["computed"]
@@ -471,6 +473,7 @@ def main() -> int:
     ap.add_argument("--time-cap", type=float, default=300, help="seconds one run may take; then it stops")
     ap.add_argument("--request-timeout", type=float, default=600)
     ap.add_argument("--seed", type=int, default=18)
+    ap.add_argument("--ours-args", default="", help="more pyllama-ssm server flags, e.g. \"--n_batch 2048\"")
     ap.add_argument("--out", default="chat_sessions", help="results stem in bench/results")
     ap.add_argument("--merge", action="store_true",
                     help="keep bench/results/<out>.json's runs of the models, U and servers not run now")

@@ -413,7 +413,8 @@ class Llama:
                 # flash attention unless refused (llama-server's default): with batch_invariant, a request's
                 # output then does not depend on the other sequences of the shared KV cache
                 self._engine = Engine(self._model, EngineConfig(
-                    n_ctx=n_ctx, parallel=n_parallel, n_batch=self.n_batch, n_threads=self.n_threads,
+                    n_ctx=n_ctx, parallel=n_parallel, n_batch=self.n_batch, n_ubatch=min(self.n_batch, n_ubatch),
+                    n_threads=self.n_threads,
                     n_threads_batch=self.n_threads_batch, prefix_cache=prefix_cache,
                     prefix_cache_bytes=prefix_cache_bytes, flash_attn="auto" if flash_attn is None else bool(flash_attn),
                     batch_invariant=bool(batch_invariant), context_overrides=context_params,

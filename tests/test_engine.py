@@ -388,6 +388,10 @@ def test_one_configuration_reaches_the_context():
         assert e.config == cfg and e.n_cache == 3 and e.ctx.batch_invariant
     with pytest.raises(TypeError, match="n_thread"):
         Engine(zoo_model("qwen35"), n_thread=2)
+    # llama-cpp-python's n_ubatch reaches the Engine's context too: steps of n_batch, passes of n_ubatch
+    with ps.Llama(str(zoo_model("qwen35").path), n_ctx=1024, n_parallel=2, n_batch=256, n_ubatch=64,
+                  verbose=False) as llm:
+        assert (llm.engine.ctx.params.n_batch, llm.engine.ctx.params.n_ubatch) == (256, 64)
 
 
 @pytest.mark.parametrize("name", [n for n in zoo_names() if n in ("llama", "qwen35")])

@@ -296,7 +296,8 @@ class EngineConfig:
 
     n_ctx: int = 4096
     parallel: int = 4
-    n_batch: int = 512
+    n_batch: int = 512                             # tokens per step (one llama_decode)
+    n_ubatch: int | None = None                    # tokens per compute pass within a step (None: n_batch)
     n_threads: int | None = None
     n_threads_batch: int | None = None
     prefix_cache: int | None = None                # entries (None: 32, or 3 per sequence if more; the
@@ -357,7 +358,7 @@ class Engine:
         overrides = {"n_outputs_max": parallel + draft_rows + n_holders, **(cfg.context_overrides or {})}
         self._n_outputs = overrides["n_outputs_max"] or n_batch  # 0: llama.cpp's default, n_batch
         self.ctx = Context(self.model, n_ctx=cfg.n_ctx, n_seq_max=parallel + n_holders, n_rs_pool=n_rs_pool,
-                           n_batch=n_batch, n_ubatch=n_batch, n_threads=cfg.n_threads,
+                           n_batch=n_batch, n_ubatch=min(cfg.n_ubatch or n_batch, n_batch), n_threads=cfg.n_threads,
                            n_threads_batch=cfg.n_threads_batch, kv_unified=True,
                            flash_attn=cfg.flash_attn, batch_invariant=cfg.batch_invariant, overrides=overrides)
         self.parallel = parallel
