@@ -430,8 +430,9 @@ def chat_formatter_to_chat_completion_handler(chat_formatter: ChatFormatter) -> 
 def _token_boundaries(llama, result: ChatFormatterResponse, prompt: list[int]) -> list[int]:
     """The formatter's boundaries as prompt positions: the tokens a boundary's text shares with the prompt
     (a boundary inside what tokenizes as one token falls before it)."""
-    if not result.boundaries or getattr(llama, "_engine", None) is None:  # only the Engine keeps prefixes
-        return []
+    engine = getattr(llama, "_engine", None)
+    if not result.boundaries or engine is None or not engine.takes_checkpoints:  # tokenizing costs: only
+        return []                                                                # where they serve
     found = set()
     for text in result.boundaries:
         head = llama.tokenize(text.encode("utf-8"), add_bos=not result.added_special, special=True)

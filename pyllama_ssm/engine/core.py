@@ -418,13 +418,19 @@ class Engine:
             raise ValueError(f"checkpoints={list(checkpoints)}: must be prompt positions in 1..{len(tokens)}")
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         req = Request(self, tokens, params or SamplingParams(), max_tokens, stops, logprobs, prompt_logprobs,
-                      checkpoints if self.n_cache and not self.cache.store.partial else ())
+                      checkpoints if self.takes_checkpoints else ())
         if max_tokens == 0 and not prompt_logprobs:
             req._finish("length")
             return req
         self._inbox.append(req)
         self._event.set()
         return req
+
+    @property
+    def takes_checkpoints(self) -> bool:
+        """Whether submit's checkpoints matter: a prefix cache of recurrent snapshots, which exist only
+        where they were taken (attention cells serve any leading part of a cached prefix)."""
+        return bool(self.n_cache) and not self.cache.store.partial
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None, **kw) -> Completion:
         return self.submit(prompt, params, **kw).result()
