@@ -418,3 +418,18 @@ def test_checkpoints_must_be_prompt_positions():
                 e.submit(prompt, GREEDY, max_tokens=1, checkpoints=bad)
         assert e.generate(prompt, GREEDY, max_tokens=2, checkpoints=[2, len(prompt)]).usage.completion_tokens == 2
         assert {len(k) for k in e.cache.entries} >= {2, len(prompt)}
+
+
+def test_a_full_cache_drops_what_a_turn_supersedes_before_evicting_another_conversation():
+    """Three entries: the shared system prompt and two users' turn boundaries.  User A's next turn
+    replaces A's boundary; it must not evict B's (the least recently used) to make room first."""
+    with Engine(zoo_model("qwen35"), n_ctx=2048, parallel=2, prefix_cache=3) as e:
+        system = e.model.tokenize(SYSTEM * 4)
+        a1, b1 = system + e.model.tokenize(" User A: hi", add_special=False), \
+            system + e.model.tokenize(" User B: hello", add_special=False)
+        a2 = a1 + e.model.tokenize(" more from A", add_special=False)
+        b2 = b1 + e.model.tokenize(" more from B", add_special=False)
+        for prompt in (a1, b1, a2):
+            e.generate(prompt, GREEDY, max_tokens=1, checkpoints=[len(system), len(prompt)])
+        assert sorted(map(len, e.cache.entries)) == sorted([len(system), len(b1), len(a2)])
+        assert e.generate(b2, GREEDY, max_tokens=1).usage.cached_tokens == len(b1)

@@ -883,12 +883,14 @@ class Engine:
         (a request with turn boundaries) keeps only those boundaries and its newest entry: its interval
         checkpoints and an earlier turn's entries that nobody resumed from give way too (an 8-user chat
         on nemotron_h-small otherwise filled the cache with them, 32 entries of 7 MiB)."""
+        key = tuple(tokens)
+        if slot.req.checkpoints and key not in self.cache.entries:
+            # first, so that a cache at its bound does not evict another conversation's entry for this one
+            self.cache.drop_superseded(key, slot.resumed_entry, {*slot.req.checkpoints, *slot.share_at})
         if not self.cache.add(slot.seq, tokens):
             return
         old, slot.resumed_entry = slot.resumed_entry, None
-        key = tuple(tokens)
         if slot.req.checkpoints:
-            self.cache.drop_superseded(key, old, {*slot.req.checkpoints, *slot.share_at})
             return
         entry = self.cache.entries.get(old) if old is not None else None
         if entry is not None and entry.hits <= 1 and len(old) < len(key) and key[:len(old)] == old:
