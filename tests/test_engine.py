@@ -243,6 +243,7 @@ def test_prefix_cache_stays_within_its_byte_budget():
             e.generate(long_system + f"User: question {q}", GREEDY, max_tokens=4)
         assert 0 < e.cache.bytes <= budget
         assert e.memory().cached_bytes == e.cache.bytes
+        assert (e.memory().cached_prefixes_max, e.memory().cached_bytes_max) == (8, budget)  # the bound, reported
         b = e.generate(long_system + "User: question four", GREEDY, max_tokens=4)
         assert b.usage.cached_tokens >= 64, "the most recent entries survive eviction"
 

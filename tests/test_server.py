@@ -353,6 +353,8 @@ def test_disconnect_mid_stream_frees_the_sequence(any_model):
         assert s["engine"]["tokens_generated"] - before < 250, "the cancelled sequence kept generating"
         assert s["memory"]["rs_cells_live"] == 0
         assert s["memory"]["kv_cells_used"] <= s["memory"]["kv_cells_cached_max"]
+        # the prefix cache's bounds are reported beside what it holds (the server's defaults)
+        assert s["memory"]["cached_prefixes_max"] == 32 and s["memory"]["cached_bytes_max"] == 256 << 20
 
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])

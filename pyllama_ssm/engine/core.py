@@ -280,6 +280,8 @@ class EngineMemory:
                                      # prefixes are cells of the KV cache, allocated whole: cached_tokens)
     pool: memory_mod.PoolStats | None = field(default=None)
     cached_tokens: int = 0           # attention cells of those prefixes, at most
+    cached_prefixes_max: int = 0     # the prefix cache's bounds: entries, and bytes (None: unbounded)
+    cached_bytes_max: int | None = None
 
 
 @dataclass(frozen=True)
@@ -454,7 +456,8 @@ class Engine:
                 pool = self.call(self.ctx.pool_stats)
         swapped = sum(len(state) for _, state in list(self._preempted))
         cached, tokens = self.call(lambda: (self.cache.bytes, self.cache.tokens)) if self.n_cache else (0, 0)
-        return EngineMemory(report, swapped, len(self.cache.entries), cached, pool, tokens)
+        return EngineMemory(report, swapped, len(self.cache.entries), cached, pool, tokens,
+                            self.n_cache, self.cache.max_bytes if self.n_cache else 0)
 
     def close(self) -> None:
         if self._closing:

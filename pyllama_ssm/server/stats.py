@@ -36,7 +36,8 @@ def _memory(engine) -> dict[str, Any] | None:
             "kv_cells_total": r.kv_cells_total, "kv_cells_used": r.kv_cells_used,
             "kv_cells_cached_max": cached_kv, "rs_cells_total": r.rs_cells_total, "rs_cells_live": r.rs_cells_live,
             "rs_snapshots": r.rs_snapshots, "swapped_bytes": mem.swapped_bytes,
-            "cached_prefixes": mem.cached_prefixes, "cached_bytes": mem.cached_bytes}
+            "cached_prefixes": mem.cached_prefixes, "cached_bytes": mem.cached_bytes,
+            "cached_prefixes_max": mem.cached_prefixes_max, "cached_bytes_max": mem.cached_bytes_max}
 
 
 def _model(served: ServedModel) -> dict[str, Any]:
