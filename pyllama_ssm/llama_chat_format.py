@@ -436,8 +436,7 @@ def _token_boundaries(llama, result: ChatFormatterResponse, prompt: list[int]) -
     found = set()
     for text in result.boundaries:
         head = llama.tokenize(text.encode("utf-8"), add_bos=not result.added_special, special=True)
-        n = next((i for i, (a, b) in enumerate(zip(head, prompt)) if a != b), min(len(head), len(prompt)))
-        found.add(n)
+        found.add(len(os.path.commonprefix([head, prompt])))
     return sorted(found - {0})
 
 

@@ -863,11 +863,11 @@ class Engine:
         # the memory holds prompt + all generated tokens but the last: a prefix for the next turn, if the
         # next turn can hold them: a chat's history holds the answer's text, tokenized again
         if self.n_cache and (not req.checkpoints or self._round_trips(gen.tokens)):
-            tail = req.prompt + gen.tokens[:-1]
+            tail = tuple(req.prompt + gen.tokens[:-1])
             self._keep_prefix(slot, tail)
-            boundary = self.cache.entries.get(tuple(req.prompt[:max(req.checkpoints)])) if req.checkpoints else None
-            if boundary is not None and tuple(tail) in self.cache.entries:
-                boundary.tail = tuple(tail)
+            if req.checkpoints and tail in self.cache.entries:  # the turn boundary it follows drops it when stale
+                if (boundary := self.cache.entries.get(tail[:max(req.checkpoints)])) is not None:
+                    boundary.tail = tail
         self._release(slot, reason)
 
     def _round_trips(self, tokens: list[int]) -> bool:
@@ -878,7 +878,7 @@ class Engine:
         again = self.model.tokenize(text.decode("utf-8", errors="replace"), add_special=False)
         return again[:len(tokens) - 1] == tokens[:-1]
 
-    def _keep_prefix(self, slot: _Slot, tokens: list[int]) -> None:
+    def _keep_prefix(self, slot: _Slot, tokens: Sequence[int]) -> None:
         """A prefix-cache entry for slot's memory, which holds `tokens`.  The entry the slot resumed from
         gives way once this one extends it, unless another request resumed from it too: a conversation
         keeps its newest tail, not one per turn, while prefixes that others share (a system prompt) and
