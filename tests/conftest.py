@@ -93,3 +93,39 @@ def _close_zoo_models():
     for model in _loaded.values():
         model.close()
     _loaded.clear()
+
+
+CPU_FLAGS_SHOWN = ("avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                   "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The x86 feature flags /proc/cpuinfo lists for this CPU (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def pytest_report_header(config):
+    """Which CPU the suite ran on and which ggml CPU kernels it used: a pass says where it holds."""
+    import platform
+    model = next((ln.partition(":")[2].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    flags = cpu_flags()
+    lines = [f"cpu: {model}; {os.cpu_count()} cores; "
+             f"features: {' '.join(f for f in CPU_FLAGS_SHOWN if f in flags) or 'none of ' + ','.join(CPU_FLAGS_SHOWN)}"]
+    try:
+        from pyllama_ssm import bindings
+        from pyllama_ssm._runtime import init
+        init()
+        info = bindings.ffi.string(bindings.lib.llama_print_system_info()).decode()
+        lines.append(f"ggml ({bindings.BUILD} build): {' '.join(info.split())}")
+    except Exception as e:  # noqa: BLE001 - a header must not stop the session; the tests say why
+        lines.append(f"ggml: not loaded ({e})")
+    pristine = ROOT / "build" / "upstream" / "CPU_FLAGS"
+    if pristine.exists():
+        lines.append(f"pristine build's ggml-cpu: {pristine.read_text().strip()} (upstream's AMX path faults here)")
+    return lines

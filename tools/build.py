@@ -118,6 +118,26 @@ def cmake_args(cuda: bool) -> list[str]:
     return args + split_cuda(extra_args())[1]
 
 
+# The pristine build is the parity reference, so it keeps upstream's source; but upstream's AMX
+# kernels die with SIGILL on Sapphire Rapids class CPUs (patch 0008 fixes them in the patched build).
+# Where -march=native turns AMX on, the pristine libggml-cpu is compiled a second time with it off.
+NO_AMX = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
+
+
+def pristine_cpu_flags(args: list[str]) -> list[str]:
+    """Extra compiler flags for the pristine libggml-cpu: NO_AMX where a native build would use AMX, else []."""
+    native = next((a.partition("=")[2].lower() for a in reversed(args) if a.startswith("-DGGML_NATIVE=")), "on")
+    if native not in _TRUE or os.uname().machine not in ("x86_64", "AMD64"):
+        return []  # a portable build: AMX only where asked for (GGML_AMX_INT8, GGML_CPU_ALL_VARIANTS), see README
+    cc = shlex.split(os.environ.get("CC", "")) or ["cc"]
+    try:
+        out = subprocess.run([*cc, "-march=native", "-dM", "-E", "-"], input="", capture_output=True,
+                             text=True, timeout=60).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return NO_AMX if "__AMX_INT8__" in out else []
+
+
 def works(*cmd: str) -> bool:
     """Whether the command runs and succeeds (a tool's --version)."""
     try:
@@ -174,12 +194,16 @@ class Builder:
         self.log = log  # compiler output goes there instead of the terminal (pip), errors name it
         pin = vendor.read_lock()
         self.args = cmake_args(cuda)
-        self.upstream_key = digest(pin["sha256"], CONFIG_VERSION, *self.args, os.uname().machine)
+        # the shared source and object tree; the pristine artifact also names its libggml-cpu's flags
+        self.tree_key = digest(pin["sha256"], CONFIG_VERSION, *self.args, os.uname().machine)
+        self.pristine_cpu = pristine_cpu_flags(self.args)
+        self.upstream_key = digest(self.tree_key, *self.pristine_cpu) if self.pristine_cpu else self.tree_key
         self.patched_key = digest(self.upstream_key, series_mod.series_digest())
         cache = vendor.cache_root()
-        self.work = cache / "work" / self.upstream_key
+        self.work = cache / "work" / self.tree_key
         self.src = self.work / "src"
         self.obj = self.work / "obj"
+        self.obj_pristine_cpu = self.work / "obj-pristine-cpu"
         self.state_file = self.work / "state.json"
         self.artifacts = cache / "artifacts"
 
@@ -241,29 +265,33 @@ class Builder:
                     shutil.copyfile(want, cur)
         self._save_state({"applied": self.patched_key, "touched": sorted(touched)})
 
-    def _compile(self, targets: list[str]) -> None:
-        if not (self.obj / "build.ninja").exists():
+    def _compile(self, targets: list[str], obj: Path | None = None, flags: list[str] = ()) -> None:
+        obj = obj or self.obj
+        if not (obj / "build.ninja").exists():
             # No build-machine path in the binaries (ggml's asserts print __FILE__).  Not in the
             # key: they name the work tree, which the key already picks (CONFIG_VERSION 2 has them).
             env = dict(os.environ)
-            maps = f"-ffile-prefix-map={self.src}=llama.cpp -ffile-prefix-map={self.obj}=llama.cpp"
+            maps = f"-ffile-prefix-map={self.src}=llama.cpp -ffile-prefix-map={obj}=llama.cpp"
             for var in ("CFLAGS", "CXXFLAGS"):
-                env[var] = f"{env.get(var, '')} {maps}".strip()
+                env[var] = " ".join([env.get(var, ""), maps, *flags]).strip()
             if self.cuda and not env.get("CUDACXX") and not shutil.which("nvcc"):
                 env["CUDACXX"] = DEFAULT_NVCC  # off PATH, where the toolkit installs it (preflight)
             try:
-                run(["cmake", "-S", str(self.src), "-B", str(self.obj), *self.args], log=self.log, env=env)
+                run(["cmake", "-S", str(self.src), "-B", str(obj), *self.args], log=self.log, env=env)
             except BuildError:
-                (self.obj / "CMakeCache.txt").unlink(missing_ok=True)  # configure again next time
+                (obj / "CMakeCache.txt").unlink(missing_ok=True)  # configure again next time
                 raise
-        run(["cmake", "--build", str(self.obj), "-j", str(self.jobs), "--target", *targets], log=self.log)
+        run(["cmake", "--build", str(obj), "-j", str(self.jobs), "--target", *targets], log=self.log)
 
-    def _install(self, dest: Path, key: str, tools: bool) -> None:
+    def _install(self, dest: Path, key: str, tools: bool, cpu_from: Path | None = None) -> None:
+        """Copy a finished build to dest; cpu_from: the tree whose libggml-cpu replaces the shared one's."""
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "lib").mkdir(parents=True)
         (tmp / "include").mkdir()
+        cpu = {so.name: so for so in (cpu_from / "bin").glob("libggml-cpu.so*")} if cpu_from else {}
         for so in sorted((self.obj / "bin").glob("lib*.so*")):
+            so = cpu.get(so.name, so)
             target = tmp / "lib" / so.name
             if so.is_symlink():
                 target.symlink_to(os.readlink(so))
@@ -275,6 +303,8 @@ class Builder:
             (tmp / "bin").mkdir()
             for exe in TOOL_TARGETS:
                 shutil.copy2(self.obj / "bin" / exe, tmp / "bin" / exe)
+        if cpu_from:
+            (tmp / "CPU_FLAGS").write_text(" ".join(self.pristine_cpu) + "\n")
         (tmp / "BUILD_KEY").write_text(key + "\n")
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
@@ -321,7 +351,11 @@ class Builder:
                 step("building pristine upstream")
                 self._sync_pristine()
                 self._compile(LIB_TARGETS + TOOL_TARGETS)
-                self._install(self.artifact("upstream"), self.upstream_key, tools=True)
+                if self.pristine_cpu:  # its own tree, from the same pristine source: only ggml-cpu differs
+                    step(f"building pristine ggml-cpu with {' '.join(self.pristine_cpu)} (upstream's AMX path faults)")
+                    self._compile(["ggml-cpu"], obj=self.obj_pristine_cpu, flags=self.pristine_cpu)
+                self._install(self.artifact("upstream"), self.upstream_key, tools=True,
+                              cpu_from=self.obj_pristine_cpu if self.pristine_cpu else None)
             if not (self.artifact("patched") / "RECOMPILED").exists():  # absent: built by pip alone
                 step(f"building patched ({len(series_mod.series())} patch(es))")
                 self._apply()
@@ -338,7 +372,8 @@ class Builder:
             return
         for flavour in ("upstream", "patched"):
             publish(self.artifact(flavour), BUILD / flavour)
-        cfg = {"cuda": self.cuda, "upstream_key": self.upstream_key, "patched_key": self.patched_key}
+        cfg = {"cuda": self.cuda, "tree_key": self.tree_key, "upstream_key": self.upstream_key,
+               "patched_key": self.patched_key, "pristine_cpu_flags": self.pristine_cpu}
         (BUILD / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
 
 
