@@ -18,7 +18,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Optional
 
 import anyio
 import numpy as np
@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from .. import __version__
+from .. import __version__, fim
 from ..bindings import lib
 from ..errors import EngineError
 from ..llama import (Cancellation, CompletionStream, LlamaGrammar, LogitsProcessorList, MinTokensLogitsProcessor,
@@ -37,7 +37,7 @@ from ..llama_chat_format import TEMPLATE_REFUSED, _grammar_for_response_format
 from . import errors, responses, stats
 from .chat import ParsedChatStream, parse_completion
 from .errors import ERROR_RESPONSES, ApiError, bad_request, from_exception
-from .parsing import arguments_as_objects
+from .parsing import OutputParser, arguments_as_objects
 from .registry import ModelRegistry, ServedModel
 from .responses import CreateResponseRequest, ResponseStore
 from .schemas import (CreateChatCompletionRequest, CreateCompletionRequest, CreateEmbeddingRequest,
@@ -82,6 +82,9 @@ def create_app(server_settings: ServerSettings, model_settings: list[ModelSettin
     app.state.responses = responses.ResponseStore()  # stored responses, for previous_response_id
     errors.install(app)
     app.include_router(router)
+    from . import anthropic, infill, props, ui  # the other APIs' routes, built on this module's helpers
+    for extra in (anthropic.router, infill.router, props.router, ui.router):
+        app.include_router(extra)
     app.openapi = lambda: _openapi(app)
     # the last added runs first: CORS (answers preflights), then the key, then the size limit
     app.add_middleware(BodyLimitMiddleware, limit=server_settings.max_request_bytes)
@@ -136,12 +139,20 @@ def _add_model_rules(schema: dict[str, Any], models: list[ServedModel], n_vocab:
         # n_parallel=1 without logits_all keeps no logits to report
         completion["properties"]["logprobs"] = {"type": "null", "description": "Not with logits_all=false."}
         chat["properties"]["logprobs"] = {"enum": [False, None], "description": "Not with logits_all=false."}
+    if not all(served_fim(served) for served in models):  # a vocabulary without FIM tokens: no fill-in-the-middle
+        completion["properties"]["suffix"] = {"type": "null", "description": "The model has no FIM tokens."}
+        schema["paths"].pop("/infill", None)
     embedders = [served for served in models if served.settings.embedding]
     if not embedders:  # every embedding request would be refused: the route is not offered
         schema["paths"].pop("/v1/embeddings", None)
     elif any(served.llama.pooling_type() == lib.LLAMA_POOLING_TYPE_NONE for served in embedders):
         # a vector per token has no single base64 encoding
         bodies["CreateEmbeddingRequest"]["properties"]["encoding_format"]["anyOf"][0]["enum"] = ["float"]
+
+
+def served_fim(served: ServedModel) -> bool:
+    """Whether the model's vocabulary has the tokens fill-in-the-middle needs."""
+    return not fim.FimTokens.of(served.llama._model.vocab).missing
 
 
 def _numbers_below(n: int) -> str:
@@ -243,11 +254,17 @@ def _named_event(event: dict[str, Any]) -> dict[str, str]:
     return {"event": event["type"], "data": json.dumps(event)}
 
 
+def _error_event(error: ApiError) -> dict[str, str]:
+    return {"data": json.dumps(error.body())}
+
+
 async def _generate(request: Request, served: ServedModel, body: Any, call: Callable[..., Any],
                     kwargs: dict[str, Any], on_result: Callable[[Any, Cancellation], Any] | None = None,
-                    event: Callable[[Any], dict[str, str]] = _chunk_event, done: bool = True) -> Any:
+                    event: Callable[[Any], dict[str, str]] = _chunk_event, done: bool = True,
+                    error_event: Callable[[ApiError], dict[str, str]] = _error_event) -> Any:
     """Run one admitted completion: a JSON answer (on_result(result, its Cancellation) when given), or an
-    SSE stream when body.stream (each item as event(item), then `data: [DONE]` when done)."""
+    SSE stream when body.stream (each item as event(item), then `data: [DONE]` when done; a failure after
+    the first event is the last event, error_event(error))."""
     fields = set(type(body).model_fields)
     admission = contextlib.ExitStack()
     admission.enter_context(served.admit())
@@ -266,7 +283,7 @@ async def _generate(request: Request, served: ServedModel, body: Any, call: Call
                 return result
         options = getattr(body, "stream_options", None)
         stream = _Stream(request, served, admission, fields, bool(getattr(options, "include_usage", False)), event,
-                         done)
+                         done, error_event)
         await stream.start(lambda: call(**kwargs))
     except BaseException:
         admission.close()
@@ -326,9 +343,10 @@ class _Stream:
 
     def __init__(self, request: Request, served: ServedModel, admission: contextlib.ExitStack, fields: set[str],
                  include_usage: bool = False, event: Callable[[Any], dict[str, str]] = _chunk_event,
-                 done: bool = True):
+                 done: bool = True, error_event: Callable[[ApiError], dict[str, str]] = _error_event):
         self.event = event
         self.done = done
+        self.error_event = error_event
         self.request = request
         self.served = served
         self.admission = admission
@@ -378,7 +396,7 @@ class _Stream:
                 try:
                     chunk = await self._next()
                 except Exception as e:  # headers are sent: the failure is the last event
-                    yield {"data": json.dumps(_failure(self.request, e, self.fields).body())}
+                    yield self.error_event(_failure(self.request, e, self.fields))
                     return
             counted = self.chunks.usage if self.chunks is not None else None
             if self.include_usage and last is not None and counted is not None:
@@ -421,12 +439,19 @@ async def create_completion(request: Request, body: CreateCompletionRequest) -> 
     if not isinstance(body.prompt, str):
         _check_tokens("prompt", body.prompt, served.llama.n_vocab())
     kwargs = _generation_kwargs(request, served, body)
+    if kwargs.pop("suffix", None) is not None:  # fill-in-the-middle: the prompt is the prefix
+        try:
+            kwargs["prompt"] = fim.infill_tokens(served.llama._model, body.prompt, body.suffix,
+                                                 spm=served.settings.spm_infill)
+        except ValueError as e:
+            raise bad_request("suffix", str(e).removeprefix("suffix: ")) from None
     return await _generate(request, served, body, served.llama.create_completion, kwargs)
 
 
-@router.post("/v1/chat/completions", summary="Chat", tags=["OpenAI V1"], responses=_STREAMED)
-async def create_chat_completion(request: Request, body: CreateChatCompletionRequest) -> Any:
-    served = _registry(request).get(body.model)
+def chat_call(request: Request, served: ServedModel,
+              body: CreateChatCompletionRequest) -> tuple[dict[str, Any], Optional[OutputParser]]:
+    """A chat request as create_chat_completion's keyword arguments, and the parser of its answer (None: the
+    answer is not split); the Anthropic Messages route translates its requests to this too."""
     kwargs = _generation_kwargs(request, served, body)
     kwargs["messages"] = [m.model_dump(exclude_unset=True) for m in body.messages]
     if body.response_format is not None:
@@ -439,6 +464,13 @@ async def create_chat_completion(request: Request, body: CreateChatCompletionReq
         if isinstance(body.tool_choice, dict) or body.tool_choice == "none":
             parse_tools = False  # a named tool is grammar-forced and returned as a call already
         parser = served.chat.parser(kwargs["messages"], body.tools, reasoning=reasoning, parse_tools=parse_tools)
+    return kwargs, parser
+
+
+@router.post("/v1/chat/completions", summary="Chat", tags=["OpenAI V1"], responses=_STREAMED)
+async def create_chat_completion(request: Request, body: CreateChatCompletionRequest) -> Any:
+    served = _registry(request).get(body.model)
+    kwargs, parser = chat_call(request, served, body)
     if parser is None:
         return await _generate(request, served, body, served.llama.create_chat_completion, kwargs)
     if body.stream:

@@ -46,6 +46,13 @@ class ChatTemplate:
     def render(self, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None) -> str:
         return self.formatter(messages=arguments_as_objects(messages), tools=tools, **self.template_kwargs).prompt
 
+    def prompt_tokens(self, llama: Llama, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]] = None,
+                      tool_choice: Any = None) -> list[int]:
+        """The prompt's tokens as create_chat_completion renders and tokenizes them (a Jinja template adds
+        its own special tokens): what a token count tells a client."""
+        prompt = self.formatter(messages=messages, tools=tools, tool_choice=tool_choice, **self.template_kwargs).prompt
+        return llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+
     def parser(self, messages: list[dict[str, Any]], tools: Optional[list[dict[str, Any]]], *, reasoning: bool,
                parse_tools: bool, prompt: Optional[str] = None) -> Optional[OutputParser]:
         """A parser for the answer to messages (None: nothing to parse); prompt: already rendered."""
@@ -100,6 +107,11 @@ class MappedStream:
     @property
     def usage(self) -> Optional[dict[str, int]]:
         return self._chunks.usage
+
+    @property
+    def tokens(self) -> Optional[list[int]]:
+        """The generated token ids once the generation ended (see CompletionStream.tokens)."""
+        return self._chunks.tokens
 
     def cancel(self) -> None:
         self._chunks.cancel()

@@ -1,13 +1,17 @@
 """OpenAI-style error bodies: {"error": {"message", "type", "param", "code"}}.
 
 Every refusal names the field at fault in `param` and in the message, so the
-official openai client raises BadRequestError & co. with a useful text.
+official openai client raises BadRequestError & co. with a useful text.  Routes
+of another API register the shape their clients read (`shape_errors`: the
+Anthropic routes answer {"type": "error", "error": {"type", "message"}}), and
+every refusal on them, from the middleware to a failure mid-stream, takes it.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
@@ -39,9 +43,27 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
+    def response(self, path: Optional[str] = None) -> JSONResponse:
+        """The error as an answer, in the shape the route at `path` answers (OpenAI's by default)."""
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        return JSONResponse(_SHAPES.get(path or "", ApiError.body)(self), status_code=self.status, headers=headers)
+
+
+# paths whose errors another API's clients read: path -> the error's body in that shape
+_SHAPES: dict[str, Callable[[ApiError], dict[str, Any]]] = {}
+
+
+def shape_errors(paths: Iterable[str], body: Callable[[ApiError], dict[str, Any]]) -> None:
+    """Answer every error of these routes (paths below the root path) with body(error)."""
+    for path in paths:
+        _SHAPES[path] = body
+
+
+def route_path(scope: Any) -> str:
+    """The request's path below the app's root path."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 class ErrorDetail(BaseModel):
@@ -134,15 +156,15 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return exc.response()
+        return exc.response(route_path(request.scope))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc).response()
+        return _validation_error(exc).response(route_path(request.scope))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        response = ApiError(exc.status_code, str(exc.detail), type=kind).response()
+        response = ApiError(exc.status_code, str(exc.detail), type=kind).response(route_path(request.scope))
         response.headers.update(exc.headers or {})  # 405's Allow
         return response

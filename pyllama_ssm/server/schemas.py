@@ -109,7 +109,8 @@ class CreateCompletionRequest(_Sampling):
     prompt: Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(min_length=1, max_length=1)], TokenIds,
                   Annotated[list[TokenIds], Field(min_length=1, max_length=1)]] = Field(
         description="The prompt: text, or token ids (a list of one of either is accepted too).")
-    suffix: None = Field(default=None, description="Fill-in-the-middle is not supported: only null.")
+    suffix: Optional[str] = Field(default=None, description="Fill-in-the-middle: the text after the completion, "
+                                                            "laid out with the model's FIM tokens (pyllama_ssm.fim).")
     max_tokens: Optional[int] = Field(default=16, **limit("max_tokens"), json_schema_extra={"x-limit": "max_tokens"},
                                       description="Tokens to generate at most (0: up to the context).")
     echo: bool = Field(default=False, description="Echo the prompt before the completion.")

@@ -1,7 +1,9 @@
 """ASGI middleware that runs before any route: the API key and the request size limit.
 
 Both answer before the body is parsed, so an unauthenticated or oversized
-request costs neither JSON parsing nor a model call.
+request costs neither JSON parsing nor a model call.  The key comes as
+`Authorization: Bearer KEY` (OpenAI's clients) or `x-api-key: KEY` (Anthropic's,
+as llama-server takes it too).
 """
 
 from __future__ import annotations
@@ -10,39 +12,37 @@ import hmac
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import ApiError
+from .errors import ApiError, route_path
 
-OPEN_PATHS = frozenset({"/health"})  # answered without the API key (load balancer probes)
+# answered without the API key: load balancer probes, and the chat page (static; it asks for the key)
+OPEN_PATHS = frozenset({"/health", "/"})
 
 
 class ApiKeyMiddleware:
-    """With an API key set, every route but /health needs 'Authorization: Bearer <key>'."""
+    """With an API key set, every route but OPEN_PATHS needs 'Authorization: Bearer <key>' or 'x-api-key: <key>'."""
 
     def __init__(self, app: ASGIApp, api_key: str):
         self.app = app
         self._key = api_key.encode()
 
     def _authorized(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         # compare_digest: the time taken does not tell how much of the key matched
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key):
+            return True
+        return b"x-api-key" in headers and hmac.compare_digest(headers[b"x-api-key"].strip(), self._key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or self._path(scope) in OPEN_PATHS \
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or route_path(scope) in OPEN_PATHS \
                 or self._authorized(scope):
             await self.app(scope, receive, send)
             return
-        error = ApiError(401, "Invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-        response = error.response()
+        error = ApiError(401, "Invalid API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
+                         code="invalid_api_key")
+        response = error.response(route_path(scope))
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)
-
-    @staticmethod
-    def _path(scope: Scope) -> str:
-        path: str = scope["path"]
-        root = scope.get("root_path", "")
-        return path[len(root):] if root and path.startswith(root) else path
 
 
 class BodyLimitMiddleware:
@@ -62,7 +62,7 @@ class BodyLimitMiddleware:
             return
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            await self._too_large(length.decode("latin-1")).response()(scope, receive, send)
+            await self._too_large(length.decode("latin-1")).response(route_path(scope))(scope, receive, send)
             return
         # read the whole body up to the limit (chunked uploads carry no length), then replay it
         chunks: list[bytes] = []
@@ -74,7 +74,7 @@ class BodyLimitMiddleware:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                await self._too_large(f"more than {size}").response()(scope, receive, send)
+                await self._too_large(f"more than {size}").response(route_path(scope))(scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break

@@ -97,6 +97,8 @@ class ModelSettings(_Strict):
     reasoning_format: Literal["auto", "none"] = Field(
         default="auto", description="auto: a template's <think> text becomes reasoning_content; none: kept in content.")
     parse_tool_calls: bool = Field(default=True, description="Parse the template's <tool_call> markup into tool_calls.")
+    spm_infill: bool = Field(default=False, description="Fill-in-the-middle prompts with the suffix first "
+                             "(<fim_suf>suffix<fim_pre>prefix<fim_mid>; llama-server's --spm-infill).")
     # Cache params
     cache: bool = Field(default=False, description="Use a cache to reduce processing times for evaluated prompts.")
     cache_type: Literal["ram", "disk"] = Field(default="ram", description="The type of cache to use.")
