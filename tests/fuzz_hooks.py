@@ -1,12 +1,14 @@
 """Schemathesis hooks for tests/test_server_fuzz.py (loaded through SCHEMATHESIS_HOOKS).
 
-Three refusals a JSON schema cannot state: a prompt longer than the context in
+Four refusals a JSON schema cannot state: a prompt longer than the context in
 tokens (it depends on the tokenizer and the template, not on the JSON shape); a
 model's own chat template (Jinja) rejecting a conversation shape (no user message,
-a system message that is not first..., in chat messages or Responses input
-items); and a `grammar` that is not valid GBNF (a language, not a JSON shape).
-Those 400s name the context, the template or the grammar and are dropped; every
-other failure stands.
+a system message that is not first..., in chat messages, Responses input items or
+Anthropic messages); a `grammar` that is not valid GBNF (a language, not a JSON
+shape); and an Anthropic tool_choice naming a tool the request does not offer.
+Those 400s name the context, the template, the grammar or the tool and are
+dropped; every other failure stands.  Errors come in OpenAI's shape, or in
+Anthropic's on /v1/messages (no param or code: the message starts with the field).
 """
 
 from __future__ import annotations
@@ -41,11 +43,14 @@ def filter_failure(context, failure, case, response) -> bool:
         return True
     try:
         error = json.loads(response.content)["error"]
+        message = error["message"]
     except (ValueError, KeyError, TypeError):
         return True
-    if error["param"] == "grammar" or error["code"] == "context_length_exceeded":
+    param = error.get("param") or message.partition(":")[0]
+    if param == "grammar" or error.get("code") == "context_length_exceeded" or "exceed context window" in message:
         return False
-    return not ((case.operation.path.endswith("/chat/completions")
-                 and error["message"].startswith("messages: the chat template cannot render"))
-                or (case.operation.path.endswith("/responses")
-                    and error["message"].startswith("input: the chat template cannot render")))
+    path = case.operation.path
+    return not ((path.endswith(("/chat/completions", "/v1/messages", "/v1/messages/count_tokens"))
+                 and message.startswith("messages: the chat template cannot render"))
+                or (path.endswith("/responses") and message.startswith("input: the chat template cannot render"))
+                or (path.startswith("/v1/messages") and message.startswith("tool_choice: no tool named")))

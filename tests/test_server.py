@@ -293,9 +293,11 @@ def test_the_openapi_schema_is_the_enforced_contract(qwen):
     assert embedding_input[0]["minLength"] == 1 and embedding_input[1]["minItems"] == 1
     for path, ops in schema["paths"].items():
         for method, op in ops.items():
+            # the Anthropic routes answer Anthropic's error shape
+            shape = "/AnthropicErrorResponse" if path.startswith("/v1/messages") else "/ErrorResponse"
             for status in ("400", "401", "404", "413", "429", "500", "503"):
                 ref = op["responses"][status]["content"]["application/json"]["schema"]["$ref"]
-                assert ref.endswith("/ErrorResponse"), (path, method, status)
+                assert ref.endswith(shape), (path, method, status)
     for path in ("/v1/completions", "/v1/chat/completions"):
         assert "text/event-stream" in schema["paths"][path]["post"]["responses"]["200"]["content"]
 

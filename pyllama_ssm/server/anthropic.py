@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import anyio
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..limits import field as limit
 from ..llama_chat_format import TEMPLATE_REFUSED
@@ -133,6 +133,11 @@ class Tool(_Block):
 
 
 class ToolChoice(_Part):
+    # a named tool needs its name: stated in the schema too
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "if": {"properties": {"type": {"const": "tool"}}},
+        "then": {"required": ["name"], "properties": {"name": {"type": "string"}}}})
+
     type: Literal["auto", "any", "tool", "none"]
     name: Optional[NonEmptyStr] = Field(default=None, description="The tool to call (type 'tool').")
     disable_parallel_tool_use: Optional[bool] = Field(default=None, description="Accepted, ignored.")
@@ -207,7 +212,7 @@ def chat_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
         if isinstance(message.content, str):
             out.append({"role": message.role, "content": message.content})
             continue
-        texts, calls, reasoning = [], [], ""
+        texts, calls, reasoning, results = [], [], "", 0
         for block in message.content:
             if isinstance(block, TextBlock):
                 texts.append(block.text)
@@ -219,7 +224,8 @@ def chat_messages(body: CountTokensRequest) -> list[dict[str, Any]]:
                               "function": {"name": block.name, "arguments": arguments}})
             elif isinstance(block, ToolResultBlock):
                 out.append({"role": "tool", "tool_call_id": block.tool_use_id, "content": _text(block.content)})
-        if texts or calls or reasoning or not message.content:
+                results += 1
+        if texts or calls or reasoning or not results:  # a turn of tool results only is those results
             chat: dict[str, Any] = {"role": message.role, "content": "\n".join(texts)}
             if calls:
                 chat["tool_calls"] = calls
@@ -269,7 +275,11 @@ def chat_request(body: CreateMessageRequest, alias: str) -> CreateChatCompletion
                  "parse_tool_calls"):
         if getattr(body, name) is not None:
             chat[name] = getattr(body, name)
-    return CreateChatCompletionRequest.model_validate(chat)
+    try:
+        return CreateChatCompletionRequest.model_validate(chat)
+    except ValidationError as e:  # a value the chat route bounds tighter than this schema states
+        first = e.errors()[0]
+        raise bad_request(str(first["loc"][0]), first["msg"]) from None
 
 
 def prompt_tokens(served: ServedModel, body: CountTokensRequest) -> int:
