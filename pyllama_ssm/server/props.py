@@ -33,9 +33,11 @@ def _token_text(served: ServedModel, token: int) -> str:
     return served.llama.detokenize([token], special=True).decode("utf-8", errors="replace")
 
 
-def _flash_attn(served: ServedModel) -> Any:
-    setting = served.settings.flash_attn
-    return setting if setting is not None else ("auto" if served.settings.n_parallel > 1 else False)
+def _flash_attn(served: ServedModel) -> str:
+    """What the context was created with: "auto" (llama.cpp enables it where the backend can), "enabled" or
+    "disabled"."""
+    context = served.llama._context  # the one completions run on (the Engine's with n_parallel > 1)
+    return ffi.string(lib.llama_flash_attn_type_name(context.params.flash_attn_type)).decode()
 
 
 def props(request: Request, served: ServedModel) -> dict[str, Any]:
