@@ -452,7 +452,7 @@ _STREAMED = {200: {"description": "The message, or with stream=true Anthropic's 
 
 @router.post(MESSAGES, summary="Message (Anthropic)", tags=["Anthropic"], responses=_STREAMED)
 async def create_message(request: Request, body: CreateMessageRequest) -> Any:
-    served = chat_app._registry(request).get(body.model)
+    served = chat_app.registry_of(request).get(body.model)
     chat_app.note_ignored(request, body)
     chat = chat_request(body, served.alias)
     kwargs, parser = chat_app.chat_call(request, served, chat)
@@ -471,7 +471,7 @@ async def create_message(request: Request, body: CreateMessageRequest) -> Any:
             chunks = llama.create_chat_completion(**kw)
             return MessageEvents(ParsedChatStream(chunks, parser) if parser is not None else chunks, writer)
 
-        return await chat_app._generate(request, served, chat, stream, kwargs, event=chat_app._named_event,
+        return await chat_app.generate(request, served, chat, stream, kwargs, event=chat_app.named_event,
                                         done=False, error_event=error_event)
 
     def whole(result: dict[str, Any], cancellation) -> dict[str, Any]:
@@ -479,11 +479,11 @@ async def create_message(request: Request, body: CreateMessageRequest) -> Any:
             result = parse_completion(result, parser)
         return writer.whole(result, cancellation.usage, cancellation.tokens)
 
-    return await chat_app._generate(request, served, chat, llama.create_chat_completion, kwargs, on_result=whole)
+    return await chat_app.generate(request, served, chat, llama.create_chat_completion, kwargs, on_result=whole)
 
 
 @router.post(COUNT_TOKENS, summary="Count message tokens (Anthropic)", tags=["Anthropic"])
 async def count_tokens(request: Request, body: CountTokensRequest) -> dict[str, int]:
-    served = chat_app._registry(request).get(body.model)
+    served = chat_app.registry_of(request).get(body.model)
     chat_app.note_ignored(request, body)
     return {"input_tokens": await anyio.to_thread.run_sync(prompt_tokens, served, body, limiter=served.limiter)}

@@ -166,11 +166,11 @@ def _numbers_below(n: int) -> str:
     return f"^({'|'.join([*parts, top])})$"
 
 
-def _registry(request: Request) -> ModelRegistry:
+def registry_of(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
-def _settings(request: Request) -> ServerSettings:
+def settings_of(request: Request) -> ServerSettings:
     return request.app.state.settings
 
 
@@ -182,9 +182,9 @@ def _check_tokens(param: str, tokens: list[int], n_vocab: int) -> None:
         raise bad_request(param, f"token id {bad} is out of the vocabulary (0..{n_vocab - 1})")
 
 
-def _max_tokens(request: Request, value: int | None, param: str = "max_tokens") -> int | None:
+def capped_max_tokens(request: Request, value: int | None, param: str = "max_tokens") -> int | None:
     """The request's max_tokens within --max_tokens_limit (None or 0: up to the limit, else the context)."""
-    limit = _settings(request).max_tokens_limit
+    limit = settings_of(request).max_tokens_limit
     if limit is None:
         return value
     if value is not None and value > limit:
@@ -213,8 +213,8 @@ def _generation_kwargs(request: Request, served: ServedModel,
     newer = getattr(body, "max_completion_tokens", None)  # OpenAI's current name wins
     if body.seed is not None:
         kwargs["seed"] = body.seed % 2**32  # as llama.cpp's uint32_t takes it
-    kwargs["max_tokens"] = _max_tokens(request, body.max_tokens) if newer is None else \
-        _max_tokens(request, newer, "max_completion_tokens")
+    kwargs["max_tokens"] = capped_max_tokens(request, body.max_tokens) if newer is None else \
+        capped_max_tokens(request, newer, "max_completion_tokens")
     if body.logit_bias:
         kwargs["logit_bias"] = _logit_bias(llama, body.logit_bias, body.logit_bias_type)
     if body.grammar is not None:
@@ -250,7 +250,7 @@ def _chunk_event(chunk: Any) -> dict[str, str]:
     return {"data": json.dumps(chunk)}
 
 
-def _named_event(event: dict[str, Any]) -> dict[str, str]:
+def named_event(event: dict[str, Any]) -> dict[str, str]:
     return {"event": event["type"], "data": json.dumps(event)}
 
 
@@ -258,7 +258,7 @@ def _error_event(error: ApiError) -> dict[str, str]:
     return {"data": json.dumps(error.body())}
 
 
-async def _generate(request: Request, served: ServedModel, body: Any, call: Callable[..., Any],
+async def generate(request: Request, served: ServedModel, body: Any, call: Callable[..., Any],
                     kwargs: dict[str, Any], on_result: Callable[[Any, Cancellation], Any] | None = None,
                     event: Callable[[Any], dict[str, str]] = _chunk_event, done: bool = True,
                     error_event: Callable[[ApiError], dict[str, str]] = _error_event) -> Any:
@@ -288,7 +288,7 @@ async def _generate(request: Request, served: ServedModel, body: Any, call: Call
     except BaseException:
         admission.close()
         raise
-    settings = _settings(request)
+    settings = settings_of(request)
     return EventSourceResponse(stream.events(), sep="\n", ping=0 if settings.disable_ping_events else None,
                                shutdown_grace_period=settings.shutdown_timeout + 2,
                                background=BackgroundTask(stream.close))
@@ -422,7 +422,7 @@ class _Stream:
 def _failure(request: Request, error: BaseException, fields: set[str]) -> ApiError:
     if isinstance(error, ApiError):
         return error
-    if _registry(request).closing:
+    if registry_of(request).closing:
         return errors.unavailable("the server is shutting down")
     if isinstance(error, EngineError):
         return errors.unavailable(f"the model cannot serve: {error}")
@@ -435,7 +435,7 @@ def _failure(request: Request, error: BaseException, fields: set[str]) -> ApiErr
 
 @router.post("/v1/completions", summary="Completion", tags=["OpenAI V1"], responses=_STREAMED)
 async def create_completion(request: Request, body: CreateCompletionRequest) -> Any:
-    served = _registry(request).get(body.model)
+    served = registry_of(request).get(body.model)
     if not isinstance(body.prompt, str):
         _check_tokens("prompt", body.prompt, served.llama.n_vocab())
     kwargs = _generation_kwargs(request, served, body)
@@ -445,7 +445,7 @@ async def create_completion(request: Request, body: CreateCompletionRequest) -> 
                                                  spm=served.settings.spm_infill)
         except ValueError as e:
             raise bad_request("suffix", str(e).removeprefix("suffix: ")) from None
-    return await _generate(request, served, body, served.llama.create_completion, kwargs)
+    return await generate(request, served, body, served.llama.create_completion, kwargs)
 
 
 def chat_call(request: Request, served: ServedModel,
@@ -469,14 +469,14 @@ def chat_call(request: Request, served: ServedModel,
 
 @router.post("/v1/chat/completions", summary="Chat", tags=["OpenAI V1"], responses=_STREAMED)
 async def create_chat_completion(request: Request, body: CreateChatCompletionRequest) -> Any:
-    served = _registry(request).get(body.model)
+    served = registry_of(request).get(body.model)
     kwargs, parser = chat_call(request, served, body)
     if parser is None:
-        return await _generate(request, served, body, served.llama.create_chat_completion, kwargs)
+        return await generate(request, served, body, served.llama.create_chat_completion, kwargs)
     if body.stream:
-        return await _generate(request, served, body, lambda **kw: ParsedChatStream(
+        return await generate(request, served, body, lambda **kw: ParsedChatStream(
             served.llama.create_chat_completion(**kw), parser), kwargs)
-    return parse_completion(await _generate(request, served, body, served.llama.create_chat_completion, kwargs),
+    return parse_completion(await generate(request, served, body, served.llama.create_chat_completion, kwargs),
                             parser)
 
 
@@ -486,7 +486,7 @@ async def create_chat_completion(request: Request, body: CreateChatCompletionReq
           "content": {"text/event-stream": {"schema": {"type": "object", "required": ["data"], "properties": {
               "event": {"type": "string"}, "data": {"type": "string"}}}}}}})
 async def create_response(request: Request, body: CreateResponseRequest) -> Any:
-    served = _registry(request).get(body.model)
+    served = registry_of(request).get(body.model)
     note_ignored(request, body)
     llama = served.llama
     if served.chat is None:
@@ -518,7 +518,7 @@ async def create_response(request: Request, body: CreateResponseRequest) -> Any:
         raise ApiError(400, f"input: {len(tokens)} prompt tokens do not fit the context of {llama.n_ctx()}",
                        param="input", code="context_length_exceeded")
     kwargs: dict[str, Any] = {"prompt": tokens, "stream": body.stream, "model": body.model or served.alias,
-                              "max_tokens": _max_tokens(request, body.max_output_tokens, "max_output_tokens"),
+                              "max_tokens": capped_max_tokens(request, body.max_output_tokens, "max_output_tokens"),
                               "stop": [served.chat.formatter.eos_token] if served.chat.formatter.eos_token else []}
     for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty"):
         if getattr(body, name) is not None:
@@ -542,9 +542,9 @@ async def create_response(request: Request, body: CreateResponseRequest) -> Any:
                           responses.EventWriter(rid, body, kwargs["model"]), store,
                           lambda text: tokenize(text))
     if body.stream:
-        return await _generate(request, served, body, lambda **kw: responses.ResponseEvents(
-            llama.create_completion(**kw), turn), kwargs, event=_named_event, done=False)
-    return await _generate(request, served, body, llama.create_completion, kwargs,
+        return await generate(request, served, body, lambda **kw: responses.ResponseEvents(
+            llama.create_completion(**kw), turn), kwargs, event=named_event, done=False)
+    return await generate(request, served, body, llama.create_completion, kwargs,
                            on_result=lambda result, c: turn.whole(result, c.usage, c.tokens))
 
 
@@ -564,7 +564,7 @@ async def stored_response(request: Request, response_id: str) -> Any:
 
 @router.post("/v1/embeddings", summary="Embedding", tags=["OpenAI V1"])
 async def create_embedding(request: Request, body: CreateEmbeddingRequest) -> Any:
-    served = _registry(request).get(body.model)
+    served = registry_of(request).get(body.model)
     if not served.settings.embedding:
         raise bad_request("model", f"{served.alias!r} serves no embeddings (start it with --embedding true)")
     with served.admit():
@@ -588,26 +588,26 @@ async def create_embedding(request: Request, body: CreateEmbeddingRequest) -> An
 async def get_models(request: Request) -> dict[str, Any]:
     return {"object": "list",
             "data": [{"id": alias, "object": "model", "owned_by": "me", "permissions": []}
-                     for alias in _registry(request).aliases]}
+                     for alias in registry_of(request).aliases]}
 
 
 @router.post("/extras/tokenize", summary="Tokenize", tags=["Extras"])
 async def tokenize(request: Request, body: TokenizeInputRequest) -> dict[str, list[int]]:
-    llama = _registry(request).get(body.model).llama
+    llama = registry_of(request).get(body.model).llama
     return {"tokens": await anyio.to_thread.run_sync(lambda: llama.tokenize(body.input.encode("utf-8"),
                                                                              special=True))}
 
 
 @router.post("/extras/tokenize/count", summary="Tokenize Count", tags=["Extras"])
 async def count_query_tokens(request: Request, body: TokenizeInputRequest) -> dict[str, int]:
-    llama = _registry(request).get(body.model).llama
+    llama = registry_of(request).get(body.model).llama
     tokens = await anyio.to_thread.run_sync(lambda: llama.tokenize(body.input.encode("utf-8"), special=True))
     return {"count": len(tokens)}
 
 
 @router.post("/extras/detokenize", summary="Detokenize", tags=["Extras"])
 async def detokenize(request: Request, body: DetokenizeInputRequest) -> dict[str, str]:
-    llama = _registry(request).get(body.model).llama
+    llama = registry_of(request).get(body.model).llama
     _check_tokens("tokens", body.tokens, llama.n_vocab())
     text = await anyio.to_thread.run_sync(lambda: llama.detokenize(body.tokens))
     return {"text": text.decode("utf-8", errors="replace")}
@@ -615,7 +615,7 @@ async def detokenize(request: Request, body: DetokenizeInputRequest) -> dict[str
 
 @router.get("/health", summary="Health", tags=["Extras"])
 async def health(request: Request) -> JSONResponse:
-    registry = _registry(request)
+    registry = registry_of(request)
     if registry.closing:
         return errors.unavailable("the server is shutting down").response()
     for served in registry.models.values():
@@ -627,11 +627,11 @@ async def health(request: Request) -> JSONResponse:
 
 @router.get("/extras/stats", summary="Engine statistics and memory", tags=["Extras"])
 async def get_stats(request: Request) -> dict[str, Any]:
-    return await anyio.to_thread.run_sync(stats.collect, _registry(request))
+    return await anyio.to_thread.run_sync(stats.collect, registry_of(request))
 
 
 @router.get("/metrics", summary="Prometheus metrics", tags=["Extras"], responses={
     200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}})
 async def get_metrics(request: Request) -> PlainTextResponse:
-    snapshot = await anyio.to_thread.run_sync(stats.collect, _registry(request))
+    snapshot = await anyio.to_thread.run_sync(stats.collect, registry_of(request))
     return PlainTextResponse(stats.prometheus(snapshot), media_type="text/plain; version=0.0.4")

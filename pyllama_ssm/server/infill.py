@@ -242,7 +242,7 @@ def _last(stream: InfillStream) -> Optional[dict[str, Any]]:
                                   "type": "object", "required": ["data"],
                                   "properties": {"data": {"type": "string"}}}}}}})
 async def infill(request: Request, body: InfillRequest) -> Any:
-    served = chat_app._registry(request).get(body.model)
+    served = chat_app.registry_of(request).get(body.model)
     chat_app.note_ignored(request, body)
     llama, settings = served.llama, served.settings
     try:
@@ -252,7 +252,7 @@ async def infill(request: Request, body: InfillRequest) -> Any:
     except ValueError as e:
         raise bad_request("model", f"{served.alias!r} cannot fill in the middle: "
                                    f"{str(e).removeprefix('suffix: ')}", code="not_supported") from None
-    max_tokens = chat_app._max_tokens(request, body.n_predict if body.n_predict > 0 else
+    max_tokens = chat_app.capped_max_tokens(request, body.n_predict if body.n_predict > 0 else
                                       1 if body.n_predict == 0 else None, "n_predict")
     halt = _Halt(llama.token_eos())
     kwargs: dict[str, Any] = {
@@ -280,6 +280,6 @@ async def infill(request: Request, body: InfillRequest) -> Any:
                                                                       detokenize))
 
     if body.stream:
-        return await chat_app._generate(request, served, body, run, kwargs, done=False,
+        return await chat_app.generate(request, served, body, run, kwargs, done=False,
                                         event=lambda item: {"data": json.dumps(item)})
-    return await chat_app._generate(request, served, body, lambda **kw: _last(run(**kw)), kwargs)
+    return await chat_app.generate(request, served, body, lambda **kw: _last(run(**kw)), kwargs)

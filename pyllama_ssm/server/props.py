@@ -45,7 +45,7 @@ def props(request: Request, served: ServedModel) -> dict[str, Any]:
     prefix cache's bounds, the FIM tokens."""
     llama, settings = served.llama, served.settings
     defaults = CreateCompletionRequest.model_fields
-    limit = chat_app._settings(request).max_tokens_limit
+    limit = chat_app.settings_of(request).max_tokens_limit
     params = {name: defaults[name].default for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
                                                          "presence_penalty", "frequency_penalty", "mirostat_tau",
                                                          "mirostat_eta")}
@@ -134,14 +134,14 @@ def prefix_cache(served: ServedModel) -> dict[str, Any]:
 
 @router.get("/props", summary="Server and model properties (llama-server's)", tags=["llama-server"])
 async def get_props(request: Request, model: Optional[str] = None) -> dict[str, Any]:
-    served = chat_app._registry(request).get(model)
+    served = chat_app.registry_of(request).get(model)
     return await anyio.to_thread.run_sync(props, request, served)
 
 
 @router.get("/slots", summary="What each sequence is doing (llama-server's)", tags=["llama-server"])
 async def get_slots(request: Request, model: Optional[str] = None,
                     fail_on_no_slot: Optional[str] = None) -> list[dict[str, Any]]:
-    served = chat_app._registry(request).get(model)
+    served = chat_app.registry_of(request).get(model)
     out = await anyio.to_thread.run_sync(slots, served)
     if fail_on_no_slot and not any(not s["is_processing"] for s in out):
         raise unavailable("no slot available")
@@ -150,5 +150,5 @@ async def get_slots(request: Request, model: Optional[str] = None,
 
 @router.get("/slots/prefix_cache", summary="What the prefix cache holds", tags=["llama-server"])
 async def get_prefix_cache(request: Request, model: Optional[str] = None) -> dict[str, Any]:
-    served = chat_app._registry(request).get(model)
+    served = chat_app.registry_of(request).get(model)
     return await anyio.to_thread.run_sync(prefix_cache, served)
