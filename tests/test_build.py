@@ -62,16 +62,3 @@ def test_patched_build_reuses_upstream_objects():
     if objects.is_dir():  # this machine built it (not a copied artifact): most objects were reused
         total = sum(1 for _ in objects.rglob("*.o"))
         assert len(recompiled) < total / 2, f"{len(recompiled)} of {total} objects recompiled"
-
-
-def test_pristine_build_has_no_amx_where_upstream_would_fault():
-    """Where -march=native turns AMX on, upstream's AMX kernels fault (patch 0008): the pristine
-    libggml-cpu is compiled without them and says so; the patched one keeps them, fixed."""
-    import build as build_tool
-    flags = build_tool.pristine_cpu_flags(build_tool.cmake_args(json.loads((BUILD / "config.json").read_text())["cuda"]))
-    cpu_flags = BUILD / "upstream" / "CPU_FLAGS"
-    assert (cpu_flags.read_text().split() if cpu_flags.exists() else []) == flags
-    amx_message = b"AMX is not ready to be used"  # ggml_amx_init's, compiled only with AMX
-    assert (amx_message in (BUILD / "upstream" / "lib" / "libggml-cpu.so").read_bytes()) == (not flags)
-    if flags:
-        assert amx_message in (BUILD / "patched" / "lib" / "libggml-cpu.so").read_bytes()

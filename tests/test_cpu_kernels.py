@@ -2,7 +2,8 @@
 
 On Sapphire Rapids class CPUs (amx_int8), ggml moves Q4_0, Q4_1, Q8_0 and K-quant weights into an
 AMX buffer: prompts (several rows) run on AMX tiles, single-row steps on its AVX512-VNNI gemv.
-Upstream's tile path dies with SIGILL there; patch 0008 fixes it.  Each run below is a child process,
+Upstream's tile path dies with SIGILL there; patch 0008 fixes it, in both builds (patches/pristine:
+the parity reference must not crash either).  Each run below is a child process,
 so a fault fails one test with its exit status instead of ending the session.  Where the CPU has no
 AMX the same comparisons run (extra buffer types: the repacked kernels), and the test says which.
 """
@@ -21,8 +22,8 @@ SMOLLM2 = ROOT / "build" / "models" / "smollm2-135m-instruct-q4_1.gguf"
 PROMPT = "The capital of France is a city on the Seine. Its most famous tower is called"
 
 # Loads the model with or without ggml's extra buffer types (AMX, repacked weights), decodes a
-# prompt (many rows: AMX tiles / repacked gemm) then 8 greedy tokens one at a time (gemv), and
-# prints the tokens, every step's logits and the weight buffers llama.cpp reported.
+# prompt (many rows: AMX tiles / repacked gemm) then the 8 tokens of a fixed continuation one at a
+# time (gemv), and prints each step's argmax and logits and the weight buffers llama.cpp reported.
 RUN = """
 import json, logging, sys
 records = []
@@ -35,9 +36,8 @@ with ps.Model(path, overrides={"use_extra_bufts": extra}) as m, ps.Context(m, n_
     toks = m.tokenize(prompt)
     logits = ctx.decode_tokens(toks, seq_id=0)
     out, rows = [], []
-    for i in range(8):
-        t = int(logits.argmax())
-        out.append(t)
+    for i, t in enumerate(m.tokenize(" Paris, on the river Seine, is famous", add_special=False)[:8]):
+        out.append(int(logits.argmax()))
         rows.append([float(x) for x in logits])
         logits = ctx.decode_tokens([t], seq_id=0, pos0=len(toks) + i)
 bufs = sorted({r.split(" model buffer size")[0].split(":")[-1].strip() for r in records if "model buffer size" in r})
@@ -45,41 +45,56 @@ print(json.dumps({"tokens": out, "logits": rows, "buffers": bufs}))
 """
 
 
-def run(path, extra: bool) -> dict:
-    return json.loads(run_with_build("patched", RUN, str(path), "1" if extra else "0", PROMPT).splitlines()[-1])
+def run(path, extra: bool, build: str = "patched") -> dict:
+    return json.loads(run_with_build(build, RUN, str(path), "1" if extra else "0", PROMPT).splitlines()[-1])
 
 
-def quantized_models() -> list:
-    """SmolLM2 as shipped (Q4_1) and in the formats users download, where `make models` made them."""
-    models = [SMOLLM2]
-    try:
-        import graft
-        models += [p for fmt in ("q4_0", "q8_0", "q4_k_m") if (p := graft.smollm2_path(fmt)).exists()]
-    except (ImportError, AttributeError):
-        pass
-    return models
+def quantized_models() -> list[tuple]:
+    """(quantized file, its f16 original): SmolLM2 as shipped (Q4_1) and in the formats users download, a
+    real-text hybrid, and a recurrent and a hybrid zoo family (tests/models/graft.py, `make models`)."""
+    import graft
+    smollm2_f16 = graft.graft_path("smollm2", "f16")
+    return [(SMOLLM2, smollm2_f16)] + [(graft.graft_path("smollm2", f), smollm2_f16) for f in ("q4_0", "q8_0", "q4_k_m")] \
+        + [(graft.graft_path("falcon-h1", "q4_k_m"), graft.graft_path("falcon-h1", "f16"))] \
+        + [(graft.graft_path(z, f), ROOT / "build" / "models" / f"{z}.gguf")
+           for z in graft.ZOO_QUANTIZED for f in graft.ZOO_FORMATS]
 
 
-@pytest.mark.parametrize("path", quantized_models(), ids=lambda p: p.name)
-def test_fast_cpu_kernels_give_the_reference_tokens(path, capsys):
-    """AMX (or repacked) kernels run without a fault and give the greedy tokens of ggml's plain kernels."""
-    if not path.exists():
-        pytest.skip(f"{path.name} missing: run `make models`")
-    fast, plain = run(path, True), run(path, False)
-    with capsys.disabled():
-        print(f"\n  {path.name}: weight buffers {fast['buffers']} (AMX on this CPU: {AMX}) vs {plain['buffers']}")
-    if AMX and "q4_1" in path.name:
-        assert "AMX" in fast["buffers"], f"expected ggml's AMX buffer on an amx_int8 CPU, got {fast['buffers']}"
-    assert fast["tokens"] == plain["tokens"]
-    # Two correct kernels, not one: AMX quantizes the activations and sums the blocks its own way.
-    # SmolLM2 Q4_1 on a Xeon with AMX: chosen tokens' logprobs within 0.065 of the plain kernels',
-    # the whole vocabulary's logits within 1.08 (its tail, at -25).  A faulty tile configuration or
-    # kernel gives other tokens or logits off by tens.
-    worst_lp = max(abs(logprob(ra, t) - logprob(rb, t)) for ra, rb, t in zip(fast["logits"], plain["logits"], fast["tokens"]))
-    worst = max(abs(a - b) for ra, rb in zip(fast["logits"], plain["logits"]) for a, b in zip(ra, rb))
-    assert worst_lp < 0.15 and worst < 2.0, f"fast vs plain kernels: logprob {worst_lp:.3g}, logits {worst:.3g} apart"
+def error(run_: dict, ref: dict) -> float:
+    """Mean over the steps of the largest logprob error of the reference's 10 likeliest tokens."""
+    worst = []
+    for got, want in zip(run_["logits"], ref["logits"]):
+        top = sorted(range(len(want)), key=want.__getitem__)[-10:]
+        worst.append(max(abs(logprob(got, t) - logprob(want, t)) for t in top))
+    return sum(worst) / len(worst)
 
 
 def logprob(logits: list[float], token: int) -> float:
     top = max(logits)
     return logits[token] - top - math.log(sum(math.exp(x - top) for x in logits))
+
+
+@pytest.mark.parametrize("path,original", quantized_models(), ids=lambda p: p.name)
+def test_fast_cpu_kernels_are_as_accurate_as_the_plain_ones(path, original, capsys):
+    """AMX (or repacked) kernels run without a fault and stay as close to the f16 original as ggml's
+    plain kernels do.  They are other sums, not the same ones: on a Xeon with AMX, SmolLM2 Q8_0's logprobs
+    are 0.30 (AMX) and 0.23 (plain) from f16's on average, Q4_0's 1.92 and 2.07, and either may pick
+    another token on a near-tie; a faulty tile configuration or kernel is off by tens."""
+    if not path.exists() or not original.exists():
+        pytest.skip(f"{path.name} missing: run `make models`")
+    fast, plain, ref = run(path, True), run(path, False), run(original, False)
+    e_fast, e_plain = error(fast, ref), error(plain, ref)
+    with capsys.disabled():
+        print(f"\n  {path.name}: weight buffers {fast['buffers']} (AMX on this CPU: {AMX}) vs {plain['buffers']}; "
+              f"logprob error vs f16: {e_fast:.3f} fast, {e_plain:.3f} plain")
+    if AMX:
+        assert "AMX" in fast["buffers"], f"expected ggml's AMX buffer on an amx_int8 CPU, got {fast['buffers']}"
+    assert e_fast <= 1.25 * e_plain + 0.05, f"fast kernels {e_fast:.3f} from f16, plain ones {e_plain:.3f}"
+
+
+def test_pristine_build_runs_the_same_fast_kernels():
+    """The parity reference carries the AMX fix too (patches/pristine): it runs SmolLM2 on the same
+    kernels without a fault, bit for bit what the patched build computes for one sequence."""
+    if not SMOLLM2.exists():
+        pytest.skip("SmolLM2 missing: run `make models`")
+    assert run(SMOLLM2, True, "upstream") == run(SMOLLM2, True, "patched")

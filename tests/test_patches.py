@@ -61,3 +61,14 @@ def test_edit_then_refresh_reproduces_the_series(tmp_path):
     assert (out / "series").read_text() == (patches.PATCHES / "series").read_text()
     for p in patches.series():
         assert (out / p.name).read_bytes() == p.read_bytes(), f"{p.name} changed on refresh"
+
+
+def test_pristine_fixes_apply_alone_and_share_no_file(tmp_path):
+    """patches/pristine: what the parity reference carries too applies to the pin by itself and touches
+    no file of another patch, so the pristine build differs from upstream by exactly these fixes."""
+    fixes = patches.pristine_fixes()
+    assert [patches.topic_of(p) for p in fixes] == ["ggml-amx"]
+    tree = small_tree(tmp_path)
+    assert sorted(patches.apply_series(tree, patches=fixes)) == sorted(f for p in fixes for f in patches.touched_files(p))
+    others = {f for p in patches.series() if p not in fixes for f in patches.touched_files(p)}
+    assert not others & {f for p in fixes for f in patches.touched_files(p)}

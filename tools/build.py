@@ -10,7 +10,7 @@ wheel built after `make build` with the same options compiles nothing.
 Results (shared libraries with $ORIGIN rpaths, headers, and for the pristine
 build llama-server and ggml-rpc-server):
 
-    build/upstream/{lib,include,bin}    pristine upstream
+    build/upstream/{lib,include,bin}    pristine upstream (+ the fixes patches/pristine names)
     build/patched/{lib,include}         upstream + patches/series
 
 Both builds share one CMake object tree kept in a cache outside the repository
@@ -118,26 +118,6 @@ def cmake_args(cuda: bool) -> list[str]:
     return args + split_cuda(extra_args())[1]
 
 
-# The pristine build is the parity reference, so it keeps upstream's source; but upstream's AMX
-# kernels die with SIGILL on Sapphire Rapids class CPUs (patch 0008 fixes them in the patched build).
-# Where -march=native turns AMX on, the pristine libggml-cpu is compiled a second time with it off.
-NO_AMX = ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"]
-
-
-def pristine_cpu_flags(args: list[str]) -> list[str]:
-    """Extra compiler flags for the pristine libggml-cpu: NO_AMX where a native build would use AMX, else []."""
-    native = next((a.partition("=")[2].lower() for a in reversed(args) if a.startswith("-DGGML_NATIVE=")), "on")
-    if native not in _TRUE or os.uname().machine not in ("x86_64", "AMD64"):
-        return []  # a portable build: AMX only where asked for (GGML_AMX_INT8, GGML_CPU_ALL_VARIANTS), see README
-    cc = shlex.split(os.environ.get("CC", "")) or ["cc"]
-    try:
-        out = subprocess.run([*cc, "-march=native", "-dM", "-E", "-"], input="", capture_output=True,
-                             text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return NO_AMX if "__AMX_INT8__" in out else []
-
-
 def works(*cmd: str) -> bool:
     """Whether the command runs and succeeds (a tool's --version)."""
     try:
@@ -194,16 +174,16 @@ class Builder:
         self.log = log  # compiler output goes there instead of the terminal (pip), errors name it
         pin = vendor.read_lock()
         self.args = cmake_args(cuda)
-        # the shared source and object tree; the pristine artifact also names its libggml-cpu's flags
+        # one source and object tree for both builds; the pristine one is the pin + patches/pristine
         self.tree_key = digest(pin["sha256"], CONFIG_VERSION, *self.args, os.uname().machine)
-        self.pristine_cpu = pristine_cpu_flags(self.args)
-        self.upstream_key = digest(self.tree_key, *self.pristine_cpu) if self.pristine_cpu else self.tree_key
+        self.fixes = series_mod.pristine_fixes()
+        self.upstream_key = digest(self.tree_key, series_mod.series_digest(patches=self.fixes)) \
+            if self.fixes else self.tree_key
         self.patched_key = digest(self.upstream_key, series_mod.series_digest())
         cache = vendor.cache_root()
         self.work = cache / "work" / self.tree_key
         self.src = self.work / "src"
         self.obj = self.work / "obj"
-        self.obj_pristine_cpu = self.work / "obj-pristine-cpu"
         self.state_file = self.work / "state.json"
         self.artifacts = cache / "artifacts"
 
@@ -217,36 +197,29 @@ class Builder:
         self.state_file.write_text(json.dumps(state, indent=1))
 
     def _sync_pristine(self) -> None:
-        """Bring the work tree back to the pin, rewriting only what patches touched."""
+        """Bring the work tree to the pin + its fixes (patches/pristine), rewriting only what changes."""
         if not (self.src / "CMakeLists.txt").exists():
             series_mod.copy_pristine(self.src)
             self._save_state({"applied": "", "touched": []})
-            return
-        state = self._state()
-        for rel in state["touched"]:
-            orig, cur = series_mod.PRISTINE / rel, self.src / rel
-            if orig.exists():
-                # copyfile, not copy2: a fresh mtime makes Ninja rebuild the file.
-                cur.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(orig, cur)
-            elif cur.exists():
-                cur.unlink()
-        self._save_state({"applied": "", "touched": []})
+        self._bring_to(self.fixes, self.upstream_key if self.fixes else "")
 
     def _apply(self) -> None:
-        """Bring the work tree to pin + series, rewriting only files whose content changes.
-
-        The series is applied to a staging copy of the files it touches; a file
-        keeps its mtime (and Ninja its object) unless its patched text differs
-        from what the tree holds, so editing one patch rebuilds only its files.
-        """
-        state = self._state()
-        if state["applied"] == self.patched_key:
-            return
+        """Bring the work tree to the pin + the series."""
         if not (self.src / "CMakeLists.txt").exists():
             self._sync_pristine()
-            state = self._state()
-        touched = {rel for p in series_mod.series() for rel in series_mod.touched_files(p)}
+        self._bring_to(series_mod.series(), self.patched_key)
+
+    def _bring_to(self, patches: list[Path], key: str) -> None:
+        """The work tree becomes the pin + patches (key names that state), rewriting only files whose content changes.
+
+        The patches are applied to a staging copy of the files they touch; a file keeps its mtime (and
+        Ninja its object) unless its text differs from what the tree holds, so editing one patch rebuilds
+        only its files, and going from one build to the other rewrites only what their patches change.
+        """
+        state = self._state()
+        if state["applied"] == key:
+            return
+        touched = {rel for p in patches for rel in series_mod.touched_files(p)}
         with tempfile.TemporaryDirectory() as tmp:
             stage = Path(tmp) / "tree"
             for rel in touched:
@@ -254,44 +227,41 @@ class Builder:
                     (stage / rel).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(series_mod.PRISTINE / rel, stage / rel)
             stage.mkdir(parents=True, exist_ok=True)
-            series_mod.apply_series(stage)
+            series_mod.apply_series(stage, patches=patches)
             for rel in touched | set(state["touched"]):
                 want = stage / rel if rel in touched else series_mod.PRISTINE / rel
                 cur = self.src / rel
                 if not want.exists():
                     cur.unlink(missing_ok=True)
                 elif not cur.exists() or cur.read_bytes() != want.read_bytes():
+                    # copyfile, not copy2: a fresh mtime makes Ninja rebuild the file.
                     cur.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(want, cur)
-        self._save_state({"applied": self.patched_key, "touched": sorted(touched)})
+        self._save_state({"applied": key, "touched": sorted(touched)})
 
-    def _compile(self, targets: list[str], obj: Path | None = None, flags: list[str] = ()) -> None:
-        obj = obj or self.obj
-        if not (obj / "build.ninja").exists():
+    def _compile(self, targets: list[str]) -> None:
+        if not (self.obj / "build.ninja").exists():
             # No build-machine path in the binaries (ggml's asserts print __FILE__).  Not in the
             # key: they name the work tree, which the key already picks (CONFIG_VERSION 2 has them).
             env = dict(os.environ)
-            maps = f"-ffile-prefix-map={self.src}=llama.cpp -ffile-prefix-map={obj}=llama.cpp"
+            maps = f"-ffile-prefix-map={self.src}=llama.cpp -ffile-prefix-map={self.obj}=llama.cpp"
             for var in ("CFLAGS", "CXXFLAGS"):
-                env[var] = " ".join([env.get(var, ""), maps, *flags]).strip()
+                env[var] = f"{env.get(var, '')} {maps}".strip()
             if self.cuda and not env.get("CUDACXX") and not shutil.which("nvcc"):
                 env["CUDACXX"] = DEFAULT_NVCC  # off PATH, where the toolkit installs it (preflight)
             try:
-                run(["cmake", "-S", str(self.src), "-B", str(obj), *self.args], log=self.log, env=env)
+                run(["cmake", "-S", str(self.src), "-B", str(self.obj), *self.args], log=self.log, env=env)
             except BuildError:
-                (obj / "CMakeCache.txt").unlink(missing_ok=True)  # configure again next time
+                (self.obj / "CMakeCache.txt").unlink(missing_ok=True)  # configure again next time
                 raise
-        run(["cmake", "--build", str(obj), "-j", str(self.jobs), "--target", *targets], log=self.log)
+        run(["cmake", "--build", str(self.obj), "-j", str(self.jobs), "--target", *targets], log=self.log)
 
-    def _install(self, dest: Path, key: str, tools: bool, cpu_from: Path | None = None) -> None:
-        """Copy a finished build to dest; cpu_from: the tree whose libggml-cpu replaces the shared one's."""
+    def _install(self, dest: Path, key: str, tools: bool) -> None:
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "lib").mkdir(parents=True)
         (tmp / "include").mkdir()
-        cpu = {so.name: so for so in (cpu_from / "bin").glob("libggml-cpu.so*")} if cpu_from else {}
         for so in sorted((self.obj / "bin").glob("lib*.so*")):
-            so = cpu.get(so.name, so)
             target = tmp / "lib" / so.name
             if so.is_symlink():
                 target.symlink_to(os.readlink(so))
@@ -303,8 +273,6 @@ class Builder:
             (tmp / "bin").mkdir()
             for exe in TOOL_TARGETS:
                 shutil.copy2(self.obj / "bin" / exe, tmp / "bin" / exe)
-        if cpu_from:
-            (tmp / "CPU_FLAGS").write_text(" ".join(self.pristine_cpu) + "\n")
         (tmp / "BUILD_KEY").write_text(key + "\n")
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(tmp, dest)
@@ -351,11 +319,7 @@ class Builder:
                 step("building pristine upstream")
                 self._sync_pristine()
                 self._compile(LIB_TARGETS + TOOL_TARGETS)
-                if self.pristine_cpu:  # its own tree, from the same pristine source: only ggml-cpu differs
-                    step(f"building pristine ggml-cpu with {' '.join(self.pristine_cpu)} (upstream's AMX path faults)")
-                    self._compile(["ggml-cpu"], obj=self.obj_pristine_cpu, flags=self.pristine_cpu)
-                self._install(self.artifact("upstream"), self.upstream_key, tools=True,
-                              cpu_from=self.obj_pristine_cpu if self.pristine_cpu else None)
+                self._install(self.artifact("upstream"), self.upstream_key, tools=True)
             if not (self.artifact("patched") / "RECOMPILED").exists():  # absent: built by pip alone
                 step(f"building patched ({len(series_mod.series())} patch(es))")
                 self._apply()
@@ -373,7 +337,7 @@ class Builder:
         for flavour in ("upstream", "patched"):
             publish(self.artifact(flavour), BUILD / flavour)
         cfg = {"cuda": self.cuda, "tree_key": self.tree_key, "upstream_key": self.upstream_key,
-               "patched_key": self.patched_key, "pristine_cpu_flags": self.pristine_cpu}
+               "patched_key": self.patched_key, "pristine_fixes": [p.name for p in self.fixes]}
         (BUILD / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
 
 

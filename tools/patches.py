@@ -6,7 +6,9 @@
     python tools/patches.py refresh [DIR]         # regenerate patches/ from that work tree
 
 patches/series lists the files in order; each is a `git format-patch` file
-whose message says what it changes in upstream behaviour and why.
+whose message says what it changes in upstream behaviour and why.  patches/pristine
+names the topics of the few patches the pristine build carries too: upstream bugs
+that make the reference itself crash (the AMX kernels), so parity compares like with like.
 """
 
 from __future__ import annotations
@@ -47,11 +49,30 @@ def series(patch_dir: Path = PATCHES) -> list[Path]:
     return paths
 
 
-def series_digest(patch_dir: Path = PATCHES) -> str:
+def series_digest(patch_dir: Path = PATCHES, patches: list[Path] | None = None) -> str:
     h = hashlib.sha256()
-    for p in series(patch_dir):
+    for p in series(patch_dir) if patches is None else patches:
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
+
+
+def topic_of(patch: Path) -> str:
+    """'ggml-amx' of 0008-ggml-amx.patch."""
+    return patch.stem.split("-", 1)[1] if re.match(r"\d{4}-", patch.name) else patch.stem
+
+
+def pristine_fixes(patch_dir: Path = PATCHES) -> list[Path]:
+    """The patches of the series the pristine build also carries (patches/pristine lists their topics):
+    each must apply to the pin alone and touch no file another patch touches."""
+    listed = patch_dir / "pristine"
+    if not listed.exists():
+        return []
+    topics = {ln.split("#", 1)[0].strip() for ln in listed.read_text().splitlines()} - {""}
+    fixes = [p for p in series(patch_dir) if topic_of(p) in topics]
+    missing = topics - {topic_of(p) for p in fixes}
+    if missing:
+        raise PatchError(f"{listed}: names {', '.join(sorted(missing))}, which patches/series does not list")
+    return fixes
 
 
 def touched_files(patch: Path) -> list[str]:
@@ -74,11 +95,11 @@ def _apply_env(tree: Path) -> dict[str, str]:
     return {**os.environ, "GIT_CEILING_DIRECTORIES": str(tree.resolve().parent)}
 
 
-def apply_series(tree: Path, patch_dir: Path = PATCHES) -> list[str]:
-    """Check then apply each patch in order to tree; returns every touched path."""
+def apply_series(tree: Path, patch_dir: Path = PATCHES, patches: list[Path] | None = None) -> list[str]:
+    """Check then apply each patch of the series (or of `patches`) in order to tree; returns every touched path."""
     touched: list[str] = []
     env = _apply_env(tree)
-    for p in series(patch_dir):
+    for p in series(patch_dir) if patches is None else patches:
         check = subprocess.run(["git", "apply", "--check", "-p1", str(p)], cwd=tree, capture_output=True,
                                text=True, env=env)
         if check.returncode != 0:
