@@ -17,8 +17,10 @@ A streamed completion or chat completion is a CompletionStream: an iterator of
 chunks whose cancel() works from any thread.  rpc_servers puts layers on other
 machines (pyllama_ssm.rpc).
 
-Responses are llama_cpp.llama_types dicts.  Not supported, with a clear error:
-suffix (fill-in-the-middle), draft_model (speculative decoding), lora_base.
+Responses are llama_cpp.llama_types dicts.  suffix (fill-in-the-middle) lays the prompt out around the
+model's FIM tokens as llama-server does (pyllama_ssm.fim; spm_infill=True puts the suffix first); a
+vocabulary without them gets a ValueError naming the missing tokens.  Not supported, with a clear
+error: draft_model (speculative decoding), lora_base.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from typing import Any, Literal, Optional, Union
 import numpy as np
 import numpy.typing as npt
 
-from . import llama_chat_format, llama_grammar
+from . import fim, llama_chat_format, llama_grammar
 from .batch import Batch
 from .bindings import ffi, has, lib
 from .context import Context, default_threads
@@ -371,6 +373,8 @@ class Llama:
         # as llama-cpp-python: no mmap with a LoRA; the arrays live as long as model_params refers to them
         self._model_overrides = self._model_params(split_mode, main_gpu, tensor_split,
                                                    use_mmap and lora_path is None, use_mlock, kv_overrides)
+        if batch_invariant:  # plain kernels for quantized weights too (see Engine)
+            self._model_overrides["use_extra_bufts"] = False
         with contextlib.ExitStack() as stack:  # anything opened is closed again if a later step fails
             self._model = Model(model_path, n_gpu_layers=0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers,
                                 vocab_only=vocab_only, overrides=self._model_overrides, rpc_servers=rpc_servers)
@@ -391,6 +395,9 @@ class Llama:
                                 ("type_v", type_v)):
                 if value is not None:
                     context_params[name] = value
+            # one default for every n_parallel, llama-server's (stock's is off): raising n_parallel must not
+            # change a lone request's kernels, so its answer (issue #26)
+            flash_attn_mode = "auto" if flash_attn is None else bool(flash_attn)
             # a rejected draft token is undone on recurrent memory from a snapshot of the pool (patched build)
             self._draft_snapshots = draft_model is not None and has("llama_memory_rs_snapshot") and \
                 (self._model.is_recurrent or self._model.is_hybrid)
@@ -403,7 +410,7 @@ class Llama:
                                     n_batch=self.n_batch, n_ubatch=min(self.n_batch, n_ubatch),
                                     n_seq_max=min(self.n_batch, lib.llama_max_parallel_sequences()) if embedding
                                     else 1, n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
-                                    kv_unified=embedding, flash_attn=bool(flash_attn), embeddings=embedding,
+                                    kv_unified=embedding, flash_attn=flash_attn_mode, embeddings=embedding,
                                     n_rs_pool=int(self._draft_snapshots),
                                     batch_invariant=bool(batch_invariant), overrides=context_params)
                 stack.callback(self._ctx.close)
@@ -416,7 +423,7 @@ class Llama:
                     n_ctx=n_ctx, parallel=n_parallel, n_batch=self.n_batch, n_ubatch=min(self.n_batch, n_ubatch),
                     n_threads=self.n_threads,
                     n_threads_batch=self.n_threads_batch, prefix_cache=prefix_cache,
-                    prefix_cache_bytes=prefix_cache_bytes, flash_attn="auto" if flash_attn is None else bool(flash_attn),
+                    prefix_cache_bytes=prefix_cache_bytes, flash_attn=flash_attn_mode,
                     batch_invariant=bool(batch_invariant), context_overrides=context_params,
                     draft_model=draft_model))
                 stack.callback(self._engine.close)
@@ -1011,8 +1018,11 @@ class Llama:
         end of the system message and of the last turn).
         """
         self._require_context("create_completion")
-        if suffix is not None:
-            raise ValueError("suffix: fill-in-the-middle completion is not supported")
+        prefix = prompt
+        if suffix is not None:  # fill-in-the-middle: the prompt is the prefix (text, or token ids as given)
+            if not isinstance(suffix, str):
+                raise TypeError(f"suffix: expected a string, got {type(suffix).__name__}")
+            prompt = fim.infill_tokens(self._model, prompt, suffix, spm=self.spm_infill)
         prompt_tokens = self._prompt_tokens(prompt)
         room = self._n_ctx - len(prompt_tokens)
         if max_tokens in _UNLIMITED:
@@ -1040,7 +1050,7 @@ class Llama:
                 seed=call_seed)
             self._seed = call_seed
         head = (f"cmpl-{uuid.uuid4()}", int(time.time()), model if model is not None else self.model_path)
-        echo_text = "" if not echo else prompt if isinstance(prompt, str) else \
+        echo_text = "" if not echo else prefix if isinstance(prefix, str) else \
             self.detokenize(prompt_tokens).decode("utf-8", errors="ignore")
         # inside create_chat_completion, the chat stream's cancellation
         cancellation = getattr(_chat_scope, "cancellation", None) or _Cancellation()

@@ -10,6 +10,7 @@ tolerance that would have caught every case of issue #17: 1e-3 on logprobs, iden
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -211,3 +212,48 @@ def test_echo_scores_each_prompt_token_by_the_position_before_it(model, n_parall
     want = direct_prompt_logprobs(model, tokens)
     np.testing.assert_allclose(lp["token_logprobs"][1:len(tokens)], want, atol=TOL)
     assert all(v <= 0 for v in lp["token_logprobs"][1:])
+
+
+# -- real text, quantized formats: bit for bit ------------------------------------------------------
+
+QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "Name a famous play by Shakespeare.",
+             "What do bees make?"]
+# (model, format) from tests/models/graft.py: real-text hybrids, SmolLM2 and a hybrid and a recurrent zoo
+# family in the formats users download (their repacked / AMX kernels are replaced by ggml's plain ones
+# under batch_invariant: those have one kernel for a row and another for many)
+BIT_FOR_BIT = [("falcon-h1", "f16"), ("falcon-h1", "q4_k_m"), ("granitehybrid", "q8_0"), ("smollm2", "q4_0"),
+               ("qwen35-tiny", "q4_0"), ("mamba2-tiny", "q8_0")]
+
+
+def _answer(llm, question: str) -> tuple[str, list[float]]:
+    out = llm.create_chat_completion([{"role": "user", "content": question}], max_tokens=16, temperature=0,
+                                     logprobs=True, top_logprobs=1)["choices"][0]
+    return out["message"]["content"], [t["logprob"] for t in out["logprobs"]["content"]]
+
+
+@pytest.mark.parametrize("arch,fmt", BIT_FOR_BIT, ids=lambda x: x)
+def test_alone_in_a_crowd_and_from_the_cache_bit_for_bit(arch, fmt):
+    """What a user checks: the same question alone (`Llama()`), among others (`Llama(n_parallel=4)`,
+    staggered concurrent joins) and again (a prefix-cache hit) gives the same text and logprobs, exactly."""
+    import graft
+    path = graft.graft_path(arch, fmt)
+    if not path.exists():
+        pytest.skip(f"{path.name} missing: run `make models`")
+    with Llama(str(path), n_ctx=2048, batch_invariant=True, logits_all=True, verbose=False) as solo:
+        want = {q: _answer(solo, q) for q in QUESTIONS}
+    got: dict[str, tuple[str, list[float]]] = {}
+    with Llama(str(path), n_ctx=4096, n_parallel=4, batch_invariant=True, verbose=False) as many:
+        def ask(i: int, q: str) -> None:
+            time.sleep(0.02 * i)  # joins while the others prefill or decode
+            got[q] = _answer(many, q)
+        threads = [threading.Thread(target=ask, args=(i, q)) for i, q in enumerate(QUESTIONS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        again = {q: _answer(many, q) for q in QUESTIONS}  # their prompts are cached now
+    if "tiny" not in arch:
+        assert all(text.strip() for text, _ in want.values())
+    for q in QUESTIONS:
+        assert got[q] == want[q], f"{path.name} {q!r}: in a crowd {got[q]} != alone {want[q]}"
+        assert again[q] == want[q], f"{path.name} {q!r}: from the cache {again[q]} != alone {want[q]}"

@@ -327,7 +327,10 @@ class Engine:
         self._own_model = not isinstance(model, Model)
         if not self._own_model and (cfg.n_gpu_layers or cfg.rpc_servers is not None):
             raise ValueError("n_gpu_layers, rpc_servers: give them to the Model when passing a loaded one")
-        self.model = Model(model, n_gpu_layers=cfg.n_gpu_layers, rpc_servers=cfg.rpc_servers) \
+        # batch_invariant: ggml's plain kernels for quantized weights too (repacked and AMX weights have
+        # one kernel for a row and another for many); a Model given loaded is the caller's choice
+        self.model = Model(model, n_gpu_layers=cfg.n_gpu_layers, rpc_servers=cfg.rpc_servers,
+                           overrides={"use_extra_bufts": False} if cfg.batch_invariant else None) \
             if self._own_model else model
         if not 1 <= parallel <= MAX_SEQ:
             raise ValueError(f"parallel={parallel}: must be in 1..{MAX_SEQ}")

@@ -71,8 +71,8 @@ class ModelSettings(_Strict):
     embedding: bool = Field(default=False, description="Whether to use embeddings.")
     offload_kqv: bool = Field(default=True, description="Whether to offload kqv to the GPU.")
     flash_attn: Optional[bool] = Field(
-        default=None, description="Whether to use flash attention (default: off with n_parallel=1, as "
-        "llama_cpp.server; auto above, as llama-server).")
+        default=None, description="Whether to use flash attention (default: auto, as llama-server, for "
+        "every n_parallel: llama_cpp.server's is off).")
     batch_invariant: bool = Field(
         default=False, description="Each answer independent of what else runs and of the prefix cache "
         "(n_parallel > 1, flash attention; costs 0-30% of throughput on CPU).")

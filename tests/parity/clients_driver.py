@@ -23,7 +23,7 @@ warnings.filterwarnings("ignore")  # langchain-community's sunset notice and fri
 import llama_cpp  # noqa: E402
 
 MODEL, CLIENTS = sys.argv[1], sys.argv[3:]
-LLAMA = dict(n_ctx=1024, n_batch=256, n_threads=1, seed=1, verbose=False, **json.loads(sys.argv[2]))
+LLAMA = {**dict(n_ctx=1024, n_batch=256, n_threads=1, seed=1, verbose=False, flash_attn=False), **json.loads(sys.argv[2])}
 THREADS = 4 if LLAMA.get("n_parallel", 1) > 1 else 1
 MAX_TOKENS = 16
 PROMPT = "The three primary colors are"

@@ -72,7 +72,7 @@ def tokens(paths: list[str]) -> dict:
 
 
 def completions(path: str) -> dict:
-    llm = llama_cpp.Llama(path, n_ctx=512, logits_all=True, seed=1234, verbose=False)
+    llm = llama_cpp.Llama(path, n_ctx=512, logits_all=True, seed=1234, flash_attn=False, verbose=False)
     out = {}
 
     def record(name, response):
