@@ -4,7 +4,15 @@ The chain follows llama-cpp-python's (logit bias, penalties, grammar, then
 greedy at temperature 0, the plain seeded distribution below 0, mirostat, or
 top-k, typical, top-p, min-p, temperature and the seeded distribution) so the
 same parameters pick the same tokens.  A Python logits processor, when given,
-rewrites the raw logits before the chain sees them.
+rewrites a copy of the raw logits before the chain sees them (the context's
+buffer keeps the model's own).
+
+A grammar is a hard constraint: the sampler never accepts a token it rejects
+(llama.cpp's grammar throws on one, across its C API: an abort).  When the
+logit bias or a logits processor (min_tokens' ban on EOS) leaves no token it
+allows, the generation ends there if the grammar is complete (an EOG token is
+returned, not accepted: finish reason "stop", even before min_tokens, as
+llama.cpp ends a completed grammar), else sample() raises ValueError.
 """
 
 from __future__ import annotations
@@ -56,6 +64,10 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", bias)
 
 
+# llama_token_data as numpy sees it, to fill a candidates array from the logits in one pass
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+assert _TOKEN_DATA.itemsize == ffi.sizeof("llama_token_data")
+
 _NUMERIC = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty",
             "presence_penalty", "penalty_last_n", "mirostat_mode", "mirostat_tau", "mirostat_eta")
 
@@ -69,6 +81,10 @@ class Sampler:
         self.params = params
         self._n_vocab = model.n_vocab
         self._generated: list[int] = []  # what the logits processor is shown
+        self._vocab = model.vocab
+        self._grammar = ffi.NULL  # the chain's grammar sampler (the chain owns it), when there is one
+        self._candidates = None   # (llama_token_data[n_vocab], numpy view, ids): see _sample_checked
+        self._one = None          # llama_token_data[1] and its array: one token through the grammar
         p = params
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         self._chain = chain
@@ -90,6 +106,7 @@ class Sampler:
                 self.close()
                 raise ValueError("grammar: llama.cpp could not parse the GBNF grammar")
             add(g)
+            self._grammar = g
         # Greedy, with or without penalties: llama_sampler_sample would copy all n_vocab logits
         # into candidates (~0.4 ms per token for 150k) to pick the first maximum. numpy's argmax
         # reads the context's buffer instead. Penalties change only the logits of the last
@@ -124,13 +141,65 @@ class Sampler:
             token = self._sample_penalized(ctx_ptr, idx)
             self._window.append(token)
             return token
-        if self.params.logits_processor is None:
+        processor = self.params.logits_processor
+        if processor is None and self._grammar == ffi.NULL:
             return lib.llama_sampler_sample(self._chain, ctx_ptr, idx)
         logits = self._logits(ctx_ptr, idx)
-        logits[:] = self.params.logits_processor(self._generated, logits.copy())
-        token = lib.llama_sampler_sample(self._chain, ctx_ptr, idx)
-        self._generated.append(token)
+        if processor is not None:
+            # on a copy: the context's buffer keeps the model's logits, for whoever reads them next (a
+            # prompt whose evaluation is reused samples from them again)
+            logits = processor(self._generated, logits.copy())
+        token = self._sample_checked(logits)
+        if processor is not None:
+            self._generated.append(token)
         return token
+
+    def _sample_checked(self, logits) -> int:
+        """llama_sampler_sample's steps on these logits (candidates, the chain, accept), with a check
+        before accepting: the chosen token must have a logit above -inf (not NaN) and the grammar must
+        allow it.  When none is left, a completed grammar ends the generation (see the module's doc)."""
+        if self._candidates is None:
+            data = ffi.new("llama_token_data[]", self._n_vocab)
+            self._candidates = (data, np.frombuffer(ffi.buffer(data), dtype=_TOKEN_DATA),
+                                np.arange(self._n_vocab, dtype=np.int32))
+        data, view, ids = self._candidates
+        view["id"] = ids
+        view["logit"] = logits
+        view["p"] = 0.0
+        cur = ffi.new("llama_token_data_array *", (data, self._n_vocab, -1, False))
+        lib.llama_sampler_apply(self._chain, cur)
+        chosen = cur.data[cur.selected] if 0 <= cur.selected < cur.size else None
+        if self._grammar == ffi.NULL:
+            if chosen is None:  # llama_sampler_sample asserts (aborts) here
+                raise ValueError("logits_processor: no token left to sample")
+        elif chosen is None or not chosen.logit > -np.inf or not self._grammar_allows(chosen.id):  # -inf, NaN
+            end = self._grammar_end()
+            if end is None:
+                raise ValueError("grammar: no token the grammar allows is left to sample: the logit_bias or the "
+                                 "logits processor ruled out every one")
+            return end  # not accepted: the generation ends with it
+        lib.llama_sampler_accept(self._chain, chosen.id)
+        return chosen.id
+
+    def _grammar_allows(self, token: int) -> bool:
+        """Whether the grammar, in its current state, accepts token next (its own test, on one candidate)."""
+        if self._one is None:
+            one = ffi.new("llama_token_data[]", 1)
+            self._one = (one, ffi.new("llama_token_data_array *", (one, 1, -1, False)))
+        one, arr = self._one
+        one[0].id, one[0].logit, one[0].p = token, 0.0, 0.0
+        arr.size, arr.selected, arr.sorted = 1, -1, False
+        lib.llama_sampler_apply(self._grammar, arr)
+        return one[0].logit != float("-inf")
+
+    def _grammar_end(self) -> int | None:
+        """An end-of-generation token when the grammar is complete (it allows every EOG token alike,
+        once a stack is empty), else None."""
+        eog = next((t for t in (lib.llama_vocab_eos(self._vocab), lib.llama_vocab_eot(self._vocab))
+                    if 0 <= t < self._n_vocab and lib.llama_vocab_is_eog(self._vocab, t)), None)
+        if eog is None:  # neither is set: any token of the EOG set
+            eog = next((t for t in range(self._n_vocab) if lib.llama_vocab_is_eog(self._vocab, t)), None)
+        return eog if eog is not None and self._grammar_allows(eog) else None
 
     def _sample_penalized(self, ctx_ptr, idx: int) -> int:
         """Penalties then greedy, on the window and the raw first maximum (see __init__)."""
