@@ -434,3 +434,53 @@ def test_a_full_cache_drops_what_a_turn_supersedes_before_evicting_another_conve
             e.generate(prompt, GREEDY, max_tokens=1, checkpoints=[len(system), len(prompt)])
         assert sorted(map(len, e.cache.entries)) == sorted([len(system), len(b1), len(a2)])
         assert e.generate(b2, GREEDY, max_tokens=1).usage.cached_tokens == len(b1)
+
+
+def test_slots_and_prefix_entries_say_what_each_sequence_and_the_cache_hold():
+    """Engine.slots(): per sequence, None when idle, else the request's prefill then decode progress;
+    Engine.prefix_entries(): the cache's entries.  Both are read on the engine thread between steps."""
+    import dataclasses
+
+    from pyllama_ssm.engine import PrefixEntryView, SlotView
+    prompt = SYSTEM * 20 + "User: tell me about foxes"
+    with Engine(zoo_model("qwen35"), n_ctx=2048, parallel=2, n_batch=16) as e:
+        assert e.slots() == [None, None] and e.prefix_entries() == []
+        tokens = e.model.tokenize(prompt)
+        first = e.submit(tokens, GREEDY, max_tokens=200)
+        seen: list[SlotView] = []
+        while not first.done:  # each read falls between two steps: the prefill takes len(tokens) / 16 of them
+            views = [v for v in e.slots() if v is not None]
+            assert len(views) <= 1
+            seen += views
+        first.result(timeout=60)
+        assert seen and all(isinstance(v, SlotView) and v.request_id == first.id for v in seen)
+        assert {(v.seq, v.prompt_tokens, v.max_tokens, v.cached_tokens) for v in seen} == \
+            {(seen[0].seq, len(tokens), 200, 0)}
+        prefill = [v for v in seen if v.state == "prefill"]
+        decode = [v for v in seen if v.state == "decode"]
+        assert prefill and decode, "the reads catch the prompt's 16-token chunks and the decode"
+        assert all(0 <= v.computed < len(tokens) and v.generated == 0 for v in prefill)
+        assert all(v.computed == len(tokens) and 0 <= v.generated <= 200 for v in decode)
+        assert [v.computed for v in seen] == sorted(v.computed for v in seen)
+        assert [v.generated for v in seen] == sorted(v.generated for v in seen)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            seen[0].computed = 0
+
+        entries = e.prefix_entries()
+        assert entries and all(isinstance(p, PrefixEntryView) for p in entries)
+        assert entries == e.call(lambda: [PrefixEntryView(len(k), e.cache.entry_bytes(len(k)), v.hits)
+                                          for k, v in e.cache.entries.items()])
+        assert all(0 < p.n_tokens <= len(tokens) + 200 and p.bytes > 0 and p.hits == 0 for p in entries)
+
+        # a second request on the same prompt resumes from the cache: its view says how much it took
+        second = e.submit(tokens + e.model.tokenize(" and wolves", add_special=False), GREEDY, max_tokens=400)
+        next(iter(second))
+        (view,) = [v for v in e.slots() if v is not None]
+        assert view.request_id == second.id and view.state == "decode" and view.generated >= 1
+        assert 0 < view.cached_tokens <= view.computed == view.prompt_tokens
+        assert sum(p.hits for p in e.prefix_entries()) == 1
+        second.cancel()
+        for _ in range(1000):  # its sequence is freed at the next step
+            if e.slots() == [None, None]:
+                break
+        assert e.slots() == [None, None] and second.finish_reason == "cancelled"

@@ -8,7 +8,8 @@
 `from pyllama_ssm.engine import Engine, EngineConfig` is the public entry.
 """
 
-from .core import (Chunk, Completion, Engine, EngineConfig, EngineMemory, EngineStats, Request,  # noqa: F401
-                   Usage)
+from .core import (Chunk, Completion, Engine, EngineConfig, EngineMemory, EngineStats, PrefixEntryView,  # noqa: F401
+                   Request, SlotView, Usage)
 
-__all__ = ["Chunk", "Completion", "Engine", "EngineConfig", "EngineMemory", "EngineStats", "Request", "Usage"]
+__all__ = ["Chunk", "Completion", "Engine", "EngineConfig", "EngineMemory", "EngineStats", "PrefixEntryView",
+           "Request", "SlotView", "Usage"]

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -285,6 +285,29 @@ class EngineMemory:
 
 
 @dataclass(frozen=True)
+class SlotView:
+    """What one sequence is doing (Engine.slots()): the request it runs, read between two steps."""
+
+    seq: int
+    request_id: int
+    state: Literal["prefill", "decode"]  # prefill while prompt tokens remain to compute
+    prompt_tokens: int
+    computed: int        # prompt tokens in its memory: those taken from the prefix cache, then those computed
+    cached_tokens: int   # prompt tokens taken from the prefix cache
+    generated: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class PrefixEntryView:
+    """One prefix-cache entry (Engine.prefix_entries())."""
+
+    n_tokens: int
+    bytes: int          # what it adds to the memory: its recurrent state cell (0 on attention-only models)
+    hits: int           # requests that resumed from it
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Every setting of an Engine and of the context it creates, built once: Llama builds it from its
     arguments (the server's flags are Llama's), so no setting is lost on the way down.
@@ -450,6 +473,26 @@ class Engine:
             tokens_per_second=c["generated"] / elapsed, decode_seconds=self._t_decode, step_seconds=self._t_step,
             prefix_hits=self.cache.hits, prefix_misses=self.cache.misses, cached_prefixes=len(self.cache.entries),
             draft_tokens=c["drafted"], draft_accepted=c["accepted"])
+
+    def slots(self) -> list[SlotView | None]:
+        """What each sequence (index = sequence id) is doing: the request it runs, or None when idle (a
+        request swapped out to host memory holds none).  Read on the engine thread, between two steps."""
+        def read() -> list[SlotView | None]:
+            out: list[SlotView | None] = [None] * self.parallel
+            for seq, slot in self._running.items():
+                req, gen = slot.req, slot.gen
+                out[seq] = SlotView(seq, req.id, "prefill" if slot.cursor < len(req.prompt) else "decode",
+                                    len(req.prompt), slot.cursor, gen.usage.cached_tokens, len(gen.tokens),
+                                    req.max_tokens)
+            return out
+        return self.call(read)
+
+    def prefix_entries(self) -> list[PrefixEntryView]:
+        """The prefix cache's entries, least recently added first.  Read on the engine thread."""
+        if not self.n_cache:
+            return []
+        return self.call(lambda: [PrefixEntryView(len(key), self.cache.entry_bytes(len(key)), entry.hits)
+                                  for key, entry in self.cache.entries.items()])
 
     def memory(self) -> EngineMemory:
         report = pool = None

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 
 from .. import __version__
 from ..bindings import BUILD, ffi, lib
+from ..engine import SlotView
 from ..fim import FimTokens
 from . import app as chat_app
 from .errors import ERROR_RESPONSES, unavailable
@@ -75,32 +76,14 @@ def props(request: Request, served: ServedModel) -> dict[str, Any]:
 
 
 # -- the Engine's sequences ---------------------------------------------------------------------------
-def _engine_view(engine) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(one dict per sequence, one per prefix-cache entry), read on the Engine's thread between two steps.
-
-    It reads the Engine's own records (its running slots and its prefix cache's entries) because the
-    Engine has no public accessor for them yet; this is the one place that does.
-    """
-    def read() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        running = dict(engine._running)
-        seqs = []
-        for seq in range(engine.parallel):
-            slot = running.get(seq)
-            if slot is None:
-                seqs.append({"id": seq, "state": "idle"})
-                continue
-            req, gen = slot.req, slot.gen
-            seqs.append({"id": seq, "state": "prefill" if slot.cursor < len(req.prompt) else "decode",
-                         "id_task": req.id, "n_prompt_tokens": len(req.prompt),
-                         "n_prompt_tokens_processed": max(0, slot.cursor - gen.usage.cached_tokens),
-                         "n_prompt_tokens_cache": gen.usage.cached_tokens, "n_decoded": len(gen.tokens),
-                         "n_remain": max(0, req.max_tokens - len(gen.tokens))})
-        cache = engine.cache
-        entries = [{"n_tokens": len(key), "bytes": cache.entry_bytes(len(key)), "hits": entry.hits}
-                   for key, entry in cache.entries.items()] if engine.n_cache else []
-        return seqs, entries
-
-    return engine.call(read)
+def _slot_dict(seq: int, view: SlotView | None) -> dict[str, Any]:
+    """One sequence of Engine.slots() in llama-server's /slots field names."""
+    if view is None:
+        return {"id": seq, "state": "idle"}
+    return {"id": seq, "state": view.state, "id_task": view.request_id, "n_prompt_tokens": view.prompt_tokens,
+            "n_prompt_tokens_processed": max(0, view.computed - view.cached_tokens),
+            "n_prompt_tokens_cache": view.cached_tokens, "n_decoded": view.generated,
+            "n_remain": max(0, view.max_tokens - view.generated)}
 
 
 def slots(served: ServedModel) -> list[dict[str, Any]]:
@@ -110,7 +93,7 @@ def slots(served: ServedModel) -> list[dict[str, Any]]:
         busy = served.in_flight > 0
         seqs = [{"id": 0, "state": "busy" if busy else "idle"}]
     else:
-        seqs, _ = _engine_view(served.engine)
+        seqs = [_slot_dict(seq, view) for seq, view in enumerate(served.engine.slots())]
     out = []
     for seq in seqs:
         processing = seq["state"] != "idle"
@@ -127,7 +110,7 @@ def prefix_cache(served: ServedModel) -> dict[str, Any]:
     engine = served.engine
     if engine is None or not engine.n_cache:
         return {"model": served.alias, "entries": [], "entries_max": 0, "bytes": 0, "bytes_max": 0}
-    _, entries = _engine_view(engine)
+    entries = [{"n_tokens": e.n_tokens, "bytes": e.bytes, "hits": e.hits} for e in engine.prefix_entries()]
     return {"model": served.alias, "entries": entries, "entries_max": engine.n_cache,
             "bytes": sum(e["bytes"] for e in entries), "bytes_max": engine.cache.max_bytes}
 
