@@ -1,32 +1,38 @@
 """What "same answer under any load" costs: Engine throughput per kernel setup, and how far each
 setup's answers drift from the lone runs.
 
-    python bench/batch_invariance.py [--models smollm2,qwen35-small,jamba-small] [--clients 1,8] [--rounds 2]
+    python bench/batch_invariance.py [--models smollm2,falcon-h1-graft,qwen35-small,jamba-small] [--clients 1,8]
+        [--rounds 3] [--threads 2] [--out batch_invariance] [--results-dir bench/results]
 
-Setups (one Engine each, same requests, rounds interleaved; compare ratios, these machines are shared):
-- invariant:   flash attention + patch 0007 (reference kernels, ordered KV cells): the Engine's default
+Setups (one Engine each, each loading the model as users get it: the invariant one without ggml's
+extra (repacked, AMX) buffers, the others with them; the same requests):
+- invariant:   flash attention + patch 0007 (reference kernels, ordered KV cells): batch_invariant=True
 - fa:          flash attention, llama.cpp's shape-dependent kernels
 - no-fa:       no flash attention (what Llama(n_parallel>1) used before): attention over the whole unified cache
 Workload per client: a ~300-token prompt (a shared instruction + its own question), 64 greedy tokens; all
-clients at once.  Drift: max |logprob - lone run| over every token, on the same setup's lone runs
-(one sequence, fresh context), so it shows what load changes, not what the kernels do alone.
+clients at once.  The lone runs come first (they warm every Engine up); then each round runs every setup,
+the order rotated from round to round (these machines are shared: compare the ratios).  Reported:
+prompt+generated tokens/s (median over rounds [min-max]), the ratio to fa (ratio of medians [per-round
+range]), and drift: max |logprob - lone run| over every token of every round, on the same setup's lone
+runs (one sequence, fresh context), so it shows what load changes, not what the kernels do alone.
 
-Prints a table, writes bench/results/batch_invariance.{json,md,png}.
+Prints a table, writes <results-dir>/<out>.{json,md,png}; the JSON records each Engine's settings, the
+git commit (and whether the tree was dirty), the builds, the CPU and its flags.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.load import run_main, timed_requests, write_results, zoo_model  # noqa: E402
+from bench.load import (RESULTS, BenchError, engine_settings, fmt_spread, provenance, run_main, spread,  # noqa: E402
+                        timed_requests, write_results, zoo_model)
 from bench.plot import lines  # noqa: E402
-from pyllama_ssm import Model  # noqa: E402
 from pyllama_ssm.engine import Engine  # noqa: E402
 from pyllama_ssm.sampling import SamplingParams  # noqa: E402
 
@@ -43,52 +49,79 @@ def prompts(n: int) -> list[str]:
             for i in range(n)]
 
 
+def measure(name: str, path: Path, levels: list[int], args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Every setup at each client count: (rows, each Engine's settings)."""
+    engines: dict[str, Engine] = {}
+    rows = []
+    try:
+        for s, kw in SETUPS.items():
+            engines[s] = Engine(str(path), n_ctx=max(levels) * 512, parallel=max(levels), n_threads=args.threads,
+                                n_threads_batch=args.threads, **kw)
+        settings = {s: engine_settings(e) for s, e in engines.items()}
+        lone = {s: {p: timed_requests(e, [p], args.n_gen, GREEDY, logprobs=0)[1][0]
+                    for p in prompts(max(levels))} for s, e in engines.items()}
+        for n in levels:
+            batch = prompts(n)
+            tok_per_s: dict[str, list[float]] = {s: [] for s in SETUPS}
+            drift: dict[str, float] = {s: 0.0 for s in SETUPS}
+            for rnd in range(args.rounds):
+                order = list(SETUPS)[rnd % len(SETUPS):] + list(SETUPS)[:rnd % len(SETUPS)]
+                for s in order:
+                    seconds, done = timed_requests(engines[s], batch, args.n_gen, GREEDY, logprobs=0)
+                    tok_per_s[s].append(sum(len(c.tokens) + c.usage.prompt_tokens for c in done) / seconds)
+                    for p, c in zip(batch, done):
+                        want = lone[s][p]
+                        k = next((i for i, (a, b) in enumerate(zip(c.tokens, want.tokens)) if a != b),
+                                 min(len(c.tokens), len(want.tokens)))
+                        diffs = [abs(a - b) for a, b in zip(c.logprobs[:k + 1], want.logprobs[:k + 1])]
+                        drift[s] = max(drift[s], max(diffs, default=0.0))
+            base = spread(tok_per_s["fa"])
+            for s in SETUPS:
+                mine = spread(tok_per_s[s])
+                vs_fa = spread([a / b for a, b in zip(tok_per_s[s], tok_per_s["fa"])]) | \
+                    {"median": mine["median"] / base["median"]}
+                rows.append({"model": name, "model_file": path.name, "clients": n, "setup": s,
+                             "tok_per_s": mine["median"], "spread": mine, "vs_fa": vs_fa, "drift": drift[s]})
+    finally:
+        for e in engines.values():
+            e.close()
+    return rows, settings
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="smollm2,qwen35-small,jamba-small")
+    ap.add_argument("--models", default="smollm2,falcon-h1-graft,qwen35-small,jamba-small",
+                    help="bench model names: smollm2, grafts (falcon-h1-graft, granitehybrid-graft-q4_k_m), zoo")
     ap.add_argument("--clients", default="1,8")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="each round runs every setup, the order rotated")
     ap.add_argument("--n-gen", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--out", default="batch_invariance", help="results stem in --results-dir")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where the results go (default bench/results)")
     args = ap.parse_args()
+    if args.rounds < 1:
+        raise BenchError("--rounds must be at least 1")
     levels = [int(x) for x in args.clients.split(",")]
-    rows = []
-    for name in args.models.split(","):
-        with Model(zoo_model(name)) as model:
-            engines = {s: Engine(model, n_ctx=max(levels) * 512, parallel=max(levels), **kw) for s, kw in SETUPS.items()}
-            try:
-                lone = {s: {p: timed_requests(e, [p], args.n_gen, GREEDY, logprobs=0)[1][0]
-                            for p in prompts(max(levels))} for s, e in engines.items()}
-                for n in levels:
-                    batch = prompts(n)
-                    times: dict[str, list[float]] = {s: [] for s in SETUPS}
-                    drift: dict[str, float] = {s: 0.0 for s in SETUPS}
-                    tokens = 0
-                    for _ in range(args.rounds):
-                        for s, e in engines.items():
-                            seconds, done = timed_requests(e, batch, args.n_gen, GREEDY, logprobs=0)
-                            times[s].append(seconds)
-                            tokens = sum(len(c.tokens) + c.usage.prompt_tokens for c in done)
-                            for p, c in zip(batch, done):
-                                want = lone[s][p]
-                                k = next((i for i, (a, b) in enumerate(zip(c.tokens, want.tokens)) if a != b),
-                                         min(len(c.tokens), len(want.tokens)))
-                                diffs = [abs(a - b) for a, b in zip(c.logprobs[:k + 1], want.logprobs[:k + 1])]
-                                drift[s] = max(drift[s], max(diffs, default=0.0))
-                    base = statistics.median(times["fa"])
-                    for s in SETUPS:
-                        t = statistics.median(times[s])
-                        rows.append({"model": name, "clients": n, "setup": s, "seconds": t, "tok_per_s": tokens / t,
-                                     "vs_fa": base / t, "drift": drift[s]})
-            finally:
-                for e in engines.values():
-                    e.close()
-    md = ["| model | clients | setup | prompt+generated tok/s | throughput vs fa | max drift from lone run |",
+    models = {name: zoo_model(name) for name in args.models.split(",")}
+    prov = provenance(args.threads)
+    rows, settings = [], {}
+    for name, path in models.items():
+        got, settings[name] = measure(name, path, levels, args)
+        rows += got
+    commit = (prov["commit"] or "?")[:12] + (" (dirty tree)" if prov["dirty"] else "")
+    md = [f"Kernel setups under load: ~300-token prompts, {args.n_gen} greedy tokens per client, {args.threads} "
+          f"threads; {args.rounds} round(s), the order rotated, after the lone runs; median over rounds [min-max]; "
+          f"commit {commit}; {prov['cpu_model']}.", "",
+          "| model | clients | setup | prompt+generated tok/s | throughput vs fa | max drift from lone run |",
           "|---|---:|---|---:|---:|---:|"]
-    md += [f"| {r['model']} | {r['clients']} | {r['setup']} | {r['tok_per_s']:.1f} | {r['vs_fa']:.2f}x | "
-           f"{r['drift']:.2g} |" for r in rows]
-    write_results("batch_invariance", {"rounds": args.rounds, "n_gen": args.n_gen, "rows": rows}, "\n".join(md) + "\n")
-    lines("batch_invariance", rows, series="setup", x="clients", y=lambda r: r["tok_per_s"],
-          title="throughput by kernel setup", xlabel="concurrent clients", ylabel="prompt+generated tokens/s")
+    md += [f"| {r['model']} | {r['clients']} | {r['setup']} | {fmt_spread(r['spread'], '{:.1f}')} "
+           f"| {fmt_spread(r['vs_fa'])}x | {r['drift']:.2g} |" for r in rows]
+    write_results(args.out, {"provenance": prov, "rounds": args.rounds, "n_gen": args.n_gen, "threads": args.threads,
+                             "clients": levels, "engines": settings, "rows": rows}, "\n".join(md) + "\n",
+                  args.results_dir)
+    lines(args.out, rows, series="setup", x="clients", y=lambda r: r["tok_per_s"],
+          y_range=lambda r: (r["spread"]["min"], r["spread"]["max"]), title="throughput by kernel setup",
+          xlabel="concurrent clients", ylabel="prompt+generated tokens/s", results_dir=args.results_dir)
     return 0
 
 

@@ -1,8 +1,9 @@
 """Concurrent multi-turn chats (issue #18): U users, K turns each, every server side by side.
 
-    python bench/chat_sessions.py [--models qwen35-small] [--users 8,32] [--turns 6] [--rounds 1]
-        [--servers pyllama-ssm,llama-server,llama-server-unified,example-server,llama-cpp-python]
-        [--time-cap 300] [--threads 2]
+    python bench/chat_sessions.py [--models qwen35-small,falcon-h1-graft] [--users 8,32] [--turns 6] [--rounds 3]
+        [--servers pyllama-ssm,llama-server,llama-server-unified,llama-server-default] [--time-cap 300]
+        [--threads 2] [--n-batch 512] [--n-ubatch 512] [--flash-attn auto] [--out chat_sessions]
+        [--results-dir bench/results]
 
 Every user holds one conversation: a system prompt of --system-tokens tokens
 (the same for all users), then K turns; each turn sends the whole history plus a
@@ -12,34 +13,49 @@ tokens (greedy, repeat_penalty 1.0; no ignore_eos, which not every server
 accepts: an answer that ends early is counted as short).  Users start
 --stagger seconds apart and think 0.2-1 s between turns (seeded).
 
-Servers (the same model, n_ctx, threads; a fresh process per run; the order
-rotates each round):
+Servers (the same model, n_ctx, threads; a fresh process per run, which answers one
+warm-up request before the measured conversations; the order rotates each round):
   pyllama-ssm            python -m pyllama_ssm.server --n_parallel U
-  llama-server           the pin's llama-server at its defaults (slots and KV layout its own)
-  llama-server-unified   llama-server --parallel U --kv-unified
+  llama-server           the pin's llama-server --parallel U --no-kv-unified (split KV: n_ctx / U per slot)
+  llama-server-unified   llama-server --parallel U --kv-unified (one KV pool for all slots)
+  llama-server-default   llama-server at its defaults (4 slots, unified KV, its own -b/-ub/-fa): how it
+                         runs out of the box, queueing users beyond its slots; a secondary entry
   example-server         llama-cpp-python 0.3.36's batched example server (examples/server/server.py
                          of the pinned sdist, config: n_seq_max 2U, kv_unified), over the pristine library
   llama-cpp-python       stock `llama_cpp.server` (one request at a time): its run stops at --time-cap
                          seconds, and what completed is reported
-n_ctx is room for every user's whole conversation at once.
+The default runs the first four; the last two only when named in --servers (hours at U = 32).
+n_ctx is room for every user's whole conversation at once.  --n-batch, --n-ubatch and
+--flash-attn go to every server but llama-server-default (the example server takes no flash
+attention setting); the JSON records each server's full command line and the settings it
+reports (llama.cpp's context log, or our /props), the git commit (and whether the tree was
+dirty, with a digest of the difference), the build keys, the CPU model and flags.
 
-Measured per server, model and U: time to first token (first streamed content)
-p50/p95 for turn 1 and for turns 2..K and p50 by turn; generated tokens/s over
-the run; prompt tokens the server computed / new prompt tokens (a turn's new
-tokens: its prompt less the previous turn's prompt and answer; turn 1: the whole
-prompt; prompts counted with the model's tokenizer and chat template here), from
-each server's own counters:
+Measured per server, model and U, for each round (the table: median over rounds [min-max]):
+time to first token (first streamed content) p50 for turn 1 and for turns 2..K (p95 and
+p50 by turn: every round's requests pooled); generated tokens/s over the run; prompt tokens
+the server computed / new prompt tokens (a turn's new tokens: its prompt less the previous
+turn's prompt and answer; turn 1: the whole prompt; prompts counted with the model's
+tokenizer and chat template here), from each server's own counters:
   pyllama-ssm        /extras/stats: tokens decoded less tokens generated (whole run), and per turn the
                      prompt tokens less usage.prompt_tokens_details.cached_tokens (stream_options.include_usage)
   llama-server       timings.prompt_n of each response (per turn)
   example-server     /metrics llamacpp:prompt_tokens_total (whole run only)
   llama-cpp-python   its log's "prompt eval time ... / N tokens" per request (whole run only)
-peak RSS of the server's process tree (sampled every 0.25 s, and the main process's
-VmHWM); host memory its prompt cache holds at the end (ours: /extras/stats
-cached_bytes; llama-server: the last "cache state" of --cache-ram and the context
-checkpoints alive in its slots, from its log; example server: inside its context,
-one sequence id per checkpoint, no extra host memory); failed requests.
-Writes bench/results/chat_sessions.{json,md,png} (the plot: TTFT p50 by turn).
+and beside it the token-exact ratio (the tokens after where each prompt parts from the
+previous turn's prompt and answer tokens: what differs from the plain ratio where an answer's
+text tokenizes into other tokens than were generated, as random weights' answers do; real
+text, SmolLM2's or the grafts', re-tokenizes as generated); peak RSS of the server's process
+tree (sampled every 0.25 s, and the main process's VmHWM); host memory its prompt cache holds
+at the end (ours: /extras/stats cached_bytes, the recurrent snapshots of cached prefixes, their
+attention cells staying in the context's KV cache; llama-server: the last "cache state" of
+--cache-ram and the context checkpoints alive in its slots, from its log; example server:
+inside its context, one sequence id per checkpoint, no extra host memory); failed requests.
+For each metric the summary names pyllama-ssm's ratio to the better of the two same-U
+llama-server configurations (and per round, the rounds being interleaved), then to the others.
+Writes <results-dir>/<out>.{json,md,png} (the plot: TTFT p50 by turn).  --merge adds this run's
+tables to an earlier <out>.json only when both ran the same code (commit and tree digest), builds,
+CPU, threads and workload settings; it refuses otherwise.
 """
 
 from __future__ import annotations
@@ -48,7 +64,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import re
 import sys
@@ -60,16 +75,22 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.load import (RESULTS, MiB, BenchError, Progress, Server, percentile, proc_memory, run_main,  # noqa: E402
+from bench.load import (FLASH_ATTN, RESULTS, MiB, BenchError, Progress, Server, check_unchanged,  # noqa: E402
+                        fmt_spread, percentile, proc_memory, provenance, run_main, same_code, spread,
                         stream_events, target, tree_rss, write_results, zoo_model)
 from pyllama_ssm.engine.scheduler import common_prefix  # noqa: E402
 
 # name -> (server kind, parallel: "U" = the user count, 0 = the server's default, kv_unified)
 SERVERS = {"pyllama-ssm": ("pyllama-ssm", "U", False),
-           "llama-server": ("llama-server", 0, False),
+           "llama-server": ("llama-server", "U", False),
            "llama-server-unified": ("llama-server", "U", True),
+           "llama-server-default": ("llama-server", 0, False),
            "example-server": ("example-server", "U", True),
            "llama-cpp-python": ("llama-cpp-python", 1, False)}
+DEFAULT_SERVERS = ("pyllama-ssm", "llama-server", "llama-server-unified", "llama-server-default")
+SAME_U = ("llama-server", "llama-server-unified")  # llama-server configured for U users: ours is held to the better
+AS_IS = ("llama-server-default",)  # at the server's own defaults: no --n-batch/--n-ubatch/--flash-attn
+WARM_UP = [{"role": "user", "content": "Warm-up request: name one colour."}]
 WORDS = ("state space model recurrent memory attention token sequence batch cache prefix shared pool server client "
          "stream request answer context layer weight vector matrix kernel river mountain city garden music window "
          "engine planet orbit signal market harbor forest winter summer library theorem proof question story "
@@ -282,13 +303,30 @@ def log_figures(kind: str, log: str) -> dict:
     return {}
 
 
+async def warm_up(url: str, timeout: float) -> float:
+    """One short request before the measured conversations (weights paged in, first graphs built): seconds."""
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
+        await chat_turn(client, WARM_UP, 4, False)
+    return time.perf_counter() - t0
+
+
 def run_one(name: str, model: Path, conv: dict, tok: Tokenizer, args: argparse.Namespace) -> dict:
     kind, parallel, unified = SERVERS[name]
     parallel = args.users_now if parallel == "U" else parallel
     cap = args.time_cap
     extra = tuple(args.ours_args.split()) if kind == "pyllama-ssm" else ()
+    tuned = {} if name in AS_IS else {"n_batch": args.n_batch, "n_ubatch": args.n_ubatch,
+                                      "flash_attn": None if kind == "example-server" else args.flash_attn}
     with Server(kind, model, n_ctx=args.n_ctx, parallel=parallel, threads=args.threads, kv_unified=unified,
-                extra=extra, timeout=300) as server:
+                extra=extra, timeout=300, **tuned) as server:
+        try:
+            warm = asyncio.run(warm_up(server.url, args.request_timeout))
+        except (httpx.HTTPError, BenchError, json.JSONDecodeError) as e:
+            raise BenchError(f"{name}: the warm-up request failed: {type(e).__name__}: {e}\n"
+                             f"{server.log()[-3000:]}") from None
+        settings = server.settings()
+        warm_log = len(server.log())  # llama_cpp.server's prompt evals are counted after the warm-up's
         before = counters(kind, server.url)
         watch = RssWatch(server.proc.pid)
         try:
@@ -299,10 +337,12 @@ def run_one(name: str, model: Path, conv: dict, tok: Tokenizer, args: argparse.N
         main_peak = proc_memory(server.proc.pid)["peak_rss"]
         server.stop()
         log = server.log()
-        logged = log_figures(kind, log)
+        logged = log_figures(kind, log[warm_log:] if kind == "llama-cpp-python" else log)
+        command = server.cmd
     recs = out["records"]
     ok = [r for r in recs if "error" not in r]
-    run = {"server": name, "kind": kind, "parallel": parallel, "extra_args": list(extra),
+    run = {"server": name, "kind": kind, "parallel": parallel, "kv_unified": unified if parallel else None,
+           "extra_args": list(extra), "command": command, "settings": settings, "warmup_seconds": warm,
            "seconds": out["seconds"], "capped": out["capped"],
            "records": recs, "peak_rss": max(peak_tree, main_peak), **logged}
     if "computed" in before:
@@ -325,7 +365,7 @@ def run_one(name: str, model: Path, conv: dict, tok: Tokenizer, args: argparse.N
 
 # -- summary ----------------------------------------------------------------------------------------
 
-def summarize(runs: list[dict], args: argparse.Namespace, system_tokens: int) -> dict:
+def pooled(runs: list[dict], args: argparse.Namespace, system_tokens: int) -> dict:
     """One row per server for a model and U: every round's requests pooled."""
     recs = [r for run in runs for r in run["records"]]
     ok = [r for r in recs if "error" not in r]
@@ -379,8 +419,70 @@ def summarize(runs: list[dict], args: argparse.Namespace, system_tokens: int) ->
     return row
 
 
-def checks(rows: list[dict]) -> list[dict]:
-    """Issue #18 point 5: pyllama-ssm against llama-server at its defaults and the example server."""
+# per-round values: the table gives their median and range
+SPREAD = ("ttft_turn1_p50", "ttft_rest_p50", "tok_per_s", "computed_per_new_rest", "computed_per_parted_rest",
+          "computed_per_new", "peak_rss")
+
+
+def summarize(runs: list[dict], args: argparse.Namespace, system_tokens: int) -> dict:
+    """pooled() over every round, with each SPREAD metric the median of the rounds' values and their range."""
+    row = pooled(runs, args, system_tokens)
+    per_round = [pooled([run], args, system_tokens) for run in runs]
+    row["spread"] = {}
+    for key in SPREAD:
+        values = [r.get(key) for r in per_round]
+        if values and all(v is not None for v in values):
+            row["spread"][key] = spread(values)
+            row[key] = row["spread"][key]["median"]
+    return row
+
+
+# metric, label, whether higher is better
+METRICS = (("ttft_turn1_p50", "TTFT p50 turn 1", False),
+           ("ttft_rest_p50", "TTFT p50 turns 2..K", False),
+           ("tok_per_s", "tokens/s", True),
+           ("computed_per_new_rest", "computed / new prompt tokens, turns 2..K", False),
+           ("computed_per_parted_rest", "computed / tokens after the parting (token-exact), turns 2..K", False),
+           ("peak_rss", "peak RSS", False))
+
+
+def _ratio(ours: dict, other: dict, key: str) -> dict | None:
+    """pyllama-ssm's value / the other's: of the medians, and per round (the rounds ran interleaved, so round
+    i of one server ran beside round i of the other)."""
+    if not other.get(key) or ours.get(key) is None:
+        return None
+    out = {"median": ours[key] / other[key]}
+    a, b = ours["spread"].get(key), other["spread"].get(key)
+    if a and b and len(a["rounds"]) == len(b["rounds"]) and all(b["rounds"]):
+        per = [x / y for x, y in zip(a["rounds"], b["rounds"])]
+        out |= {"min": min(per), "max": max(per), "rounds": per}
+    return out
+
+
+def compare(rows: list[dict]) -> list[dict]:
+    """For each metric: pyllama-ssm against the better of the two same-U llama-server configurations (by
+    the median), and its ratio to every other server."""
+    by = {r["server"]: r for r in rows}
+    ours, out = by.get("pyllama-ssm"), []
+    if ours is None:
+        return out
+    for key, label, higher in METRICS:
+        if ours.get(key) is None:
+            continue
+        same = [by[s] for s in SAME_U if s in by and by[s].get(key)]
+        best = (max if higher else min)(same, key=lambda r: r[key]) if same else None
+        entry = {"metric": key, "label": label, "higher_is_better": higher, "ours": ours["spread"].get(key),
+                 "best_same_u": best and best["server"], "best": best and best["spread"].get(key),
+                 "ratio": best and _ratio(ours, best, key),
+                 "others": {r["server"]: _ratio(ours, r, key) for r in rows
+                            if r["server"] != "pyllama-ssm" and r is not best and r.get(key)}}
+        out.append(entry)
+    return out
+
+
+def checks(rows: list[dict], comparison: list[dict]) -> list[dict]:
+    """Issue #18 point 5: pyllama-ssm against the better same-U llama-server for each metric, and against
+    the example server."""
     by = {r["server"]: r for r in rows}
     ours, out = by.get("pyllama-ssm"), []
     if ours is None:
@@ -395,16 +497,17 @@ def checks(rows: list[dict]) -> list[dict]:
         add("pyllama-ssm computed / new prompt tokens, turns 2..K", ours["computed_per_new_rest"], 1.05, False)
         add("pyllama-ssm computed / tokens after the parting (token-exact), turns 2..K",
             ours.get("computed_per_parted_rest"), 1.05, False)
-    for ref, tput in (("llama-server", 1.2), ("example-server", 2.0)):
-        if (r := by.get(ref)) is None:
-            continue
+    bounds = {"ttft_rest_p50": (1 / 3, False), "tok_per_s": (1.2, True), "ttft_turn1_p50": (1.1, False),
+              "peak_rss": (1.0, False)}
+    for c in comparison:
+        if c["metric"] in bounds and c["ratio"]:
+            bound, at_least = bounds[c["metric"]]
+            add(f"{c['label']} / the better same-U llama-server's ({c['best_same_u']})", c["ratio"]["median"],
+                bound, at_least)
+    if (r := by.get("example-server")) is not None:
         if ours["ttft_rest_p50"] and r["ttft_rest_p50"]:
-            add(f"TTFT p50 turns 2..K / {ref}'s", ours["ttft_rest_p50"] / r["ttft_rest_p50"], 1 / 3, False)
-        add(f"tokens/s / {ref}'s", ours["tok_per_s"] / r["tok_per_s"], tput, True)
-    if (r := by.get("llama-server")) is not None:
-        if ours["ttft_turn1_p50"] and r["ttft_turn1_p50"]:
-            add("TTFT p50 turn 1 / llama-server's", ours["ttft_turn1_p50"] / r["ttft_turn1_p50"], 1.1, False)
-        add("peak RSS / llama-server's", ours["peak_rss"] / r["peak_rss"], 1.0, False)
+            add("TTFT p50 turns 2..K / example-server's", ours["ttft_rest_p50"] / r["ttft_rest_p50"], 1 / 3, False)
+        add("tokens/s / example-server's", ours["tok_per_s"] / r["tok_per_s"], 2.0, True)
     return out
 
 
@@ -412,31 +515,87 @@ def _s(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _cell(r: dict, key: str, fmt: str = "{:.2f}", scale: float = 1.0) -> str:
+    """A row's metric as "median [min-max]" over rounds, or its pooled value (one round, or an old run)."""
+    if s := r.get("spread", {}).get(key):
+        return fmt_spread(s, fmt, scale)
+    return "-" if r.get(key) is None else fmt.format(r[key] * scale)
+
+
+def _ratio_cell(ratio: dict | None) -> str:
+    if not ratio:
+        return "-"
+    return f"{ratio['median']:.2f}x" + (f" [{ratio['min']:.2f}-{ratio['max']:.2f}]" if len(ratio.get("rounds", ())) > 1
+                                        else "")
+
+
+def _as_run(run: dict) -> str:
+    """How a server ran, from its first run's settings: slots and KV layout, batch sizes, flash attention."""
+    st = run.get("settings") or {}
+    slots = st.get("n_parallel") or run.get("parallel") or st.get("n_seq_max") or "default"
+    parts = [f"{slots} slot" + ("" if slots == 1 else "s")]
+    if "kv_unified" in st:
+        parts.append("unified KV" if str(st["kv_unified"]).lower() in ("true", "1") else
+                     f"split KV ({st.get('n_ctx_seq')} cells per slot)")
+    if st.get("n_batch"):
+        parts.append(f"n_batch {st['n_batch']}, n_ubatch {st.get('n_ubatch', '?')}")
+    if st.get("flash_attn"):
+        resolved = st.get("flash_attn_resolved")
+        parts.append(f"flash attention {st['flash_attn']}" + (f" ({resolved})" if resolved and
+                                                               st["flash_attn"] == "auto" else ""))
+    return f"{run['server']}: " + ", ".join(parts)
+
+
 def markdown(tables: list[dict], args: argparse.Namespace) -> str:
+    prov = getattr(args, "provenance", None) or {}
+    commit = (prov.get("commit") or "?")[:12] + (" (dirty tree)" if prov.get("dirty") else "") + \
+        (f" (CHANGED during the run: {prov['changed_during_run']})" if prov.get("changed_during_run") else "")
+    warmed = all(run.get("warmup_seconds") is not None for t in tables for runs in t["runs"].values() for run in runs)
     lines = [f"Multi-turn chats: {args.turns} turns per user, system prompt ~{args.system_tokens} tokens, user "
              f"messages 50-300 tokens, answers of up to {args.max_tokens} tokens (greedy), users {args.stagger:g} s "
-             f"apart, 0.2-1 s think time; {args.threads} threads, {args.rounds} round(s). TTFT in seconds; computed/new: prompt tokens the server computed / new "
-             f"prompt tokens (turn 1: the whole prompt) of every request sent, from its own counters (- where it "
-             f"reports none); t2..K exact: turns 2..K's computed prompt tokens / the tokens after where each "
-             f"prompt parts from the previous turn's prompt and answer tokens (an answer counts as reusable "
-             f"when its text tokenizes back into as many tokens as were generated); "
-             f"ideal: every new token once, the system prompt once.", ""]
+             f"apart, 0.2-1 s think time; {args.threads} threads, n_batch {getattr(args, 'n_batch', None) or '-'}, "
+             f"n_ubatch {getattr(args, 'n_ubatch', None) or '-'}, flash attention "
+             f"{getattr(args, 'flash_attn', None) or '-'} (all but llama-server-default); {args.rounds} round(s), "
+             f"interleaved{', each server warmed up with one request' if warmed else ', no warm-up'}; "
+             f"commit {commit}; {prov.get('cpu_model', '?')}. Figures are the median over rounds [min-max]; "
+             f"TTFT in seconds. computed/new: prompt tokens the server computed / new prompt tokens "
+             f"(a turn's prompt less the previous prompt and answer; turn 1: the whole prompt), from its own "
+             f"counters (- where it reports none); exact: turns 2..K's computed prompt tokens / the tokens after "
+             f"where each prompt parts from the previous turn's prompt and answer tokens (an answer counts as "
+             f"reusable when its text tokenizes back into as many tokens as were generated); ideal: every new "
+             f"token once, the system prompt once; prompt cache: host memory the server's prompt cache holds "
+             f"beyond its context at the end (ours: recurrent snapshots; llama-server: --cache-ram and "
+             f"checkpoints).", ""]
     for t in tables:
         lines += [f"### {t['model']}, U = {t['users']} (n_ctx {t['n_ctx']}, system prompt {t['system_tokens']} "
                   f"tokens, time cap {t.get('time_cap', args.time_cap):g} s)", "",
-                  "| server | done / planned | failed | short | TTFT t1 p50 | t1 p95 | TTFT t2..K p50 | t2..K p95 "
-                  "| tok/s | computed/new all | t2..K | t2..K exact | computed/ideal | peak RSS MiB | cache MiB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| server | done / planned | failed | short | TTFT t1 p50 | TTFT t2..K p50 | t2..K p95 | tok/s "
+                  "| computed/new t2..K | t2..K exact | computed/new all | computed/ideal | peak RSS MiB "
+                  "| prompt cache MiB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in t["rows"]:
             done = f"{r['completed']} / {r['planned']}" + (" (capped)" if r["capped"] else "")
-            lines.append(f"| {r['server']} | {done} | {r['failed']} | {r['short']} | {_s(r['ttft_turn1_p50'])} "
-                         f"| {_s(r['ttft_turn1_p95'])} | {_s(r['ttft_rest_p50'])} | {_s(r['ttft_rest_p95'])} "
-                         f"| {r['tok_per_s']:.1f} | {_s(r.get('computed_per_new'))} "
-                         f"| {_s(r.get('computed_per_new_rest'))} | {_s(r.get('computed_per_parted_rest'))} "
-                         f"| {_s(r.get('computed_per_ideal'))} "
-                         f"| {r['peak_rss'] / MiB:.0f} | {r['cache_bytes'] / MiB:.1f} |")
-        lines += ["", "TTFT p50 by turn (s): " + "; ".join(
+            lines.append(f"| {r['server']} | {done} | {r['failed']} | {r['short']} | {_cell(r, 'ttft_turn1_p50')} "
+                         f"| {_cell(r, 'ttft_rest_p50')} | {_s(r['ttft_rest_p95'])} "
+                         f"| {_cell(r, 'tok_per_s', '{:.1f}')} "
+                         f"| {_cell(r, 'computed_per_new_rest')} | {_cell(r, 'computed_per_parted_rest')} "
+                         f"| {_cell(r, 'computed_per_new')} | {_s(r.get('computed_per_ideal'))} "
+                         f"| {_cell(r, 'peak_rss', '{:.0f}', 1 / MiB)} | {r['cache_bytes'] / MiB:.1f} |")
+        lines += ["", "TTFT p50 by turn (s, every round pooled): " + "; ".join(
             f"{r['server']} " + " / ".join(_s(v) for v in r["ttft_by_turn_p50"]) for r in t["rows"])]
+        as_run = [_as_run(runs[0]) for runs in t["runs"].values() if runs]
+        if as_run:
+            lines += ["", "As run: " + "; ".join(as_run) + "."]
+        if t.get("comparison"):
+            lines += ["", "| pyllama-ssm / | the better same-U llama-server | ratio [per round] | others |",
+                      "|---|---|---:|---|"]
+            for c in t["comparison"]:
+                fmt, scale = {"peak_rss": ("{:.0f}", 1 / MiB), "tok_per_s": ("{:.1f}", 1.0)}.get(c["metric"],
+                                                                                               ("{:.2f}", 1.0))
+                best = f"{c['best_same_u']} {fmt_spread(c['best'], fmt, scale)}" if c["best_same_u"] else "-"
+                others = "; ".join(f"{name} {_ratio_cell(v)}" for name, v in c["others"].items() if v)
+                lines.append(f"| {c['label']}: {fmt_spread(c['ours'], fmt, scale)} | {best} "
+                             f"| {_ratio_cell(c['ratio'])} | {others} |")
         if t["checks"]:
             lines += ["", "| issue #18 target | value | target | |", "|---|---:|---|---|"]
             lines += [f"| {c['target']} | {c['value']:.2f} | {c['bound']} | {c['verdict']} |" for c in t["checks"]]
@@ -444,41 +603,68 @@ def markdown(tables: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def merge(old: list[dict], new: list[dict], args: argparse.Namespace) -> list[dict]:
-    """--merge: the earlier tables, with this invocation's servers' runs in place of theirs (same model and U)."""
+# settings a table's figures depend on: tables merged into one file must share them
+WORKLOAD = ("turns", "system_tokens", "max_tokens", "stagger", "seed", "rounds", "time_cap", "n_batch", "n_ubatch",
+            "flash_attn", "ours_args")
+
+
+def merge(old: dict, new: list[dict], args: argparse.Namespace, path: Path) -> list[dict]:
+    """--merge: the earlier tables, with this invocation's servers' runs in place of theirs (same model and U);
+    refused unless both ran the same code (commit, tree digest, builds) on the same CPU with the same threads
+    and workload."""
+    why = same_code(old.get("provenance"), args.provenance)
+    if why is None and (changed := old["provenance"].get("changed_during_run")
+                        or args.provenance.get("changed_during_run")):
+        why = f"the tree changed during a run: {changed}"
+    if why is None and (diff := [k for k in WORKLOAD if old.get(k) != getattr(args, k)]):
+        why = "settings differ: " + ", ".join(f"{k} {old.get(k)!r} vs {getattr(args, k)!r}" for k in diff)
+    if why:
+        raise BenchError(f"--merge: {path} holds runs unlike this one ({why}); refusing to put them in one "
+                         f"table: run them again together, or write to another --out")
     fresh = {(t["model"], t["users"]): t for t in new}
     out = []
-    for t in old:
+    for t in old["tables"]:
         if (n := fresh.pop((t["model"], t["users"]), None)) is None:
             out.append(t)
             continue
         runs = {**t["runs"], **n["runs"]}
         args.users_now = n["users"]
         rows = [summarize(runs[s], args, n["system_tokens"]) for s in SERVERS if s in runs]
-        out.append({**n, "rows": rows, "checks": checks(rows), "runs": runs})
+        comparison = compare(rows)
+        out.append({**n, "rows": rows, "comparison": comparison, "checks": checks(rows, comparison), "runs": runs})
     return out + list(fresh.values())
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="qwen35-small", help="zoo names (smollm2: the real SmolLM2-135M-Instruct)")
+    ap.add_argument("--models", default="qwen35-small",
+                    help="bench model names: zoo (qwen35-small), grafts with or without a format (falcon-h1-graft, "
+                         "granitehybrid-graft-q4_k_m), smollm2 (the real SmolLM2-135M-Instruct)")
     ap.add_argument("--users", default="8,32", help="comma-separated user counts U")
     ap.add_argument("--turns", type=int, default=6)
-    ap.add_argument("--servers", default=",".join(SERVERS))
-    ap.add_argument("--rounds", type=int, default=1, help="each round runs every server once, the order rotated")
+    ap.add_argument("--servers", default=",".join(DEFAULT_SERVERS), help=f"some of {','.join(SERVERS)}")
+    ap.add_argument("--rounds", type=int, default=3, help="each round runs every server once, the order rotated")
     ap.add_argument("--system-tokens", type=int, default=1500)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--stagger", type=float, default=0.3, help="seconds between two users' first turns")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--n-batch", type=int, default=512,
+                    help="every server's logical batch (not llama-server-default's)")
+    ap.add_argument("--n-ubatch", type=int, default=512,
+                    help="every server's physical batch (not llama-server-default's)")
+    ap.add_argument("--flash-attn", choices=FLASH_ATTN, default="auto",
+                    help="every server's flash attention (not llama-server-default's, nor the example server's)")
     ap.add_argument("--time-cap", type=float, default=300, help="seconds one run may take; then it stops")
     ap.add_argument("--request-timeout", type=float, default=600)
     ap.add_argument("--seed", type=int, default=18)
-    ap.add_argument("--ours-args", default="", help="more pyllama-ssm server flags, e.g. \"--n_batch 2048\"")
-    ap.add_argument("--out", default="chat_sessions", help="results stem in bench/results")
+    ap.add_argument("--ours-args", default="", help="more pyllama-ssm server flags, e.g. \"--batch_invariant true\"")
+    ap.add_argument("--out", default="chat_sessions", help="results stem in --results-dir")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where the results go (default bench/results)")
     ap.add_argument("--merge", action="store_true",
-                    help="keep bench/results/<out>.json's runs of the models, U and servers not run now")
+                    help="keep <results-dir>/<out>.json's runs of the models, U and servers not run now (refused "
+                         "unless they ran the same code, CPU, threads and settings)")
     ap.add_argument("--render", action="store_true",
-                    help="run nothing: rebuild bench/results/<out>.{md,png} and its rows from the runs in <out>.json")
+                    help="run nothing: rebuild <results-dir>/<out>.{md,png} and its rows from the runs in <out>.json")
     args = ap.parse_args()
     if args.render:
         return render(args)
@@ -486,9 +672,15 @@ def main() -> int:
     if unknown := [s for s in servers if s not in SERVERS]:
         raise BenchError(f"--servers: unknown {unknown}; expected some of {list(SERVERS)}")
     users = [int(u) for u in args.users.split(",")]
-    if args.turns < 1 or min(users) < 1:
-        raise BenchError("--turns and --users must be at least 1")
+    if args.turns < 1 or min(users) < 1 or args.rounds < 1:
+        raise BenchError("--turns, --users and --rounds must be at least 1")
     models = {name: zoo_model(name) for name in args.models.split(",")}
+    args.provenance = provenance(args.threads)
+    args.model_files = {name: path.name for name, path in models.items()}
+    stem_json = args.results_dir / f"{args.out}.json"
+    old = json.loads(stem_json.read_text()) if args.merge and stem_json.exists() else None
+    if old is not None:  # refuse before hours of runs, not after
+        merge(old, [], args, stem_json)
     progress = Progress(len(models) * len(users) * args.rounds * len(servers))
     tables = []
     for name, path in models.items():
@@ -507,40 +699,66 @@ def main() -> int:
                     runs[s].append(run_one(s, path, conv, tok, args) | {"round": rnd + 1})
                     progress.advance()
             rows = [summarize(runs[s], args, conv["system_tokens"]) for s in servers]
-            tables.append({"model": name, "users": u, "n_ctx": args.n_ctx, "system_tokens": conv["system_tokens"],
-                           "time_cap": args.time_cap,
-                           "rows": rows, "checks": checks(rows), "runs": runs})
+            comparison = compare(rows)
+            tables.append({"model": name, "model_file": path.name, "users": u, "n_ctx": args.n_ctx,
+                           "system_tokens": conv["system_tokens"], "time_cap": args.time_cap, "rows": rows,
+                           "comparison": comparison, "checks": checks(rows, comparison), "runs": runs})
         tok.close()
     progress.close()
-    stem_json = RESULTS / f"{args.out}.json"
-    if args.merge and stem_json.exists():
-        tables = merge(json.loads(stem_json.read_text())["tables"], tables, args)
+    args.provenance = check_unchanged(args.provenance)
+    if old is not None:
+        try:
+            tables = merge(old, tables, args, stem_json)
+            args.model_files = {**old.get("model_files", {}), **args.model_files}
+        except BenchError as e:  # keep what ran, beside the file it may not join
+            print(f"\n{e}\nwriting this run alone as {args.out}.unmerged", file=sys.stderr)
+            args.out += ".unmerged"
+            write(tables, args)
+            return 1
     write(tables, args)
     return 0
 
 
 def render(args: argparse.Namespace) -> int:
     """--render: every table's rows and checks again from its stored runs, with the settings they ran with."""
-    data = json.loads((RESULTS / f"{args.out}.json").read_text())
+    path = args.results_dir / f"{args.out}.json"
+    if not path.exists():
+        raise BenchError(f"--render: {path} is missing")
+    data = json.loads(path.read_text())
     for key in ("turns", "system_tokens", "max_tokens", "stagger", "threads", "rounds", "time_cap"):
         setattr(args, key, data[key])
+    for key in ("n_batch", "n_ubatch", "flash_attn", "provenance", "model_files", "machine"):
+        setattr(args, key, data.get(key))
     for t in data["tables"]:
         args.users_now = t["users"]
+        renamed(t["runs"])
+        t["runs"] = {s: t["runs"][s] for s in SERVERS if s in t["runs"]}
         t["rows"] = [summarize(runs, args, t["system_tokens"]) for runs in t["runs"].values()]
-        t["checks"] = checks(t["rows"])
+        t["comparison"] = compare(t["rows"])
+        t["checks"] = checks(t["rows"], t["comparison"])
     write(data["tables"], args)
     return 0
 
 
+def renamed(runs: dict[str, list[dict]]) -> None:
+    """Runs stored before llama-server meant --parallel U: "llama-server" at its defaults (parallel 0) is
+    llama-server-default now."""
+    old = runs.get("llama-server")
+    if old and all(run.get("parallel") == 0 for run in old) and "llama-server-default" not in runs:
+        runs["llama-server-default"] = [run | {"server": "llama-server-default"} for run in runs.pop("llama-server")]
+
+
 def write(tables: list[dict], args: argparse.Namespace) -> None:
-    args_out = {k: v for k, v in vars(args).items() if k not in ("users_now", "n_ctx", "render", "merge")}
-    write_results(args.out, {"machine": platform.platform(), "cpus": os.cpu_count(), **args_out, "tables": tables},
-                  markdown(tables, args))
+    args_out = {k: v for k, v in vars(args).items()
+                if k not in ("users_now", "n_ctx", "render", "merge", "results_dir", "provenance")}
+    write_results(args.out, {"provenance": args.provenance, "machine": (args.provenance or {}).get("machine"),
+                             "cpus": os.cpu_count(), **args_out, "tables": tables},
+                  markdown(tables, args), args.results_dir)
     from bench.plot import lines
     plot_rows = [{"model": f"{t['model']} U={t['users']}", "server": r["server"], "turn": k + 1, "ttft": v}
                  for t in tables for r in t["rows"] for k, v in enumerate(r["ttft_by_turn_p50"]) if v is not None]
     lines(args.out, plot_rows, series="server", x="turn", y=lambda r: r["ttft"], title="TTFT p50 by turn",
-          xlabel="turn", ylabel="time to first token, s", log2_x=False)
+          xlabel="turn", ylabel="time to first token, s", log2_x=False, results_dir=args.results_dir)
 
 
 if __name__ == "__main__":

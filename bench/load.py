@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import hashlib
 import json
 import os
 import re
@@ -156,35 +158,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def example_server_config(model: Path, n_ctx: int, parallel: int, threads: int, port: int) -> Path:
+def example_server_config(model: Path, n_ctx: int, parallel: int, threads: int, port: int, n_batch: int = 512,
+                          n_ubatch: int = 512) -> Path:
     """The example server's JSON config for a local model (its README's format), written beside it.
     n_seq_max 2 x parallel: each prompt checkpoint it keeps takes a sequence id of its own."""
     config = {"server": {"host": "127.0.0.1", "port": port},
               "model": {"alias": model.stem, "path": str(model), "n_ctx": n_ctx, "n_seq_max": 2 * max(parallel, 1),
-                        "n_batch": 512, "n_ubatch": 512, "threads": threads, "threads_batch": threads,
+                        "n_batch": n_batch, "n_ubatch": n_ubatch, "threads": threads, "threads_batch": threads,
                         "kv_unified": True}}
     path = EXAMPLE_SERVER.parent / f"bench-{port}.json"
     path.write_text(json.dumps(config, indent=1))
     return path
 
 
+FLASH_ATTN = ("auto", "on", "off")
+
+
+@functools.lru_cache(maxsize=None)
+def llama_server_help() -> str:
+    """The pin's llama-server --help (which flags this build has)."""
+    binary = UPSTREAM / "bin" / "llama-server"
+    if not binary.exists():
+        raise BenchError(f"{binary} is missing: run `make build`")
+    proc = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60)
+    return proc.stdout + proc.stderr
+
+
 def server_command(kind: str, model: Path, n_ctx: int, parallel: int, threads: int, port: int,
-                   kv_unified: bool = False, extra: tuple[str, ...] = ()) -> list[str]:
+                   kv_unified: bool = False, extra: tuple[str, ...] = (), *, n_batch: int | None = None,
+                   n_ubatch: int | None = None, flash_attn: str | None = None) -> list[str]:
     """The command line of one server: the same model, context, threads and port for all
     (llama-server with parallel 0: its own defaults for slots and KV layout); `extra`: more
-    pyllama-ssm options (--batch_invariant true, ...)."""
+    pyllama-ssm options (--batch_invariant true, ...).  n_batch, n_ubatch, flash_attn ("auto", "on",
+    "off"): passed to the server when given, else each server's own default (pyllama-ssm 512/512/auto,
+    llama-server 2048/512/auto, llama_cpp.server 512/512/off, the example server 512/512)."""
+    if flash_attn is not None and flash_attn not in FLASH_ATTN:
+        raise ValueError(f"flash_attn={flash_attn!r}: expected one of {', '.join(FLASH_ATTN)}")
     if kind == "pyllama-ssm":
-        return [sys.executable, "-m", "pyllama_ssm.server", "--model", str(model), "--n_ctx", str(n_ctx),
-                "--n_parallel", str(parallel), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-                "--host", "127.0.0.1", "--port", str(port), *extra]
+        cmd = [sys.executable, "-m", "pyllama_ssm.server", "--model", str(model), "--n_ctx", str(n_ctx),
+               "--n_parallel", str(parallel), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+               "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--n_batch", str(n_batch)] if n_batch else []
+        cmd += ["--n_ubatch", str(n_ubatch)] if n_ubatch else []
+        cmd += ["--flash_attn", "true" if flash_attn == "on" else "false"] if flash_attn in ("on", "off") else []
+        return cmd + list(extra)
     if extra:
         raise ValueError(f"extra options are for pyllama-ssm, not {kind}")
     if kind == "llama-cpp-python":
         # one request at a time whatever the clients (no parallel flag); by default a new request ends the
         # stream in progress, which no one serving several clients wants: they queue instead
-        return [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_ctx", str(n_ctx),
-                "--n_threads", str(threads), "--n_threads_batch", str(threads), "--interrupt_requests", "false",
-                "--host", "127.0.0.1", "--port", str(port)]
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_ctx", str(n_ctx),
+               "--n_threads", str(threads), "--n_threads_batch", str(threads), "--interrupt_requests", "false",
+               "--host", "127.0.0.1", "--port", str(port)]
+        cmd += ["--n_batch", str(n_batch)] if n_batch else []
+        cmd += ["--n_ubatch", str(n_ubatch)] if n_ubatch else []
+        # its flag is a bool (default off); llama.cpp's auto enables flash attention on the CPU
+        cmd += ["--flash_attn", "false" if flash_attn == "off" else "true"] if flash_attn else []
+        return cmd
     if kind == "llama-server":  # -lv 4: the buffer sizes are logged
         binary = UPSTREAM / "bin" / "llama-server"
         if not binary.exists():
@@ -192,24 +222,51 @@ def server_command(kind: str, model: Path, n_ctx: int, parallel: int, threads: i
         cmd = [str(binary), "-m", str(model), "-c", str(n_ctx), "-t", str(threads),
                "-tb", str(threads), "--host", "127.0.0.1", "--port", str(port), "-lv", "4"]
         if parallel:
-            cmd += ["--parallel", str(parallel), "--kv-unified" if kv_unified else "--no-kv-unified"]
+            cmd += ["--parallel", str(parallel)]
+            if kv_unified:
+                cmd.append("--kv-unified")
+            elif "--no-kv-unified" in llama_server_help():  # else split is already its default for N slots
+                cmd.append("--no-kv-unified")
+        cmd += ["-b", str(n_batch)] if n_batch else []
+        cmd += ["-ub", str(n_ubatch)] if n_ubatch else []
+        cmd += ["-fa", flash_attn] if flash_attn else []
         return cmd
     if kind == "example-server":
-        return [sys.executable, str(EXAMPLE_SERVER), "-C", str(example_server_config(model, n_ctx, parallel,
-                                                                                     threads, port))]
+        return [sys.executable, str(EXAMPLE_SERVER), "-C", str(example_server_config(
+            model, n_ctx, parallel, threads, port, n_batch or 512, n_ubatch or 512))]
     raise ValueError(f"server kind {kind!r}: expected pyllama-ssm, llama-cpp-python, llama-server or example-server")
+
+
+_CONTEXT = re.compile(r"llama_context:\s+(n_ctx|n_ctx_seq|n_seq_max|n_batch|n_ubatch|flash_attn|kv_unified)"
+                      r"\s+=\s+(\S+)")
+_FA_RESOLVED = re.compile(r"Flash Attention (?:was auto, set to )?(enabled|disabled)")
+
+
+def context_settings(log: str) -> dict:
+    """What llama.cpp logged as it created the (first) context: n_ctx, n_batch, n_ubatch, flash_attn
+    (as asked, and as resolved where "auto" was), kv_unified, n_seq_max; {} when the log has none."""
+    out: dict = {}
+    for m in _CONTEXT.finditer(log):
+        key, value = m.groups()
+        if key not in out:
+            out[key] = int(value) if value.isdigit() else value
+    if m := _FA_RESOLVED.search(log):
+        out["flash_attn_resolved"] = m.group(1)
+    return out
 
 
 class Server:
     """One server process on a free loopback port, ready when /v1/models answers; stop() on exit."""
 
     def __init__(self, kind: str, model: Path, *, n_ctx: int, parallel: int, threads: int,
-                 kv_unified: bool = False, extra: tuple[str, ...] = (), timeout: float = 180):
+                 kv_unified: bool = False, extra: tuple[str, ...] = (), timeout: float = 180,
+                 n_batch: int | None = None, n_ubatch: int | None = None, flash_attn: str | None = None):
         self.kind = kind
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         env = child_env(kind)  # first: it extracts the stock code a command may need
-        cmd = server_command(kind, model, n_ctx, parallel, threads, port, kv_unified, extra)
+        self.cmd = cmd = server_command(kind, model, n_ctx, parallel, threads, port, kv_unified, extra,
+                                        n_batch=n_batch, n_ubatch=n_ubatch, flash_attn=flash_attn)
         self._log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
         deadline = time.monotonic() + timeout
@@ -234,6 +291,19 @@ class Server:
 
     def memory(self) -> dict[str, int]:
         return proc_memory(self.proc.pid)
+
+    def settings(self) -> dict:
+        """The settings the server runs with, as it reports them: llama.cpp's context log (llama-server,
+        llama_cpp.server), or /props (pyllama-ssm: n_batch, flash_attn, n_parallel; n_ubatch as given, else
+        its default 512); while it runs."""
+        out = context_settings(self.log())
+        if self.kind == "pyllama-ssm":
+            props = httpx.get(f"{self.url}/props", timeout=30).json()
+            out |= {k: props.get(k) for k in ("n_ctx", "n_parallel", "n_batch", "flash_attn", "batch_invariant",
+                                               "prefix_cache")}
+            given = int(self.cmd[self.cmd.index("--n_ubatch") + 1]) if "--n_ubatch" in self.cmd else 512
+            out["n_ubatch"] = min(given, out["n_batch"])  # its settings' default 512, at most n_batch
+        return out
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -377,23 +447,138 @@ def target(value: float, bound: float, at_least: bool) -> str:
     return "met" if (value >= bound if at_least else value <= bound) else "missed"
 
 
-def write_results(stem: str, data: dict, markdown: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=1, default=asdict) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown)
+def write_results(stem: str, data: dict, markdown: str, results_dir: Path = RESULTS) -> None:
+    """<results_dir>/<stem>.json and .md (bench/results unless a script's --results-dir says otherwise)."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / f"{stem}.json").write_text(json.dumps(data, indent=1, default=asdict) + "\n")
+    (results_dir / f"{stem}.md").write_text(markdown)
     print(markdown)
-    print(f"wrote bench/results/{stem}.json and {stem}.md")
+    print(f"wrote {shown(results_dir / stem)}.json and {stem}.md")
+
+
+def shown(path: Path) -> str:
+    """A path as printed: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def spread(values: list[float]) -> dict:
+    """Per-round values, their median and range: {"median", "min", "max", "rounds"}."""
+    import statistics
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": list(values)}
+
+
+def fmt_spread(s: dict | None, fmt: str = "{:.2f}", scale: float = 1.0) -> str:
+    """A spread() as "median [min-max]" (the median alone for one round); "-" for none."""
+    if not s:
+        return "-"
+    med = fmt.format(s["median"] * scale)
+    if len(s["rounds"]) < 2:
+        return med
+    return f"{med} [{fmt.format(s['min'] * scale)}-{fmt.format(s['max'] * scale)}]"
+
+
+# -- what a run ran on ------------------------------------------------------------------------------
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def _git(*args: str) -> str:
+    proc = subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def provenance(threads: int | None = None) -> dict:
+    """Where and on what code a run ran: the git commit and whether the tree differs from it (anything
+    outside bench/results, with a digest of the difference: tracked changes and untracked files), the
+    builds' keys, the CPU model and its flags of interest, the OpenMP and malloc environment."""
+    import platform
+    outside = ["--", ".", ":(exclude)bench/results"]
+    status = _git("status", "--porcelain", *outside)
+    digest = hashlib.sha256(_git("diff", "HEAD", "--binary", *outside).encode())
+    for name in sorted(_git("ls-files", "--others", "--exclude-standard", *outside).split("\n")):
+        if name and (ROOT / name).is_file():
+            digest.update(name.encode() + b"\0" + (ROOT / name).read_bytes())
+    cpu, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not cpu:
+                cpu = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    builds = {}
+    for build in ("patched", "upstream"):
+        key = ROOT / "build" / build / "BUILD_KEY"
+        builds[build] = key.read_text().strip() if key.exists() else None
+    return {"commit": _git("rev-parse", "HEAD").strip() or None, "dirty": bool(status.strip()),
+            "dirty_files": status.splitlines()[:50], "diff_sha256": digest.hexdigest() if status.strip() else None,
+            "build_keys": builds, "cpu_model": cpu, "cpu_flags": {f: f in flags for f in CPU_FLAGS},
+            "cpus": os.cpu_count(), "threads": threads, "machine": platform.platform(),
+            "python": platform.python_version(),
+            "env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "MALLOC_", "LLAMA_",
+                                                                         "PYLLAMA_SSM_"))}}
+
+
+def check_unchanged(start: dict) -> dict:
+    """start, with "changed_during_run" (why) when the code, builds or CPU differ now from when the run began:
+    every server process imports the working tree as it is when it starts, so edits made during a long run
+    reach some of its runs and not others."""
+    why = same_code(start, provenance(start.get("threads")))
+    if why:
+        print(f"\nwarning: the tree changed during the run ({why}): its figures mix code", file=sys.stderr)
+        return start | {"changed_during_run": why}
+    return start
+
+
+def same_code(a: dict | None, b: dict | None) -> str | None:
+    """Why two runs' provenance() do not describe the same code on the same CPU and threads (None: they do)."""
+    if not a or not b:
+        return "one of them records no commit (a run from before provenance was recorded)"
+    for key in ("commit", "diff_sha256", "build_keys", "cpu_model", "threads"):
+        if a.get(key) != b.get(key):
+            return f"{key} differs: {a.get(key)!r} vs {b.get(key)!r}"
+    return None
 
 
 REAL_MODELS = {"smollm2": "smollm2-135m-instruct-q4_1"}  # tests/models/real.py (make models)
+GRAFT_FORMAT = "f16"  # a graft named without its format: tests/models/graft.py's graft_path default
+
+
+def _grafts() -> dict[str, dict]:
+    """build/models/grafts.json's models (tests/models/graft.py): {} before `make models` wrote it."""
+    path = ZOO / "grafts.json"
+    return json.loads(path.read_text())["models"] if path.exists() else {}
+
+
+def model_stem(name: str) -> str:
+    """The file stem of a bench model name: "smollm2" (SmolLM2-135M-Instruct Q4_1 as shipped), a name of
+    build/models/grafts.json with or without its format ("falcon-h1-graft" = "falcon-h1-graft-f16",
+    "granitehybrid-graft-q4_k_m", "smollm2-q8_0", "qwen35-tiny-q4_0"), else a zoo name (index.json)."""
+    if name in REAL_MODELS:
+        return REAL_MODELS[name]
+    grafts = _grafts()
+    if name.startswith("smollm2-") and f"smollm2-135m-instruct-{name[8:]}" in grafts:
+        name = f"smollm2-135m-instruct-{name[8:]}"
+    for candidate in (name, f"{name}-{GRAFT_FORMAT}"):
+        if candidate in grafts:
+            return Path(grafts[candidate]["file"]).stem
+    return name
 
 
 def zoo_model(name: str) -> Path:
-    """A model by its bench name: a zoo file, or "smollm2" for the real-weights SmolLM2."""
-    path = ZOO / f"{REAL_MODELS.get(name, name)}.gguf"
+    """A model by its bench name (model_stem): a zoo file, a graft or quantized file, or SmolLM2."""
+    path = ZOO / f"{model_stem(name)}.gguf"
     if not path.exists():
-        how = "make models" if name in REAL_MODELS else "python tests/models/generate.py --size small (make bench does it)"
-        raise BenchError(f"{path} is missing: {how}")
+        how = "make models" if name in REAL_MODELS or "graft" in name or "smollm2" in name else \
+            "python tests/models/generate.py --size small (make bench does it)"
+        known = sorted(_grafts())
+        raise BenchError(f"{path} is missing: {how}" + (f" (grafts.json names: {', '.join(known)})" if known else ""))
     return path
 
 
@@ -405,6 +590,18 @@ def timed_requests(engine, prompts: list, n_gen: int, params=None, **submit) -> 
     reqs = [engine.submit(p, params, max_tokens=n_gen, **submit) for p in prompts]
     done = [r.result() for r in reqs]
     return time.perf_counter() - t0, done
+
+
+def engine_settings(engine) -> dict:
+    """The settings an Engine's context was created with (n_ctx, n_batch, n_ubatch, threads, flash attention
+    as asked: auto, enabled, disabled), its sequences, batch invariance and its model's file."""
+    from pyllama_ssm.bindings import ffi, lib
+    p = engine.ctx.params
+    return {"model_file": engine.model.path.name, "n_ctx": p.n_ctx, "parallel": engine.config.parallel,
+            "n_batch": p.n_batch, "n_ubatch": p.n_ubatch, "n_threads": p.n_threads,
+            "n_threads_batch": p.n_threads_batch,
+            "flash_attn": ffi.string(lib.llama_flash_attn_type_name(p.flash_attn_type)).decode(),
+            "batch_invariant": engine.config.batch_invariant}
 
 
 def run_main(main: Callable[[], int]) -> NoReturn:

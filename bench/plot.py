@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
-from bench.load import RESULTS, BenchError
+from bench.load import RESULTS, BenchError, shown
 
 
 def lines(stem: str, rows: list[dict], *, series: str, x: str, y: Callable[[dict], float], title: str,
-          xlabel: str, ylabel: str, log2_x: bool = True) -> None:
-    """bench/results/<stem>.png: a panel per rows' "model", a line per value of row[series], x on a log2
-    scale (client counts double) unless log2_x is False."""
+          xlabel: str, ylabel: str, log2_x: bool = True, results_dir: Path = RESULTS,
+          y_range: Callable[[dict], tuple[float, float] | None] | None = None) -> None:
+    """<results_dir>/<stem>.png (bench/results by default): a panel per rows' "model", a line per value of
+    row[series], x on a log2 scale (client counts double) unless log2_x is False; y_range(row), when given,
+    draws each point's (min, max) across rounds as an error bar."""
     try:
         import matplotlib
     except ImportError:
@@ -23,8 +26,14 @@ def lines(stem: str, rows: list[dict], *, series: str, x: str, y: Callable[[dict
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         for label in labels:
-            points = [(r[x], y(r)) for r in rows if r["model"] == model and r[series] == label]
-            ax.plot(*zip(*points), "-o", label=label)
+            mine = [r for r in rows if r["model"] == model and r[series] == label]
+            xs_, ys_ = [r[x] for r in mine], [y(r) for r in mine]
+            ranges = [y_range(r) for r in mine] if y_range else []
+            if ranges and all(ranges):
+                err = [[v - lo for v, (lo, _) in zip(ys_, ranges)], [hi - v for v, (_, hi) in zip(ys_, ranges)]]
+                ax.errorbar(xs_, ys_, yerr=err, fmt="-o", capsize=3, label=label)
+            else:
+                ax.plot(xs_, ys_, "-o", label=label)
         xs = sorted({r[x] for r in rows})
         if log2_x:
             ax.set_xscale("log", base=2)
@@ -36,6 +45,7 @@ def lines(stem: str, rows: list[dict], *, series: str, x: str, y: Callable[[dict
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / f"{stem}.png", dpi=110)
+    Path(results_dir).mkdir(parents=True, exist_ok=True)
+    fig.savefig(Path(results_dir) / f"{stem}.png", dpi=110)
     plt.close(fig)
-    print(f"wrote bench/results/{stem}.png")
+    print(f"wrote {shown(Path(results_dir) / stem)}.png")
