@@ -62,7 +62,7 @@ FOUR = {"n_parallel": 4, "flash_attn": True, "batch_invariant": True}
 # side -> (build, our Llama's keywords, stock's keywords)
 SIDES = {"upstream": ("upstream", ONE, {"flash_attn": False}),
          "patched": ("patched", ONE, {"flash_attn": False}),
-         "patched-n_parallel=4": ("patched", FOUR, {"flash_attn": True})}
+         "patched-n_parallel=4": ("patched", FOUR, {"flash_attn": True, "plain_kernels": True})}
 # why a client fails on stock where it does (the skip says so, with stock's error)
 STOCK_FAILS = {"guidance": "on recurrent and hybrid models guidance trims the KV cache with "
                            "llama_memory_seq_rm(kv, -1, n_cached, -1), which recurrent memory refuses, "

@@ -32,7 +32,13 @@ SHAPES = [dict(n_ctx=1024, n_seq_max=1), dict(n_ctx=2048, n_seq_max=4, n_rs_pool
 @needs_report
 @pytest.mark.parametrize("name", zoo_names())
 def test_planner_equals_the_memory_report(name):
-    model = zoo_model(name)
+    # the plain weight layout the planner models: ggml's AMX buffer (on AMX CPUs) holds its own copy of
+    # the matrices beside the mapped file, which the report then counts twice (not modelled)
+    with ps.Model(zoo_path(name), overrides={"use_extra_bufts": False}) as model:
+        _planner_equals_the_memory_report(name, model)
+
+
+def _planner_equals_the_memory_report(name, model):
     facts = sizing.model_facts(zoo_path(name))
     for kw in SHAPES:
         with ps.Context(model, **kw) as ctx:

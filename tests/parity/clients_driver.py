@@ -2,7 +2,8 @@
 
     python clients_driver.py MODEL LLAMA_KWARGS CLIENT...   (CLIENT: langchain, outlines, guidance)
 
-LLAMA_KWARGS (JSON) go to every Llama the clients make, over the common ones below.
+LLAMA_KWARGS (JSON) go to every Llama the clients make, over the common ones below; "plain_kernels":
+true loads the weights without ggml's extra buffer types on stock's side too.
 
 Prints one JSON object: case name -> the client's output, greedy, or {"error": "Type: message"} when
 the client raised (so a failure on one side shows as a difference, with its reason).  With
@@ -24,6 +25,16 @@ import llama_cpp  # noqa: E402
 
 MODEL, CLIENTS = sys.argv[1], sys.argv[3:]
 LLAMA = {**dict(n_ctx=1024, n_batch=256, n_threads=1, seed=1, verbose=False, flash_attn=False), **json.loads(sys.argv[2])}
+if LLAMA.pop("plain_kernels", False):
+    # ggml's plain kernels, as batch_invariant loads them (no AMX or repacked weights): stock has no
+    # keyword for it, so its default model parameters say so (ours ignores this function)
+    _defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def _plain_defaults():
+        params = _defaults()
+        params.use_extra_bufts = False
+        return params
+    llama_cpp.llama_cpp.llama_model_default_params = _plain_defaults
 THREADS = 4 if LLAMA.get("n_parallel", 1) > 1 else 1
 MAX_TOKENS = 16
 PROMPT = "The three primary colors are"

@@ -137,7 +137,7 @@ def completions(path: str) -> dict:
 def embeddings(path: str) -> dict:
     out = {}
     for pooling in (llama_cpp.LLAMA_POOLING_TYPE_MEAN, llama_cpp.LLAMA_POOLING_TYPE_NONE):
-        llm = llama_cpp.Llama(path, n_ctx=256, embedding=True, pooling_type=pooling, verbose=False)
+        llm = llama_cpp.Llama(path, n_ctx=256, embedding=True, pooling_type=pooling, flash_attn=False, verbose=False)
         out[f"{pooling}/embed"] = plain(llm.embed(["Hello world", "A different prompt"]))
         out[f"{pooling}/normalized"] = plain(llm.embed("Hello world", normalize=True))
         response = llm.create_embedding(["Hello world", "A different prompt"])
