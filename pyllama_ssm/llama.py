@@ -439,9 +439,10 @@ class Llama:
         if self._ctx is not None and n_parallel == 1:
             self.n_tokens = 0
             self._requires_eval = True  # restored or truncated state must decode before sampling
-            self.input_ids: npt.NDArray[np.intc] = np.zeros((n_ctx,), dtype=np.intc)
-            self.scores: npt.NDArray[np.single] = np.zeros((n_ctx if logits_all else self.n_batch, self._n_vocab),
-                                                           dtype=np.single)
+            # sized to the context llama.cpp made (flash attention pads n_ctx to 256), not the one asked for
+            self.input_ids: npt.NDArray[np.intc] = np.zeros((self._n_ctx,), dtype=np.intc)
+            self.scores: npt.NDArray[np.single] = np.zeros(
+                (self._n_ctx if logits_all else self.n_batch, self._n_vocab), dtype=np.single)
         self.metadata = self._model.metadata()
         self._init_chat(chat_format, chat_handler)
         if verbose:
@@ -1094,7 +1095,8 @@ class Llama:
                 for num, pattern in ((2, 192), (3, 224), (4, 240)):
                     if num > k and pattern & char == pattern:
                         multibyte_fix = num - k
-            if multibyte_fix > 0:
+            # ... but not past the context: the next token would have no logits row (nor a cell)
+            if multibyte_fix > 0 and len(r.prompt_tokens) + len(completion) < self._n_ctx:
                 multibyte_fix -= 1
                 continue
             hits = [s for s in stop_bytes if s in all_text]

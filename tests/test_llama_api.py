@@ -772,3 +772,15 @@ def test_threads_sharing_a_single_sequence_llama_never_crash_it():
     llm.close()
     assert not errors and len(results) == 4
     assert all(r["choices"][0]["finish_reason"] in ("length", "stop") for r in results)
+
+
+def test_completion_up_to_a_padded_context_scores_every_token():
+    """Flash attention (now the default for n_parallel=1 too) pads n_ctx 128 to 256: the token and score
+    buffers follow the context llama.cpp made, so a completion that fills it keeps every logprob."""
+    with Llama(str(zoo_path("qwen35")), n_ctx=128, logits_all=True, verbose=False) as llm:
+        assert llm.n_ctx() >= 128
+        for stream in (False, True):
+            out = llm.create_completion("Hello", max_tokens=None, logprobs=1, temperature=0, stream=stream)
+            chunks = list(out) if stream else [out]
+            lps = [lp for c in chunks if c["choices"][0]["logprobs"] for lp in c["choices"][0]["logprobs"]["token_logprobs"]]
+            assert lps and all(v is not None and v <= 0 for v in lps)
