@@ -123,11 +123,39 @@ SETUPS = {"roomy": {"n_ctx": 2048, "prefix_cache": 40}, "tight": {"n_ctx": 192, 
 KERNELS = {"default": {}, "invariant": {"flash_attn": True, "batch_invariant": True}}
 
 
-@pytest.mark.parametrize("kernels", list(KERNELS))
-@pytest.mark.parametrize("name,setup", [(n, s) for n in zoo_names() if n in ("qwen35", "llama", "mamba2")
-                                        for s in SETUPS if not (n == "mamba2" and s == "tight")])
+GRAFT = "falcon-h1-graft"  # real text (tests/models/graft.py): answers with clear margins, no near-ties
+_grafts: dict[str, ps.Model] = {}
+
+
+def isolation_model(name: str) -> ps.Model:
+    if name != GRAFT:
+        return zoo_model(name)
+    if name not in _grafts:
+        import graft
+        path = graft.graft_path("falcon-h1", "q4_k_m")
+        if not path.exists():
+            pytest.skip(f"{path.name} missing: run `make models`")
+        # plain kernels, as Engine and Llama load them for batch_invariant (AMX and repacked quantized
+        # weights have one kernel for a row and another for many)
+        _grafts[name] = ps.Model(path, overrides={"use_extra_bufts": False})
+    return _grafts[name]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_grafts():
+    yield
+    for m in _grafts.values():
+        m.close()
+    _grafts.clear()
+
+
+# the graft with the invariant kernels only: on real weights llama.cpp's default kernels part answers
+# under load by more than a near-tie (0.086 nats measured; the drift issue #26 is about)
+@pytest.mark.parametrize("name,setup,kernels", [(n, s, k) for n in zoo_names() if n in ("qwen35", "llama", "mamba2")
+                                                for s in SETUPS if not (n == "mamba2" and s == "tight")
+                                                for k in KERNELS] + [(GRAFT, "roomy", "invariant")])
 def test_concurrent_conversations_never_restore_each_other(name, setup, kernels):
-    model = zoo_model(name)
+    model = isolation_model(name)
     tokenize = lambda text, special=True: model.tokenize(text, add_special=special)  # noqa: E731
     all_secrets = secrets()
     shared = len(shared_part(tokenize))
