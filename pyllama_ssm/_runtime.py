@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
+from pathlib import Path
 
 from .bindings import ffi, lib
+from .errors import BuildMissingError
 
 logger = logging.getLogger("pyllama_ssm.llama")
 _LEVELS = {
@@ -44,7 +47,47 @@ def init() -> None:
             return
         route_logs()
         lib.llama_backend_init()
+        load_backend_modules()
         _initialized = True
+
+
+def library_dir() -> Path:
+    """The directory this process loaded libggml-base from (the build's lib/, or a wheel's _lib/)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split(maxsplit=5)[-1].strip()
+            if "/libggml-base.so" in path:
+                return Path(path).parent
+    raise BuildMissingError("libggml-base is not loaded in this process")
+
+
+def load_backend_modules() -> None:
+    """A build with GGML_BACKEND_DL (the wheel that runs on any x86-64) links no backend: its modules
+    lie beside libggml, one CPU variant per instruction set (libggml-cpu-haswell.so, ...-skylakex.so,
+    ...-sapphirerapids.so), and ggml loads the one that scores best on this CPU, as llama.cpp's tools do.
+    PYLLAMA_SSM_CPU_VARIANT=NAME loads that CPU variant instead (and no other backend)."""
+    if lib.ggml_backend_dev_count() > 0:  # backends linked in: the native build
+        return
+    where = library_dir()
+    variant = os.environ.get("PYLLAMA_SSM_CPU_VARIANT")
+    if variant:
+        module = where / f"libggml-cpu-{variant}.so"
+        if not module.exists():
+            known = sorted(p.name[len("libggml-cpu-"):-3] for p in where.glob("libggml-cpu-*.so"))
+            raise ValueError(f"PYLLAMA_SSM_CPU_VARIANT={variant!r}: no {module.name} in {where} "
+                             f"(variants: {', '.join(known) or 'none'})")
+        if lib.ggml_backend_load(str(module).encode()) == ffi.NULL:
+            raise BuildMissingError(f"PYLLAMA_SSM_CPU_VARIANT={variant!r}: {module.name} does not run on this CPU")
+    else:
+        lib.ggml_backend_load_all_from_path(str(where).encode())
+    if lib.ggml_backend_dev_count() == 0:
+        raise BuildMissingError(f"no ggml backend loads from {where}: the build has no CPU variant this CPU runs")
+
+
+def backend_names() -> list[str]:
+    """The registered ggml backends (e.g. ["CPU", "RPC"]); a dispatching build's CPU variant logs its name."""
+    return [ffi.string(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i))).decode()
+            for i in range(lib.ggml_backend_reg_count())]
 
 
 def route_logs() -> None:

@@ -30,6 +30,9 @@ EXTRA_GGML = {
     "ggml_backend_dev_count", "ggml_backend_dev_get", "ggml_backend_dev_name",
     "ggml_backend_dev_description", "ggml_backend_dev_type", "ggml_backend_dev_memory",
     "ggml_backend_buft_name", "ggml_type_name",
+    # backends built as modules (GGML_BACKEND_DL: the dispatching CPU build): loaded at init (_runtime)
+    "ggml_backend_load", "ggml_backend_load_all_from_path", "ggml_backend_reg_count", "ggml_backend_reg_get",
+    "ggml_backend_reg_name",
     # RPC devices (Model(rpc_servers=...)): ggml-rpc.h
     "ggml_backend_rpc_add_server", "ggml_backend_reg_dev_count", "ggml_backend_reg_dev_get",
 }
@@ -48,6 +51,10 @@ MARKER_RE = re.compile(r'^# \d+ "([^"]+)"')
 
 # The headers whose declarations are all kept; llama-ssm.h is our patch series' API.
 ROOT_HEADERS = ("llama.h", "llama-ssm.h")
+# The CPU backend's own API: not linked into libggml when backends are modules (GGML_BACKEND_DL, the
+# portable wheel), so a wrapper of one of its functions would leave the extension an undefined symbol: its
+# types stay (llama.h uses ggml_numa_strategy), its functions only where EXTRA_GGML names them.
+BACKEND_HEADERS = ("ggml-cpu.h",)
 # Headers llama.h does not include that EXTRA_GGML picks from (each where the build has it).
 EXTRA_HEADERS = ("ggml-rpc.h",)
 
@@ -159,7 +166,8 @@ def generate(include_dirs: list[Path], cc: str = "gcc") -> str:
     todo = [i for i, (f, n) in enumerate(decls) if f in ROOT_HEADERS or (_defines(n) & EXTRA_GGML)]
     while todo:
         i = todo.pop()
-        if i in keep:
+        if i in keep or (decls[i][0] in BACKEND_HEADERS and isinstance(getattr(decls[i][1], "type", None), c_ast.FuncDecl)
+                         and not _defines(decls[i][1]) & EXTRA_GGML):
             continue
         keep.add(i)
         refs = _Refs()

@@ -64,8 +64,12 @@ def _libraries(libdir: Path, dest: Path) -> list[str]:
     (llama_cpp.mtmd_cpp's, under install_as_llama_cpp()) into dest under their sonames (libX.so.N:
     what the loader looks for; a wheel cannot hold the build tree's symlinks).  The tools' other
     libraries (llama-common, the server's) stay out."""
-    names = sorted(p.name for p in libdir.iterdir()
-                   if re.fullmatch(r"lib(llama|mtmd|ggml[\w.+-]*)\.so\.\d+", p.name))
+    present = [p.name for p in libdir.iterdir()]
+    names = sorted(n for n in present if re.fullmatch(r"lib(llama|mtmd|ggml[\w.+-]*)\.so\.\d+", n))
+    # backends built as modules (GGML_BACKEND_DL: one libggml-cpu-<variant>.so per instruction set, loaded
+    # at run time by pyllama_ssm._runtime) carry no soname: kept under their own names
+    names += sorted(n for n in present if re.fullmatch(r"libggml-[\w.+-]+\.so", n)
+                    and not any(m.startswith(n + ".") for m in present))
     if not any(n.startswith("libllama.so.") for n in names):
         raise native.BuildError(f"no libllama.so.N in {libdir}: the library build is incomplete")
     dest.mkdir(parents=True)
