@@ -47,10 +47,14 @@ def expected_variant(flags: set[str]) -> str:
         return "sapphirerapids"
     if {"avx512f", "avx512_vnni", "avx512_bf16", "avx512vbmi"} <= flags:
         return "zen4"
+    if {"avx512f", "avx512_vnni", "avx512_bf16"} <= flags:
+        return "cooperlake"
     if {"avx512f", "avx512_vnni", "avx512vbmi"} <= flags:
         return "icelake"
     if {"avx512f", "avx512_vnni"} <= flags:
         return "cascadelake"
+    if {"avx512f", "avx512vbmi"} <= flags:
+        return "cannonlake"
     if "avx512f" in flags:
         return "skylakex"
     if "avx_vnni" in flags:
