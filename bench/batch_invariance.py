@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.load import (RESULTS, BenchError, engine_settings, fmt_spread, provenance, run_main, spread,  # noqa: E402
-                        timed_requests, write_results, zoo_model)
+from bench.load import (RESULTS, engine_settings, fmt_spread, measure_models, run_main, spread,  # noqa: E402
+                        timed_requests, write_results)
 from bench.plot import lines  # noqa: E402
 from pyllama_ssm.engine import Engine  # noqa: E402
 from pyllama_ssm.sampling import SamplingParams  # noqa: E402
@@ -99,15 +99,7 @@ def main() -> int:
     ap.add_argument("--out", default="batch_invariance", help="results stem in --results-dir")
     ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where the results go (default bench/results)")
     args = ap.parse_args()
-    if args.rounds < 1:
-        raise BenchError("--rounds must be at least 1")
-    levels = [int(x) for x in args.clients.split(",")]
-    models = {name: zoo_model(name) for name in args.models.split(",")}
-    prov = provenance(args.threads)
-    rows, settings = [], {}
-    for name, path in models.items():
-        got, settings[name] = measure(name, path, levels, args)
-        rows += got
+    prov, rows, settings = measure_models(args, measure)
     commit = (prov["commit"] or "?")[:12] + (" (dirty tree)" if prov["dirty"] else "")
     md = [f"Kernel setups under load: ~300-token prompts, {args.n_gen} greedy tokens per client, {args.threads} "
           f"threads; {args.rounds} round(s), the order rotated, after the lone runs; median over rounds [min-max]; "
@@ -117,7 +109,7 @@ def main() -> int:
     md += [f"| {r['model']} | {r['clients']} | {r['setup']} | {fmt_spread(r['spread'], '{:.1f}')} "
            f"| {fmt_spread(r['vs_fa'])}x | {r['drift']:.2g} |" for r in rows]
     write_results(args.out, {"provenance": prov, "rounds": args.rounds, "n_gen": args.n_gen, "threads": args.threads,
-                             "clients": levels, "engines": settings, "rows": rows}, "\n".join(md) + "\n",
+                             "clients": [int(x) for x in args.clients.split(",")], "engines": settings, "rows": rows}, "\n".join(md) + "\n",
                   args.results_dir)
     lines(args.out, rows, series="setup", x="clients", y=lambda r: r["tok_per_s"],
           y_range=lambda r: (r["spread"]["min"], r["spread"]["max"]), title="throughput by kernel setup",

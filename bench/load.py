@@ -571,6 +571,21 @@ def model_stem(name: str) -> str:
     return name
 
 
+def measure_models(args, measure) -> tuple[dict, list, dict]:
+    """The in-process benches' common run: every model of --models at every --clients level through
+    measure(name, path, levels, args) -> (rows, settings); returns (provenance, rows, settings by model)."""
+    if args.rounds < 1:
+        raise BenchError("--rounds must be at least 1")
+    levels = [int(x) for x in args.clients.split(",")]
+    models = {name: zoo_model(name) for name in args.models.split(",")}
+    prov = provenance(args.threads)
+    rows, settings = [], {}
+    for name, path in models.items():
+        got, settings[name] = measure(name, path, levels, args)
+        rows += got
+    return prov, rows, settings
+
+
 def zoo_model(name: str) -> Path:
     """A model by its bench name (model_stem): a zoo file, a graft or quantized file, or SmolLM2."""
     path = ZOO / f"{model_stem(name)}.gguf"

@@ -32,8 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.load import (RESULTS, BenchError, engine_settings, fmt_spread, provenance, run_main, spread,  # noqa: E402
-                        timed_requests, write_results, zoo_model)
+from bench.load import (RESULTS, engine_settings, fmt_spread, measure_models, run_main, spread,  # noqa: E402
+                        timed_requests, write_results)
 from bench.plot import lines  # noqa: E402
 from pyllama_ssm.engine import Engine  # noqa: E402
 from pyllama_ssm.llama_speculative import LlamaPromptLookupDecoding  # noqa: E402
@@ -116,15 +116,7 @@ def main() -> int:
     ap.add_argument("--out", default="speculative", help="results stem in --results-dir")
     ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where the results go (default bench/results)")
     args = ap.parse_args()
-    if args.rounds < 1:
-        raise BenchError("--rounds must be at least 1")
-    levels = [int(x) for x in args.clients.split(",")]
-    models = {name: zoo_model(name) for name in args.models.split(",")}
-    prov = provenance(args.threads)
-    rows, settings = [], {}
-    for name, path in models.items():
-        got, settings[name] = measure(name, path, levels, args)
-        rows += got
+    prov, rows, settings = measure_models(args, measure)
     commit = (prov["commit"] or "?")[:12] + (" (dirty tree)" if prov["dirty"] else "")
     md = [f"Prompt-lookup speculative decoding on a copy task: {args.n_gen} greedy tokens per client, "
           f"{args.threads} threads, batch-invariant kernels and flash attention on both sides; {args.rounds} "
@@ -136,7 +128,7 @@ def main() -> int:
            f"| {fmt_spread(r['speedup'])}x | {r['accepted']} / {r['drafted']} ({r['acceptance']:.0%}) "
            f"| {'yes' if r['same_text'] else 'NO'} |" for r in rows]
     write_results(args.out, {"provenance": prov, "rounds": args.rounds, "n_gen": args.n_gen, "threads": args.threads,
-                             "clients": levels, "engines": settings, "rows": rows}, "\n".join(md) + "\n",
+                             "clients": [int(x) for x in args.clients.split(",")], "engines": settings, "rows": rows}, "\n".join(md) + "\n",
                   args.results_dir)
     lines(args.out, rows, series="setup", x="clients", y=lambda r: r["gen_tok_per_s"],
           y_range=lambda r: (r["tok_per_s"]["min"], r["tok_per_s"]["max"]),

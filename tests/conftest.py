@@ -53,15 +53,22 @@ def zoo_names(kind: str = "all") -> list[str]:
     return sorted(k.removesuffix("-tiny") for k, m in models.items() if k.endswith("-tiny") and keep(m))
 
 
-_loaded: dict[str, object] = {}
+_loaded: dict[tuple, object] = {}
+
+
+def loaded_model(path, plain_kernels: bool = False):
+    """A model loaded once per test process (models are read-only), closed at the session's end;
+    plain_kernels: without ggml's extra buffer types (AMX, repacked weights), as batch_invariant loads it."""
+    key = (str(path), plain_kernels)
+    if key not in _loaded:
+        import pyllama_ssm
+        _loaded[key] = pyllama_ssm.Model(path, overrides={"use_extra_bufts": False} if plain_kernels else None)
+    return _loaded[key]
 
 
 def zoo_model(name: str):
-    """A tiny zoo model, loaded once per test process (models are read-only)."""
-    if name not in _loaded:
-        import pyllama_ssm
-        _loaded[name] = pyllama_ssm.Model(zoo_path(name))
-    return _loaded[name]
+    """A tiny zoo model, loaded once per test process."""
+    return loaded_model(zoo_path(name))
 
 
 def child_env(build: str, **extra: str) -> dict[str, str]:

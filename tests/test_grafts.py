@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_with_build
+from conftest import loaded_model, run_with_build
 
 import graft
 
@@ -28,23 +28,9 @@ def need(arch: str, fmt: str = "f16"):
     return path
 
 
-_loaded: dict = {}
-
-
 def model(path):
-    """A model loaded once per test process (read-only), closed at the end of the module."""
-    from pyllama_ssm import Model
-    if path not in _loaded:
-        _loaded[path] = Model(path)
-    return _loaded[path]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_models():
-    yield
-    for m in _loaded.values():
-        m.close()
-    _loaded.clear()
+    """A model loaded once per test process (conftest)."""
+    return loaded_model(path)
 
 
 def context(m):

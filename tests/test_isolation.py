@@ -22,7 +22,7 @@ import threading
 import pytest
 
 import pyllama_ssm as ps
-from conftest import zoo_model, zoo_names, zoo_path
+from conftest import loaded_model, zoo_model, zoo_names, zoo_path
 from pyllama_ssm.engine import Engine
 from pyllama_ssm.llama_cache import LlamaDiskCache, longest_token_prefix
 from pyllama_ssm.sampling import SamplingParams
@@ -124,29 +124,18 @@ KERNELS = {"default": {}, "invariant": {"flash_attn": True, "batch_invariant": T
 
 
 GRAFT = "falcon-h1-graft"  # real text (tests/models/graft.py): answers with clear margins, no near-ties
-_grafts: dict[str, ps.Model] = {}
 
 
 def isolation_model(name: str) -> ps.Model:
     if name != GRAFT:
         return zoo_model(name)
-    if name not in _grafts:
-        import graft
-        path = graft.graft_path("falcon-h1", "q4_k_m")
-        if not path.exists():
-            pytest.skip(f"{path.name} missing: run `make models`")
-        # plain kernels, as Engine and Llama load them for batch_invariant (AMX and repacked quantized
-        # weights have one kernel for a row and another for many)
-        _grafts[name] = ps.Model(path, overrides={"use_extra_bufts": False})
-    return _grafts[name]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _close_grafts():
-    yield
-    for m in _grafts.values():
-        m.close()
-    _grafts.clear()
+    import graft
+    path = graft.graft_path("falcon-h1", "q4_k_m")
+    if not path.exists():
+        pytest.skip(f"{path.name} missing: run `make models`")
+    # plain kernels, as Engine and Llama load them for batch_invariant (AMX and repacked quantized
+    # weights have one kernel for a row and another for many)
+    return loaded_model(path, plain_kernels=True)
 
 
 # the graft with the invariant kernels only: on real weights llama.cpp's default kernels part answers
