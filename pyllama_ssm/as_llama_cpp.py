@@ -17,9 +17,10 @@ Everything else (`_internals`, `_logger`, `llama_speculative`,
 `llama_tokenizer`, `llama_chat_format` with its multimodal handlers,
 `llama_grammar`, `llama_cache`, `llama_types`, `llama_cpp.server`, ...) is
 stock's own code.  `Llama.model`, `Llama.ctx`, `Llama._model.model`,
-`Llama._ctx.ctx` are ctypes pointers usable with `llama_cpp.llama_cpp`, and
-the rest of stock's `_internals` methods answer on `_model` and `_ctx`
-(stock_view below).
+`Llama._ctx.ctx` are ctypes pointers usable with `llama_cpp.llama_cpp`,
+`Llama._batch.batch` is a ctypes llama_batch, and the rest of stock's
+`_internals` methods answer on `_model`, `_ctx` and `_batch`
+(pyllama_ssm/stock_handles.py).
 
 Programs that cannot call install_as_llama_cpp() themselves run under it with
 
@@ -38,11 +39,11 @@ import runpy
 import shutil
 import sys
 import types
-from contextlib import ExitStack
 from pathlib import Path
 
+from .stock_handles import MARK, installed  # noqa: F401 - installed() is asked of this module too
+
 STOCK = Path(__file__).with_name("_stock") / "llama_cpp"
-MARK = "__pyllama_ssm__"  # set on the llama_cpp package that install() made
 
 
 @functools.cache
@@ -100,56 +101,6 @@ def install() -> types.ModuleType:
     setattr(package, MARK, True)
     _runtime.route_logs()  # stock's _logger took llama.cpp's log callback; errors must reach our exceptions
     return package
-
-
-def installed() -> bool:
-    return getattr(sys.modules.get("llama_cpp"), MARK, False)
-
-
-def pointer(cdata) -> ctypes.c_void_p:
-    """A cffi pointer as the ctypes c_void_p that llama_cpp.llama_cpp's functions take."""
-    from .bindings import ffi
-    return ctypes.c_void_p(int(ffi.cast("uintptr_t", cdata)) or None)
-
-
-class StockInternals:
-    """For Model and Context: under install_as_llama_cpp(), what ours lacks of stock's _internals
-    object of the same kind (LlamaModel.token_get_text, LlamaContext.kv_cache_clear, ...) answers
-    on the same llama.cpp object, through stock_view."""
-
-    def __getattr__(self, name: str):
-        if not name.startswith("_") and (view := stock_view(self)) is not None:
-            return getattr(view, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-
-def stock_view(obj):
-    """Stock's _internals object (LlamaModel, LlamaContext or LlamaBatch) over the same llama.cpp
-    object as our Model, Context or Batch, owning nothing: its methods are stock's, on our pointers."""
-    if not installed():
-        return None
-    from .batch import Batch
-    from .context import Context
-    from .model import Model
-    internals, low = sys.modules["llama_cpp._internals"], sys.modules["llama_cpp.llama_cpp"]
-    if isinstance(obj, Model):
-        view = object.__new__(internals.LlamaModel)
-        view.path_model, view.params, view.verbose = str(obj.path), low.llama_model_default_params(), False
-        view.model = obj.model
-        view.vocab = low.llama_model_get_vocab(view.model)
-    elif isinstance(obj, Context):
-        view = object.__new__(internals.LlamaContext)
-        view.model, view.params, view.verbose = stock_view(obj.model), low.llama_context_default_params(), False
-        view.ctx = obj.ctx
-        view.memory = low.llama_get_memory(view.ctx)
-    elif isinstance(obj, Batch):
-        view = object.__new__(internals.LlamaBatch)
-        view._n_tokens, view.embd, view.n_seq_max, view.verbose = obj.capacity, 0, obj.n_seq_max, False
-        view.batch = obj.batch
-    else:
-        raise TypeError(f"no stock view of {type(obj).__name__}")
-    view._exit_stack, view.sampler, view.custom_samplers = ExitStack(), None, []  # frees nothing: ours owns it
-    return view
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,19 +27,6 @@ class Batch:
         return self._b
 
     @property
-    def batch(self):
-        """The same llama_batch as llama_cpp.llama_cpp's ctypes struct (stock's
-        _internals.LlamaBatch.batch), aliasing this batch's memory; needs install_as_llama_cpp()."""
-        import sys
-
-        from .bindings import ffi
-        low = sys.modules.get("llama_cpp.llama_cpp")
-        if low is None:
-            raise AttributeError("Batch.batch is the ctypes llama_batch of llama_cpp.llama_cpp: "
-                                 "call pyllama_ssm.install_as_llama_cpp() first")
-        return low.llama_batch.from_address(int(ffi.cast("uintptr_t", ffi.addressof(self.raw))))
-
-    @property
     def n_tokens(self) -> int:
         return self._b.n_tokens
 

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 
 from . import _runtime, memory, sizing
-from .as_llama_cpp import StockInternals, pointer
 from .batch import Batch
 from .bindings import ffi, has, lib, set_fields
 from .errors import (ContextError, DecodeError, MemoryFullError, PoolExhaustedError, SnapshotError,
@@ -39,7 +38,7 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-class Context(StockInternals):
+class Context:
     """An inference context over a Model.
 
     Sequences 0..n_seq_max-1 share the context's memory.  Use as a context
@@ -116,12 +115,6 @@ class Context(StockInternals):
         if self._ptr is None:
             raise ValueError("context is closed")
         return self._ptr
-
-    @property
-    def ctx(self):
-        """The llama_context pointer as ctypes (llama_cpp.llama_cpp's llama_context_p), as stock's
-        _internals.LlamaContext.ctx."""
-        return pointer(self.ptr)
 
     @property
     def mem(self):

@@ -61,6 +61,7 @@ from .llama_types import (ChatCompletionFunction, ChatCompletionRequestFunctionC
 from .model import Model
 from .output import incomplete_tail, log_softmax, stop_hold, top_logprobs
 from .sampling import Sampler, SamplingParams
+from .stock_handles import BatchHandle, ContextHandle, ModelHandle, pointer
 
 __all__ = ["Llama", "LlamaState", "LlamaTokenizer", "LogitsProcessor", "LogitsProcessorList", "StoppingCriteria",
            "StoppingCriteriaList", "MinTokensLogitsProcessor", "StopOnTokenIds", "LlamaGrammar", "BaseLlamaCache",
@@ -125,7 +126,7 @@ class LlamaTokenizer:
     """The model's own tokenizer, with llama-cpp-python's byte-level detokenize."""
 
     def __init__(self, llama: "Llama"):
-        self._model = llama._model
+        self._model = llama._core_model
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
         if not isinstance(text, (bytes, bytearray)):
@@ -328,7 +329,8 @@ class Llama:
             warnings.warn(f"Llama: ignoring unknown keyword argument(s) {', '.join(sorted(kwargs))} "
                           f"(as llama-cpp-python does)", stacklevel=2)
         self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__", "kwargs")}
-        self._model = self._ctx = self._engine = self._batch = self._lora = None  # for close()
+        self._core_model = self._core_ctx = self._engine = self._core_batch = self._lora = None  # for close()
+        self._model = self._ctx = self._batch = None  # stock's names for them (stock_handles)
         self._sampler: Optional[Sampler] = None  # the running generate()'s
         self.verbose = verbose
         if not isinstance(n_parallel, int) or n_parallel < 1:
@@ -376,11 +378,11 @@ class Llama:
         if batch_invariant:  # plain kernels for quantized weights too (see Engine)
             self._model_overrides["use_extra_bufts"] = False
         with contextlib.ExitStack() as stack:  # anything opened is closed again if a later step fails
-            self._model = Model(model_path, n_gpu_layers=0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers,
+            self._core_model = Model(model_path, n_gpu_layers=0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers,
                                 vocab_only=vocab_only, overrides=self._model_overrides, rpc_servers=rpc_servers)
-            stack.callback(self._model.close)
+            stack.callback(self._core_model.close)
             if n_ctx == 0:
-                n_ctx = self._model.n_ctx_train or 512  # a vocab-only file may not say
+                n_ctx = self._core_model.n_ctx_train or 512  # a vocab-only file may not say
             self._n_ctx = n_ctx
             self.n_batch = min(n_ctx, n_batch)
             self.n_threads = n_threads or max(default_threads() // 2, 1)
@@ -400,26 +402,26 @@ class Llama:
             flash_attn_mode = "auto" if flash_attn is None else bool(flash_attn)
             # a rejected draft token is undone on recurrent memory from a snapshot of the pool (patched build)
             self._draft_snapshots = draft_model is not None and has("llama_memory_rs_snapshot") and \
-                (self._model.is_recurrent or self._model.is_hybrid)
-            # n_parallel == 1 (or embeddings): self._ctx, driven from here; n_parallel > 1: self._engine.
+                (self._core_model.is_recurrent or self._core_model.is_hybrid)
+            # n_parallel == 1 (or embeddings): self._core_ctx, driven from here; n_parallel > 1: self._engine.
             # vocab_only: a tokenizer; with n_parallel == 1 a context too, as stock makes one (it holds
             # no weights and costs nothing), so _ctx.ctx exists for low-level callers
             if (n_parallel == 1 or embedding) and not (vocab_only and n_parallel > 1):
                 # embeddings batch many inputs as sequences of one context, as llama-cpp-python does
-                self._ctx = Context(self._model, n_ctx=n_ctx if n_parallel == 1 else self.n_batch,
+                self._core_ctx = Context(self._core_model, n_ctx=n_ctx if n_parallel == 1 else self.n_batch,
                                     n_batch=self.n_batch, n_ubatch=min(self.n_batch, n_ubatch),
                                     n_seq_max=min(self.n_batch, lib.llama_max_parallel_sequences()) if embedding
                                     else 1, n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
                                     kv_unified=embedding, flash_attn=flash_attn_mode, embeddings=embedding,
                                     n_rs_pool=int(self._draft_snapshots),
                                     batch_invariant=bool(batch_invariant), overrides=context_params)
-                stack.callback(self._ctx.close)
-                self._batch = Batch(self.n_batch, 1)
-                stack.callback(self._batch.close)
+                stack.callback(self._core_ctx.close)
+                self._core_batch = Batch(self.n_batch, 1)
+                stack.callback(self._core_batch.close)
             if not vocab_only and n_parallel > 1:
                 # flash attention unless refused (llama-server's default): with batch_invariant, a request's
                 # output then does not depend on the other sequences of the shared KV cache
-                self._engine = Engine(self._model, EngineConfig(
+                self._engine = Engine(self._core_model, EngineConfig(
                     n_ctx=n_ctx, parallel=n_parallel, n_batch=self.n_batch, n_ubatch=min(self.n_batch, n_ubatch),
                     n_threads=self.n_threads,
                     n_threads_batch=self.n_threads_batch, prefix_cache=prefix_cache,
@@ -429,21 +431,26 @@ class Llama:
                 stack.callback(self._engine.close)
             self._lora = self._load_lora(lora_path, lora_scale) if lora_path else None
             stack.pop_all()
+        # what code written for stock (its multimodal chat handlers, guidance) reads from Llama._model,
+        # _ctx and _batch: ours, plus stock's _internals methods under install_as_llama_cpp()
+        self._model = ModelHandle(self._core_model)
+        self._ctx = ContextHandle(self._core_ctx) if self._core_ctx is not None else None
+        self._batch = BatchHandle(self._core_batch) if self._core_batch is not None else None
         self.context_params = self._context.params if self._context is not None else None
-        self.model_params = self._model.params
+        self.model_params = self._core_model.params
         self.tokenizer_ = tokenizer or LlamaTokenizer(self)
-        self._n_vocab = self._model.n_vocab
+        self._n_vocab = self._core_model.n_vocab
         self._n_ctx = self.n_ctx()
-        self._is_recurrent = self._model.is_recurrent
-        self._is_hybrid = self._model.is_hybrid
-        if self._ctx is not None and n_parallel == 1:
+        self._is_recurrent = self._core_model.is_recurrent
+        self._is_hybrid = self._core_model.is_hybrid
+        if self._core_ctx is not None and n_parallel == 1:
             self.n_tokens = 0
             self._requires_eval = True  # restored or truncated state must decode before sampling
             # sized to the context llama.cpp made (flash attention pads n_ctx to 256), not the one asked for
             self.input_ids: npt.NDArray[np.intc] = np.zeros((self._n_ctx,), dtype=np.intc)
             self.scores: npt.NDArray[np.single] = np.zeros(
                 (self._n_ctx if logits_all else self.n_batch, self._n_vocab), dtype=np.single)
-        self.metadata = self._model.metadata()
+        self.metadata = self._core_model.metadata()
         self._init_chat(chat_format, chat_handler)
         if verbose:
             print(ffi.string(lib.llama_print_system_info()).decode(), file=sys.stderr)
@@ -466,13 +473,13 @@ class Llama:
     def _load_lora(self, path: str, scale: float):
         if not Path(path).is_file():
             raise ValueError(f"lora_path {path}: no such file")
-        adapter = lib.llama_adapter_lora_init(self._model.ptr, path.encode())
+        adapter = lib.llama_adapter_lora_init(self._core_model.ptr, path.encode())
         if adapter == ffi.NULL:
             raise ValueError(f"lora_path {path}: llama.cpp could not load it as a LoRA adapter for this model")
         adapters, scales = ffi.new("struct llama_adapter_lora *[1]", [adapter]), ffi.new("float[1]", [scale])
         def apply(ctx) -> int:
             return lib.llama_set_adapters_lora(ctx.ptr, adapters, 1, scales)
-        for ctx in filter(None, (self._ctx, self._engine and self._engine.ctx)):
+        for ctx in filter(None, (self._core_ctx, self._engine and self._engine.ctx)):
             # the Engine's context only from its own thread, between steps
             rc = self._engine.call(lambda: apply(ctx)) if self._engine and ctx is self._engine.ctx else apply(ctx)
             if rc != 0:
@@ -483,8 +490,8 @@ class Llama:
     def _init_chat(self, chat_format: Optional[str], chat_handler) -> None:
         """The model's own templates become handlers "chat_template.<name>"; pick the format."""
         eos, bos = self.token_eos(), self.token_bos()
-        eos_text = ffi.string(lib.llama_vocab_get_text(self._model.vocab, eos)).decode() if eos != -1 else ""
-        bos_text = ffi.string(lib.llama_vocab_get_text(self._model.vocab, bos)).decode() if bos != -1 else ""
+        eos_text = ffi.string(lib.llama_vocab_get_text(self._core_model.vocab, eos)).decode() if eos != -1 else ""
+        bos_text = ffi.string(lib.llama_vocab_get_text(self._core_model.vocab, bos)).decode() if bos != -1 else ""
         templates = {"chat_template." + k.removeprefix("tokenizer.chat_template."): v for k, v in
                      self.metadata.items() if k.startswith("tokenizer.chat_template.")}
         if "tokenizer.chat_template" in self.metadata:
@@ -508,18 +515,18 @@ class Llama:
     # -- lifetime ------------------------------------------------------------------------
     def close(self) -> None:
         """Free the context(s) and the model; the object is unusable afterwards."""
-        if getattr(self, "_model", None) is None:
+        if getattr(self, "_core_model", None) is None:
             return
         if self._engine is not None:
             self._engine.close()
-        if self._batch is not None:
-            self._batch.close()
-        if self._ctx is not None:
-            self._ctx.close()
+        if self._core_batch is not None:
+            self._core_batch.close()
+        if self._core_ctx is not None:
+            self._core_ctx.close()
         if self._lora is not None:
             lib.llama_adapter_lora_free(self._lora)
-        self._model.close()
-        self._model = None
+        self._core_model.close()
+        self._core_model = self._model = None
 
     def __enter__(self) -> "Llama":
         return self
@@ -540,13 +547,13 @@ class Llama:
     @property
     def ctx(self):
         """The llama_context pointer of the single-sequence context, as ctypes: what stock's
-        Llama.ctx is, for llama_cpp.llama_cpp's functions (the cffi one: self._ctx.ptr)."""
-        return self._direct("ctx").ctx
+        Llama.ctx is, for llama_cpp.llama_cpp's functions (the cffi one: self._core_ctx.ptr)."""
+        return pointer(self._direct("ctx").ptr)
 
     @property
     def model(self):
-        """The llama_model pointer, as ctypes (stock's Llama.model; the cffi one: self._model.ptr)."""
-        return self._model.model
+        """The llama_model pointer, as ctypes (stock's Llama.model; the cffi one: self._core_model.ptr)."""
+        return pointer(self._core_model.ptr)
 
     @property
     def engine(self) -> Optional[Engine]:
@@ -556,10 +563,10 @@ class Llama:
     @property
     def _context(self) -> Optional[Context]:
         """The context completions run on (the Engine's with n_parallel > 1); None with vocab_only."""
-        return self._engine.ctx if self._engine is not None else self._ctx
+        return self._engine.ctx if self._engine is not None else self._core_ctx
 
     def _require_context(self, what: str) -> Context:
-        if self._model is None:
+        if self._core_model is None:
             raise ValueError("Llama is closed")
         if self._context is None or self.model_params.vocab_only:
             raise ValueError(f"{what}: this Llama holds only a vocabulary (vocab_only=True)")
@@ -569,19 +576,19 @@ class Llama:
         return self._context.n_ctx if self._context is not None else self._n_ctx
 
     def n_embd(self) -> int:
-        return self._model.n_embd
+        return self._core_model.n_embd
 
     def n_vocab(self) -> int:
-        return self._model.n_vocab
+        return self._core_model.n_vocab
 
     def token_bos(self) -> int:
-        return self._model.token_bos
+        return self._core_model.token_bos
 
     def token_eos(self) -> int:
-        return self._model.token_eos
+        return self._core_model.token_eos
 
     def token_nl(self) -> int:
-        return lib.llama_vocab_nl(self._model.vocab)
+        return lib.llama_vocab_nl(self._core_model.vocab)
 
     def pooling_type(self) -> int:
         ctx = self._require_context("pooling_type")
@@ -609,7 +616,7 @@ class Llama:
         if self._engine is not None:
             raise ValueError(f"{what}: the single-sequence API needs n_parallel=1 (this Llama serves "
                              f"{self.n_parallel} sequences through its Engine; use create_completion)")
-        return self._ctx
+        return self._core_ctx
 
     @property
     def _input_ids(self) -> npt.NDArray[np.intc]:
@@ -645,23 +652,23 @@ class Llama:
         self.n_tokens = 0
         self._requires_eval = True
         if self._is_recurrent or self._is_hybrid:
-            self._ctx.clear(True)
+            self._core_ctx.clear(True)
 
     @_one_at_a_time
     def eval(self, tokens: Sequence[int]) -> None:
         """Decode tokens after the n_tokens already evaluated."""
         ctx = self._direct("eval")
-        tokens = [self._model.check_token(int(t)) for t in tokens]
+        tokens = [self._core_model.check_token(int(t)) for t in tokens]
         if self.n_tokens + len(tokens) > self._n_ctx:
             raise ValueError(f"eval: {self.n_tokens} + {len(tokens)} tokens exceed the context window of {self._n_ctx}")
         ctx.seq_rm(0, self.n_tokens, -1)
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
             n_past, n = self.n_tokens, len(chunk)
-            self._batch.clear()
+            self._core_batch.clear()
             for k, tok in enumerate(chunk):
-                self._batch.add(tok, n_past + k, 0, logits=self._logits_all or k == n - 1)
-            ctx.decode(self._batch)
+                self._core_batch.add(tok, n_past + k, 0, logits=self._logits_all or k == n - 1)
+            ctx.decode(self._core_batch)
             self.input_ids[n_past:n_past + n] = chunk
             if self._logits_all:
                 rows = ffi.buffer(lib.llama_get_logits(ctx.ptr), n * self._n_vocab * 4)
@@ -685,14 +692,14 @@ class Llama:
             # stock's chat handlers build): both hold the GBNF text in _grammar
             if not isinstance(getattr(grammar, "_grammar", None), str):
                 raise TypeError(f"grammar: expected a LlamaGrammar, got {type(grammar).__name__}")
-            llama_grammar.check(grammar._grammar, self._model.vocab)
+            llama_grammar.check(grammar._grammar, self._core_model.vocab)
         bias = {}
         for key, value in (logit_bias or {}).items():
             try:
                 tok = int(key)
             except (TypeError, ValueError):
                 raise ValueError(f"logit_bias: key {key!r} is not a token id") from None
-            bias[self._model.check_token(tok)] = float(value)
+            bias[self._core_model.check_token(tok)] = float(value)
         processor = None
         if logits_processor is not None:
             if self._engine is None:
@@ -727,7 +734,7 @@ class Llama:
             raise ValueError(f"sample: idx={idx} outside the {self.n_tokens} evaluated positions")
         sampler = self._sampler
         if sampler is None:
-            sampler = Sampler(self._model, self._sampling_params(
+            sampler = Sampler(self._core_model, self._sampling_params(
                 temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, repeat_penalty=repeat_penalty,
                 frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, mirostat_mode=mirostat_mode,
                 mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, grammar=grammar,
@@ -759,7 +766,7 @@ class Llama:
 
     def _generate(self, tokens: Sequence[int], params: SamplingParams, reset: bool = True,
                   stopping_criteria: Optional[StoppingCriteria] = None) -> Iterator[int]:
-        sampler = Sampler(self._model, params)  # sample() uses it while this generator runs
+        sampler = Sampler(self._core_model, params)  # sample() uses it while this generator runs
         try:
             yield from self._generate_with(sampler, list(tokens), reset, stopping_criteria)
         finally:
@@ -791,7 +798,7 @@ class Llama:
                 self._say("generate: full prompt already evaluated")
             else:  # with nothing left to decode, replay one token to refresh the logits
                 reuse = longest - 1 if consumed else longest
-            if reuse > 0 and self._ctx.seq_rm(0, reuse, -1):
+            if reuse > 0 and self._core_ctx.seq_rm(0, reuse, -1):
                 self._reused = reuse
                 reset, tokens = False, tokens[reuse:]
                 self.n_tokens = reuse
@@ -821,7 +828,7 @@ class Llama:
                         break
             finally:
                 if undo is not None and undo[1] is not None:
-                    self._ctx.release(undo[1])
+                    self._core_ctx.release(undo[1])
             drafted = False
             if self.draft_model is not None:  # proposed tokens are evaluated (and verified) with the next
                 room = self._n_ctx - self.n_tokens - len(tokens)
@@ -837,7 +844,7 @@ class Llama:
         if not self._draft_snapshots:  # the upstream build: replay from the start instead
             return None
         try:
-            return self.n_tokens, self._ctx.snapshot(0)
+            return self.n_tokens, self._core_ctx.snapshot(0)
         except PoolExhaustedError:  # the pool's one cell is taken: replay instead
             return None
 
@@ -845,16 +852,16 @@ class Llama:
         """Keep the first n evaluated tokens; returns those that must be evaluated again first.
         Recurrent memory cannot drop a tail: it goes back to the undo point (or to nothing)."""
         self._requires_eval = True
-        if self._ctx.seq_rm(0, n, -1):
+        if self._core_ctx.seq_rm(0, n, -1):
             self.n_tokens = n
             return []
         start = undo[0] if undo is not None and undo[1] is not None else 0
         replay = self.input_ids[start:n].tolist()
         if undo is not None and undo[1] is not None:
-            self._ctx.restore(undo[1], 0)
-            self._ctx.seq_rm(0, start, -1)
+            self._core_ctx.restore(undo[1], 0)
+            self._core_ctx.seq_rm(0, start, -1)
         else:
-            self._ctx.clear(True)
+            self._core_ctx.clear(True)
         self.n_tokens = start
         return replay
 
@@ -884,9 +891,9 @@ class Llama:
     # -- embeddings ---------------------------------------------------------------------------
     def _embedding_ctx(self) -> Context:
         self._require_context("embed")
-        if self._ctx is None or not self._ctx.params.embeddings:
+        if self._core_ctx is None or not self._core_ctx.params.embeddings:
             raise RuntimeError("Llama model must be created with embedding=True to compute embeddings")
-        return self._ctx
+        return self._core_ctx
 
     def create_embedding(self, input: Union[str, list[str]], model: Optional[str] = None) -> CreateEmbeddingResponse:
         embeds, total = self.embed(input, return_count=True)
@@ -915,8 +922,8 @@ class Llama:
 
         def decode_batch() -> None:
             ctx.clear()
-            ctx.decode(self._batch)
-            self._batch.clear()
+            ctx.decode(self._core_batch)
+            self._core_batch.clear()
             if pooled:
                 vectors = [np.frombuffer(ffi.buffer(_embeddings(lib.llama_get_embeddings_seq(ctx.ptr, i)),
                                                     n_embd * 4), np.single) for i in range(len(sizes))]
@@ -932,7 +939,7 @@ class Llama:
                 data.append(v.tolist())
             sizes.clear()
 
-        self._batch.clear()
+        self._core_batch.clear()
         for text in inputs:
             tokens = self.tokenize(text.encode("utf-8"))
             if truncate:
@@ -946,7 +953,7 @@ class Llama:
             if sum(sizes) + len(tokens) > self.n_batch or len(sizes) >= ctx.n_seq_max:
                 decode_batch()
             for pos, tok in enumerate(tokens):
-                self._batch.add(tok, pos, len(sizes), logits=True)
+                self._core_batch.add(tok, pos, len(sizes), logits=True)
             sizes.append(len(tokens))
         decode_batch()
         ctx.clear()
@@ -958,7 +965,7 @@ class Llama:
     def _prompt_tokens(self, prompt: Union[str, list[int]]) -> list[int]:
         """BOS/EOS around a text prompt as llama-cpp-python adds them; token prompts are taken as given."""
         if isinstance(prompt, str):
-            vocab = self._model.vocab
+            vocab = self._core_model.vocab
             bos, sep, eos = self.token_bos(), lib.llama_vocab_sep(vocab), self.token_eos()
             end = sep if sep != -1 else eos
             head = [bos] if lib.llama_vocab_get_add_bos(vocab) and bos != -1 else []
@@ -966,7 +973,7 @@ class Llama:
             body = self.tokenize(prompt.encode("utf-8"), add_bos=False, special=True) if prompt else []
             tokens = head + body + tail
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in prompt):
-            tokens = [self._model.check_token(int(t)) for t in prompt]
+            tokens = [self._core_model.check_token(int(t)) for t in prompt]
         else:
             raise TypeError(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}")
         if not tokens:
@@ -1023,7 +1030,7 @@ class Llama:
         if suffix is not None:  # fill-in-the-middle: the prompt is the prefix (text, or token ids as given)
             if not isinstance(suffix, str):
                 raise TypeError(f"suffix: expected a string, got {type(suffix).__name__}")
-            prompt = fim.infill_tokens(self._model, prompt, suffix, spm=self.spm_infill)
+            prompt = fim.infill_tokens(self._core_model, prompt, suffix, spm=self.spm_infill)
         prompt_tokens = self._prompt_tokens(prompt)
         room = self._n_ctx - len(prompt_tokens)
         if max_tokens in _UNLIMITED:
@@ -1083,7 +1090,7 @@ class Llama:
                 echo = False
                 yield self._completion_chunk(*head, r.echo_text, self._direct_logprobs(r, []) if r.logprobs
                                              is not None else None)
-            if self._model.is_eog(token):
+            if self._core_model.is_eog(token):
                 text, finish_reason, end = self.detokenize(completion, prev_tokens=r.prompt_tokens), "stop", token
                 break
             completion.append(token)
@@ -1208,7 +1215,7 @@ class Llama:
         """The request as one sequence of the Engine, shaped as llama-cpp-python's responses."""
         for criteria in stopping_criteria or []:
             # the Engine ends a sequence at any end-of-generation token; other criteria need Python per token
-            if not (isinstance(criteria, StopOnTokenIds) and all(map(self._model.is_eog, criteria.token_ids))):
+            if not (isinstance(criteria, StopOnTokenIds) and all(map(self._core_model.is_eog, criteria.token_ids))):
                 raise ValueError("stopping_criteria: arbitrary criteria need n_parallel=1")
         return self._engine_responses(r, params, head)
 
@@ -1421,7 +1428,7 @@ def _usage(prompt: int, completion: int, cached: Optional[int] = None) -> dict[s
 
 def _completion_of(llama: Llama, result) -> list[int]:
     """An Engine result's completion tokens, without the end-of-generation token that ended it."""
-    return result.tokens[:-1] if result.tokens and llama._model.is_eog(result.tokens[-1]) else result.tokens
+    return result.tokens[:-1] if result.tokens and llama._core_model.is_eog(result.tokens[-1]) else result.tokens
 
 
 def _kv_override_array(overrides: dict[str, Union[bool, int, float, str]]):

@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from . import _runtime, gguf, rpc, sizing
-from .as_llama_cpp import StockInternals, pointer
 from .bindings import ffi, lib, set_fields
 from .errors import ModelLoadError, TokenError
 
-class Model(StockInternals):
+
+class Model:
     """A model loaded from a GGUF file.  Use as a context manager or call close()."""
 
     _free = lib.llama_model_free  # kept on the class: __del__ may run after module teardown
@@ -63,12 +63,6 @@ class Model(StockInternals):
         if self._ptr is None:
             raise ValueError(f"model {self.path} is closed")
         return self._ptr
-
-    @property
-    def model(self):
-        """The llama_model pointer as ctypes (llama_cpp.llama_cpp's llama_model_p), as stock's
-        _internals.LlamaModel.model."""
-        return pointer(self.ptr)
 
     def close(self) -> None:
         if getattr(self, "_ptr", None) is not None:

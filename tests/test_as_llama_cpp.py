@@ -8,6 +8,7 @@ the same pristine library, and on the patched one), on SmolLM2's real weights.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, child_env, zoo_path
+from conftest import ROOT, child_env, run_with_build, zoo_path
 from parity.stock import run_ours, run_stock
 
 SMOLLM2 = ROOT / "build" / "models" / "smollm2-135m-instruct-q4_1.gguf"
@@ -102,6 +103,60 @@ def test_one_libllama_per_process_and_mtmd_beside_it():
     assert any(p.startswith(str(libdir)) and "/libmtmd.so" in p for p in mapped)
     assert lines[1] == "<__media__>"
     assert lines[2].startswith("ValueError") and "/nonexistent/mmproj.gguf" in lines[2]  # stock's own error
+
+
+# -- layering: the core knows nothing of the drop-in ---------------------------------------------
+CORE = ("_runtime", "batch", "bindings", "context", "errors", "gguf", "hparams", "limits", "memory", "model", "rpc",
+        "sampling", "sizing")
+ABOVE = ("as_llama_cpp", "stock_handles", "llama", "llama_cache", "llama_chat_format", "llama_grammar",
+         "llama_speculative", "llama_types", "engine", "server")
+
+
+def imports(path):
+    """The modules a file imports, anywhere in it (function-local imports too); relative ones as pyllama_ssm.X."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            yield node.module
+        elif isinstance(node, ast.ImportFrom):
+            yield from ([f"pyllama_ssm.{node.module}"] if node.module else
+                        [f"pyllama_ssm.{alias.name}" for alias in node.names])
+
+
+def test_core_modules_import_nothing_above_them():
+    """bindings, model, context, batch and the rest of the core import none of the drop-in, the Engine
+    or the server, and never look for llama_cpp."""
+    above = {"pyllama_ssm", *(f"pyllama_ssm.{name}" for name in ABOVE)}
+    for name in CORE:
+        path = ROOT / "pyllama_ssm" / f"{name}.py"
+        upward = [m for m in imports(path) if m.split(".")[0] == "llama_cpp" or ".".join(m.split(".")[:2]) in above]
+        assert upward == [], name
+        assert "sys.modules" not in path.read_text(), name
+
+
+CORE_UNDER_INSTALL = r"""
+import json, sys
+import pyllama_ssm.batch, pyllama_ssm.context, pyllama_ssm.model, pyllama_ssm.sampling
+above = {f"pyllama_ssm.{name}" for name in sys.argv[2].split(",")}
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "llama_cpp" or m in above)
+import pyllama_ssm
+pyllama_ssm.install_as_llama_cpp()
+model = pyllama_ssm.Model(sys.argv[1], vocab_only=True)
+ctx = pyllama_ssm.Context(model, n_ctx=64)
+batch = pyllama_ssm.Batch(8)
+stock = {"Model": ["token_get_text", "model"], "Context": ["kv_cache_clear", "ctx"], "Batch": ["set_batch", "batch"]}
+answered = [f"{type(o).__name__}.{n}" for o in (model, ctx, batch) for n in stock[type(o).__name__] if hasattr(o, n)]
+forwarding = [c.__name__ for c in (type(model), type(ctx), type(batch)) if hasattr(c, "__getattr__")]
+print(json.dumps({"loaded": loaded, "answered": answered, "forwarding": forwarding}))
+"""
+
+
+def test_core_objects_are_the_same_under_install():
+    """Importing the core loads neither llama_cpp nor the drop-in, and install_as_llama_cpp() changes no
+    core object: stock's _internals methods answer only on Llama._model, _ctx and _batch (stock_handles)."""
+    out = run_with_build("patched", CORE_UNDER_INSTALL, str(zoo_path("llama")), ",".join(ABOVE))
+    assert json.loads(out) == {"loaded": [], "answered": [], "forwarding": []}
 
 
 ERRORS = r"""

@@ -9,6 +9,7 @@ caches, n_parallel > 1 under threads and asyncio, and clear errors for bad input
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import pickle
 import sys
@@ -744,6 +745,14 @@ def test_install_as_llama_cpp():
             assert low.llama_vocab_n_tokens(low.llama_model_get_vocab(llm.model)) == llm.n_vocab()
             assert llm._model.token_get_text(llm.token_eos()) == ffi.string(
                 lib.llama_vocab_get_text(llm._model.vocab, llm.token_eos())).decode()  # stock's method
+            # what stock's multimodal chat handlers use: _ctx.kv_cache_clear() (stock's), _batch.batch
+            llm.eval(llm.tokenize(b"Hello"))
+            memory = low.llama_get_memory(llm._ctx.ctx)
+            assert low.llama_memory_seq_pos_max(memory, 0) >= 0
+            llm._ctx.kv_cache_clear()
+            assert low.llama_memory_seq_pos_max(memory, 0) == -1
+            assert isinstance(llm._batch.batch, low.llama_batch) and ctypes.addressof(llm._batch.batch) == \
+                int(ffi.cast("uintptr_t", ffi.addressof(llm._batch.raw)))
         finally:
             llm.close()
     finally:
