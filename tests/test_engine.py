@@ -484,3 +484,23 @@ def test_slots_and_prefix_entries_say_what_each_sequence_and_the_cache_hold():
             if e.slots() == [None, None]:
                 break
         assert e.slots() == [None, None] and second.finish_reason == "cancelled"
+
+
+def test_a_trace_records_each_requests_timeline(tmp_path, monkeypatch):
+    """PYLLAMA_SSM_TRACE: every request's arrival, start (with its cache hit), first token and end, and
+    every step with what it fed; one prompt per step (scheduler.plan_step) shows in the steps."""
+    import json
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("PYLLAMA_SSM_TRACE", str(path))
+    with Engine(zoo_model("qwen35"), n_ctx=2048, parallel=4) as e:
+        done = [r.result(timeout=120) for r in [e.submit(p, GREEDY, max_tokens=4) for p in PROMPTS]]
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    ids = {ev["req"] for ev in events if ev["ev"] == "submit"}
+    assert len(ids) == 4 and all(c.usage.completion_tokens == 4 for c in done)
+    for kind in ("start", "first", "end"):
+        assert {ev["req"] for ev in events if ev["ev"] == kind} == ids, kind
+    steps = [ev for ev in events if ev["ev"] == "step"]
+    assert sum(ev["n"] for ev in steps) == e.stats().tokens_decoded
+    assert sum(len(ev["decode"]) for ev in steps) == 4 * 3  # the first token comes from the prompt's step
+    long_prompts = [ev for ev in steps if sum(n > 64 for _, _, n in ev["prefill"]) > 1]
+    assert not long_prompts, "two long prompts shared a step"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyllama_ssm.engine.scheduler import (CHECKPOINT_INTERVAL, SeqFacts, is_checkpoint, plan_step, preemption_victim,
+from pyllama_ssm.engine.scheduler import (AGING, CHECKPOINT_INTERVAL, RIDE_ALONG, SeqFacts, is_checkpoint, plan_step, preemption_victim,
                                    waits_for)
 
 
@@ -13,13 +13,14 @@ def seq(i, prompt_len, cursor=0, decoding=False, admitted=None, score=False, pro
     return SeqFacts(i, i if admitted is None else admitted, prompt or list(range(prompt_len)), cursor, decoding, score)
 
 
-def test_decode_tokens_go_first_then_prompts_oldest_first_within_the_budget():
+def test_decode_tokens_go_first_then_the_shortest_prompt_within_the_budget():
     plan = plan_step([seq(0, 1000, admitted=2), seq(1, 10, cursor=10, decoding=True), seq(2, 300, admitted=1)],
                      n_batch=512, n_outputs=4, checkpoints=False)
     assert plan.decode == (1,)
-    assert [(c.seq, c.start, c.n) for c in plan.prefill] == [(2, 0, 300), (0, 0, 211)]
-    assert plan.n_tokens == 512
-    assert [c.last for c in plan.prefill] == [True, False]
+    assert [(c.seq, c.start, c.n, c.last) for c in plan.prefill] == [(2, 0, 300, True)]
+    plan = plan_step([seq(0, 1000), seq(1, 10, cursor=10, decoding=True)], n_batch=512, n_outputs=4,
+                     checkpoints=False)
+    assert [(c.seq, c.n, c.last) for c in plan.prefill] == [(0, 511, False)] and plan.n_tokens == 512
 
 
 def test_chunks_end_on_their_last_checkpoint():
@@ -90,10 +91,52 @@ def test_any_plan_respects_the_budget_and_the_rows(specs, n_batch, n_outputs, ch
 
 
 def test_a_returning_users_few_new_tokens_go_before_a_long_prefill():
-    plan = plan_step([seq(0, 3000, cursor=0, admitted=0), seq(1, 1650, cursor=1500, admitted=1)],
-                     n_batch=512, n_outputs=4, checkpoints=True)
-    # the returning user's chunk first (to its checkpoint at 1600); the long one takes what is left
-    assert [(c.seq, c.n) for c in plan.prefill] == [(1, 100), (0, 384)]
+    long, back = seq(0, 3000, cursor=0, admitted=0), seq(1, 1650, cursor=1500, admitted=1)
+    plan = plan_step([long, back], n_batch=512, n_outputs=4, checkpoints=True)
+    # the returning user's chunk first, to its checkpoint at 1600; the long one waits for it to end
+    assert [(c.seq, c.n) for c in plan.prefill] == [(1, 100)]
+    back.cursor = 1600
+    plan = plan_step([long, back], n_batch=512, n_outputs=4, checkpoints=True)
+    assert [(c.seq, c.n, c.last) for c in plan.prefill] == [(1, 50, True)]
+
+
+def test_prompts_are_prefilled_one_at_a_time_short_ones_riding_along():
+    """Prompts sharing a step all reach their first token when it ends (and users who start together
+    stay in step turn after turn); a batch of unequal chunks also splits into one micro-batch per chunk
+    length on recurrent memory.  So one prompt per step, the one closest to its first token, and after
+    it, if it ends, prompts of at most RIDE_ALONG tokens."""
+    a, b, c = (seq(i, 400, cursor=0) for i in range(3))
+    plan = plan_step([a, b, c], n_batch=512, n_outputs=8, checkpoints=False)
+    assert [(ch.seq, ch.n, ch.last) for ch in plan.prefill] == [(0, 400, True)]
+    short, shorter = seq(3, 40 + RIDE_ALONG, cursor=40), seq(4, 10)
+    plan = plan_step([a, b, short, shorter], n_batch=512, n_outputs=8, checkpoints=False)
+    assert [(ch.seq, ch.n) for ch in plan.prefill] == [(4, 10), (3, RIDE_ALONG)]
+    plan = plan_step([a, b, short], n_batch=420, n_outputs=8, checkpoints=False)
+    assert [(ch.seq, ch.n, ch.last) for ch in plan.prefill] == [(3, RIDE_ALONG, True)]  # a, b: too long to ride
+    # a prompt that does not end in the step takes it alone
+    plan = plan_step([seq(0, 2000), seq(1, 10, cursor=0, admitted=5)], n_batch=8, n_outputs=8, checkpoints=False)
+    assert [(ch.seq, ch.n) for ch in plan.prefill] == [(1, 8)]
+
+
+def test_a_long_prompt_that_waited_goes_before_newer_short_ones():
+    """Fewest tokens left first, less AGING tokens per step waited: short prompts arriving all the time
+    do not hold a long one back for ever."""
+    long = SeqFacts(0, admitted=0, prompt=[1] * 1000, cursor=0, decoding=False)
+    short = SeqFacts(1, admitted=1, prompt=[1] * 100, cursor=0, decoding=False)
+    assert plan_step([long, short], 512, 8, False).prefill[0].seq == 1
+    long.waited = (1000 - 100) // AGING + 1
+    assert plan_step([long, short], 512, 8, False).prefill[0].seq == 0
+
+
+def test_a_chat_prompt_ends_its_chunks_at_turn_boundaries_only():
+    """A chat's prefix-cache entries are its turn boundaries (Engine._keep_prefix drops the others): its
+    chunks do not stop at interval checkpoints, which would cost a step each."""
+    chat = SeqFacts(0, 0, list(range(2000)), cursor=1700, decoding=False, share_at={1950, 2000}, turns=True)
+    assert [c.n for c in plan_step([chat], 512, 4, checkpoints=True).prefill] == [250]
+    chat.share_at = {2000}
+    assert [c.n for c in plan_step([chat], 512, 4, checkpoints=True).prefill] == [300]
+    assert not is_checkpoint(SeqFacts(0, 0, list(range(2000)), cursor=1792, decoding=False, turns=True))
+    assert is_checkpoint(SeqFacts(0, 0, list(range(2000)), cursor=1792, decoding=False))
 
 
 def test_draft_tokens_follow_their_decode_token_within_budget_and_rows():

@@ -47,6 +47,7 @@ from ..output import complete_text, stop_hold, token_logprobs
 from ..sampling import Sampler, SamplingParams
 from .prefix_cache import HolderStore, PoolStore, PrefixCache
 from .scheduler import SeqFacts, is_checkpoint, plan_step, preemption_victim, waits_for
+from .trace import Trace
 
 log = logging.getLogger("pyllama_ssm.engine")
 DRAFT_MAX = 16  # draft tokens verified per sequence and step, at most
@@ -227,6 +228,7 @@ class _Slot:
     pending_bytes: bytes = b""
     emitted: int = 0         # characters of gen.text already streamed
     admitted: int = 0
+    since_step: int = 0      # the engine's step count at its admission (how long its prompt has waited)
     relocated_at: int = -1   # position at which its cells were last moved (see _relieve_memory)
     share_at: set[int] = field(default_factory=set)  # prompt positions queued requests wait to share
     resumed_entry: tuple[int, ...] | None = None  # the prefix-cache entry it was restored from
@@ -410,6 +412,7 @@ class Engine:
         self._t_decode = 0.0
         self._t_step = 0.0
         self._t_start = time.perf_counter()
+        self._trace = Trace.from_env()
         self._thread = threading.Thread(target=self._loop, name="pyllama-ssm-engine", daemon=True)
         self._thread.start()
 
@@ -450,6 +453,8 @@ class Engine:
         if max_tokens == 0 and not prompt_logprobs:
             req._finish("length")
             return req
+        if self._trace.on:
+            self._trace.event("submit", req=req.id, prompt=len(tokens))
         self._inbox.append(req)
         self._event.set()
         return req
@@ -511,6 +516,7 @@ class Engine:
         self._closing = True
         self._event.set()
         self._thread.join()
+        self._trace.close()
         self.cache.clear()
         self._batch.close()
         self.ctx.close()
@@ -664,10 +670,10 @@ class Engine:
         hit = self.cache.peek(req.prompt)
         return waits_for(req.prompt, hit.n_tokens if hit else 0, map(self._facts, self._running.values())) is not None
 
-    @staticmethod
-    def _facts(slot: "_Slot") -> SeqFacts:
+    def _facts(self, slot: "_Slot") -> SeqFacts:
         return SeqFacts(slot.seq, slot.admitted, slot.req.prompt, slot.cursor, slot.next_token is not None,
-                        slot.req.score_prompt, slot.share_at, len(slot.draft))
+                        slot.req.score_prompt, slot.share_at, len(slot.draft),
+                        waited=self._counters["steps"] - slot.since_step, turns=bool(slot.req.checkpoints))
 
     def _start(self, req: Request) -> None:
         """Move a queued request into a free sequence; anything it raises fails it alone."""
@@ -677,7 +683,8 @@ class Engine:
             self._pending.remove(req)
             req._finish("error", e)
             return
-        slot = _Slot(req, self._free.pop(), sampler, _Generation.of(req), admitted=next(self._admissions))
+        slot = _Slot(req, self._free.pop(), sampler, _Generation.of(req), admitted=next(self._admissions),
+                     since_step=self._counters["steps"])
         self._pending.remove(req)
         self._running[slot.seq] = slot
         try:
@@ -689,6 +696,8 @@ class Engine:
                 slot.gen.restored_from = hit.entry.tokens[:hit.n_tokens]
                 slot.resumed_entry = hit.entry.tokens
             slot.share_at.update(p for p in req.checkpoints if p > slot.cursor)
+            if self._trace.on:
+                self._trace.event("start", req=req.id, seq=slot.seq, cached=slot.cursor, queued=len(self._pending))
         except Exception as e:  # noqa: BLE001
             self._release(slot, "error", e)
 
@@ -745,7 +754,12 @@ class Engine:
             self._relieve_memory()
             self._t_step += time.perf_counter() - t0
             return
-        self._t_decode += time.perf_counter() - t1
+        t2 = time.perf_counter()
+        self._t_decode += t2 - t1
+        if self._trace.on:
+            self._trace.event("step", t0=round(t0, 6), decode_s=round(t2 - t1, 6), n=batch.n_tokens,
+                              decode=[self._running[s].req.id for s in plan.decode], drafts=sum(plan.drafts),
+                              prefill=[[self._running[c.seq].req.id, c.start, c.n] for c in plan.prefill])
         self._counters["steps"] += 1
         self._counters["decoded"] += batch.n_tokens
         for slot, first, n in scored:
@@ -860,6 +874,8 @@ class Engine:
             gen.top_logprobs.append(top)
         gen.tokens.append(tok)
         gen.usage.completion_tokens += 1
+        if self._trace.on and len(gen.tokens) == 1:
+            self._trace.event("first", req=req.id)
         if self.model.is_eog(tok):
             self._finish(slot, "stop")
             return
@@ -947,6 +963,8 @@ class Engine:
 
     def _release(self, slot: _Slot, reason: str, error: BaseException | None = None) -> None:
         del self._running[slot.seq]
+        if self._trace.on:
+            self._trace.event("end", req=slot.req.id, reason=reason, tokens=len(slot.gen.tokens))
         try:
             self._drop_speculation(slot)
             self.ctx.seq_rm(slot.seq)

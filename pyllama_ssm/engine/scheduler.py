@@ -5,11 +5,18 @@ Nothing here touches llama.cpp, so every rule is unit-tested without a model
 carries out the answer on its context.
 
 - plan_step: each running sequence with a sampled token feeds it (one logits row each), then the
-  draft tokens proposed after it (speculative decoding), oldest sequence first; the
-  prompts still to prefill share what is left of the token budget, the fewest tokens left first.
-  A chunk ends on the last prefix-cache checkpoint it crosses (a multiple of the checkpoint
-  interval) and where a queued request waits to share the prompt (see waits_for); a prompt
-  whose every position is scored (prompt logprobs) takes at most the logits rows left.
+  draft tokens proposed after it (speculative decoding), oldest sequence first; then one prompt:
+  the one closest to its first token (less what it has waited) takes what is left of the token
+  budget.  Prompts sharing a step all reach their first token when it ends, as late as the last
+  (and users who start together stay in step, arriving together turn after turn); a step of
+  several sequences' chunks also splits into one micro-batch per chunk length (recurrent memory
+  takes equal tokens per sequence).  Only short prompts (at most RIDE_ALONG tokens left) join a
+  step whose prompt ends in it: a step of their own would cost the others' decode more than
+  they delay the first.
+  A chunk ends where a queued request waits to share the prompt (see waits_for) and at a chat's
+  turn boundaries; a prompt without them (a plain completion) also at the last prefix-cache
+  checkpoint it crosses (a multiple of the checkpoint interval).  A prompt whose every position is
+  scored (prompt logprobs) takes at most the logits rows left.
 - waits_for: a queued request waits for a prefix that a running request is prefilling now,
   rather than compute it again beside it.
 - preemption_victim: the newest admission leaves when a step does not fit.
@@ -21,6 +28,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 CHECKPOINT_INTERVAL = 64  # prefill chunks end on multiples of this, each a prefix-cache entry
+AGING = 64  # a waiting prompt counts this many tokens fewer per step it has waited (no starvation)
+RIDE_ALONG = 64  # a prompt this short joins another's step (see plan_step)
 
 
 @dataclass
@@ -35,6 +44,8 @@ class SeqFacts:
     score_prompt: bool = False    # logits at every prompt position (prompt logprobs)
     share_at: set[int] = field(default_factory=set)  # positions queued requests wait for, turn boundaries
     draft: int = 0                # draft tokens proposed to verify after the sampled one
+    waited: int = 0               # steps since its admission (while its prompt is not all in memory)
+    turns: bool = False           # the prompt came with its turn boundaries (a chat): no interval checkpoints
 
 
 @dataclass(frozen=True)
@@ -59,9 +70,10 @@ class StepPlan:
 
 def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoints: bool,
               draft_budget: int | None = None) -> StepPlan:
-    """The next step: decode tokens first (oldest first), then prompt chunks, fewest tokens left first,
-    within the n_batch token budget and the n_outputs logits rows; `checkpoints`: chunks end on
-    prefix-cache checkpoints.  draft_budget: draft tokens in all, shared evenly by the decoding sequences
+    """The next step: decode tokens first (oldest first), then one prompt's chunk, the prompt with the
+    fewest tokens left (less AGING per step waited), and short prompts after it if it ends; within the
+    n_batch token budget and the n_outputs logits rows; `checkpoints`: chunks end on prefix-cache
+    checkpoints.  draft_budget: draft tokens in all, shared evenly by the decoding sequences
     (verifying drafts pays while a step is bound by reading the weights, less as the batch grows)."""
     seqs = sorted(seqs, key=lambda s: s.admitted)
     # at most the budget and the rows: with fewer than the sequences, the oldest decode first
@@ -76,19 +88,23 @@ def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoint
         drafts.append(max(0, min(s.draft, share, budget, rows)))
         budget, rows = budget - drafts[-1], rows - drafts[-1]
     # the prompt closest to its first token first: a returning user's few new tokens do not wait behind
-    # another's long prefill (which still takes what budget is left); ties by admission
-    seqs.sort(key=lambda s: (len(s.prompt) - s.cursor, s.admitted))
+    # another's long prefill; the waiting age keeps a long one from waiting for ever; ties by admission
+    seqs.sort(key=lambda s: (len(s.prompt) - s.cursor - AGING * s.waited, s.admitted))
     chunks = []
     for s in seqs:
         remaining = len(s.prompt) - s.cursor
         if s.decoding or remaining <= 0 or budget <= 0 or rows <= 0:
             continue
+        if chunks and not chunks[-1].last:
+            break  # one prompt per step,
+        if chunks and remaining > RIDE_ALONG:
+            continue  # and short ones once it has ended
         n = min(budget, remaining)
         if s.score_prompt:  # every position's logits: within the output rows
             n = min(n, rows)
         else:
             end = (s.cursor + n) // CHECKPOINT_INTERVAL * CHECKPOINT_INTERVAL
-            if checkpoints and s.cursor < end < s.cursor + n:
+            if checkpoints and not s.turns and s.cursor < end < s.cursor + n:
                 n = end - s.cursor  # what is past the last checkpoint comes next step
             share = [p for p in s.share_at if s.cursor < p < s.cursor + n]
             if share:  # a queued request's prompt parts from this one there
@@ -102,11 +118,11 @@ def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoint
 
 def is_checkpoint(s: SeqFacts) -> bool:
     """Whether the prompt position s.cursor deserves a prefix-cache entry: a multiple of the interval
-    inside the prompt, or a position others part at (a queued request's, a chat's turn boundary, which
+    inside a prompt without turn boundaries, or a position others part at (a queued request's, a chat's turn boundary, which
     may be the prompt's end)."""
     if s.cursor in s.share_at:
         return 0 < s.cursor <= len(s.prompt)
-    return 0 < s.cursor < len(s.prompt) and s.cursor % CHECKPOINT_INTERVAL == 0
+    return not s.turns and 0 < s.cursor < len(s.prompt) and s.cursor % CHECKPOINT_INTERVAL == 0
 
 
 def waits_for(prompt: Sequence[int], cached: int, running: Iterable[SeqFacts]) -> SeqFacts | None:
