@@ -14,6 +14,9 @@ recurrent memory: forks, sequences joining alone and in pairs, removals, and
 with PARITY_SNAPSHOTS=1 (patched build) snapshots restored into new sequences;
 PARITY_MIXED_ONLY=1 runs only that; PARITY_N_GPU_LAYERS offloads layers (CUDA build).
 The parity test runs this once per build and compares the files.
+Flash attention is off in both: patch 0009 (ggml-cpu-fa-gqa) computes decode attention in another
+order on purpose; its accuracy is tested against upstream's kernel in tests/test_cpu_kernels.py, and
+everything the memory patches touch (cells, masks, states) is the same with the unfused attention.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning", "Hello
 def run(model: ps.Model, n_seq: int, unified: bool) -> tuple[np.ndarray, np.ndarray]:
     prompts = [model.tokenize(PROMPTS[s % len(PROMPTS)] + " #" * (s // len(PROMPTS))) for s in range(n_seq)]
     n_ctx = 256 * n_seq if not unified else 2048
-    with ps.Context(model, n_ctx=n_ctx, n_seq_max=n_seq, kv_unified=unified, n_batch=512) as ctx, \
+    with ps.Context(model, n_ctx=n_ctx, n_seq_max=n_seq, kv_unified=unified, n_batch=512,
+                    flash_attn=False) as ctx, \
             ps.Batch(512, 1) as batch:
         last = [batch.add_sequence(p, 0, s) for s, p in enumerate(prompts)]
         ctx.decode(batch)
@@ -68,7 +72,8 @@ def mixed(model: ps.Model, snapshots: bool) -> dict[str, np.ndarray]:
     prompt = lambda s: model.tokenize(PROMPTS[s % len(PROMPTS)] + " !" * (s // 4))  # noqa: E731
     snapshots = snapshots and (model.is_recurrent or model.is_hybrid)  # attention-only: nothing to pin
     out: dict[str, np.ndarray] = {}
-    with ps.Context(model, n_ctx=2048, n_seq_max=16, n_batch=512, n_rs_pool=8 if snapshots else 0) as ctx, \
+    with ps.Context(model, n_ctx=2048, n_seq_max=16, n_batch=512, n_rs_pool=8 if snapshots else 0,
+                    flash_attn=False) as ctx, \
             ps.Batch(512, 16) as batch:
         pos: dict[int, int] = {}
         logits: dict[int, np.ndarray] = {}
