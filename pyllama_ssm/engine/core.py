@@ -46,7 +46,8 @@ from ..model import Model
 from ..output import complete_text, stop_hold, token_logprobs
 from ..sampling import Sampler, SamplingParams
 from .prefix_cache import HolderStore, PoolStore, PrefixCache
-from .scheduler import SeqFacts, is_checkpoint, plan_step, preemption_victim, waits_for
+from . import retention
+from .scheduler import SeqFacts, plan_step, preemption_victim, waits_for
 from .trace import Trace
 
 log = logging.getLogger("pyllama_ssm.engine")
@@ -668,7 +669,12 @@ class Engine:
         if not self.n_cache or req.score_prompt:
             return False
         hit = self.cache.peek(req.prompt)
-        return waits_for(req.prompt, hit.n_tokens if hit else 0, map(self._facts, self._running.values())) is not None
+        wait = waits_for(req.prompt, hit.n_tokens if hit else 0, map(self._facts, self._running.values()))
+        if wait is None:
+            return False
+        leader, at = wait
+        self._running[leader].share_at.add(at)  # its prefill stops there and keeps a prefix-cache entry
+        return True
 
     def _facts(self, slot: "_Slot") -> SeqFacts:
         return SeqFacts(slot.seq, slot.admitted, slot.req.prompt, slot.cursor, slot.next_token is not None,
@@ -774,7 +780,7 @@ class Engine:
             slot.pos += n
             if slot.req.score_prompt and slot.cursor == len(slot.req.prompt):
                 slot.req._scored_prompt(slot.gen)  # the caller may read them before the first chunk
-            if self.n_cache and is_checkpoint(self._facts(slot)):
+            if self.n_cache and retention.is_checkpoint(self._facts(slot)):
                 self._keep_prefix(slot, slot.req.prompt[:slot.cursor])
         for slot, idx in outputs:
             if slot.seq not in self._running:  # failed while scoring its prompt
@@ -925,11 +931,10 @@ class Engine:
         # the memory holds prompt + all generated tokens but the last: a prefix for the next turn, if the
         # next turn can hold them: a chat's history holds the answer's text, tokenized again
         if self.n_cache and (not req.checkpoints or self._round_trips(gen.tokens)):
-            tail = tuple(req.prompt + gen.tokens[:-1])
+            tail = retention.finished_prefix(req.prompt, gen.tokens)
             self._keep_prefix(slot, tail)
-            if req.checkpoints and tail in self.cache.entries:  # the turn boundary it follows drops it when stale
-                if (boundary := self.cache.entries.get(tail[:max(req.checkpoints)])) is not None:
-                    boundary.tail = tail
+            if req.checkpoints:  # the turn boundary it follows drops it when stale
+                self.cache.link_tail(retention.turn_boundary(tail, req.checkpoints), tail)
         self._release(slot, reason)
 
     def _round_trips(self, tokens: list[int]) -> bool:
@@ -941,25 +946,12 @@ class Engine:
         return again[:len(tokens) - 1] == tokens[:-1]
 
     def _keep_prefix(self, slot: _Slot, tokens: Sequence[int]) -> None:
-        """A prefix-cache entry for slot's memory, which holds `tokens`.  The entry the slot resumed from
-        gives way once this one extends it, unless another request resumed from it too: a conversation
-        keeps its newest tail, not one per turn, while prefixes that others share (a system prompt) and
-        the prompt's own checkpoints (where a re-tokenized answer parts from the tail) stay.  A chat
-        (a request with turn boundaries) keeps only those boundaries and its newest entry: its interval
-        checkpoints and an earlier turn's entries that nobody resumed from give way too (an 8-user chat
-        on nemotron_h-small otherwise filled the cache with them, 32 entries of 7 MiB)."""
-        key = tuple(tokens)
-        if slot.req.checkpoints and key not in self.cache.entries:
-            # first, so that a cache at its bound does not evict another conversation's entry for this one
-            self.cache.drop_superseded(key, slot.resumed_entry, {*slot.req.checkpoints, *slot.share_at})
-        if not self.cache.add(slot.seq, tokens):
-            return
-        old, slot.resumed_entry = slot.resumed_entry, None
-        if slot.req.checkpoints:
-            return
-        entry = self.cache.entries.get(old) if old is not None else None
-        if entry is not None and entry.hits <= 1 and len(old) < len(key) and key[:len(old)] == old:
-            self.cache.drop(old)
+        """A prefix-cache entry for slot's memory, which holds `tokens`, and the entries it supersedes
+        dropped (retention.superseded, retention.replaced): a chat keeps its turn boundaries and the
+        positions others wait for."""
+        turns = {*slot.req.checkpoints, *slot.share_at} if slot.req.checkpoints else None
+        if self.cache.keep(slot.seq, tokens, slot.resumed_entry, turns):
+            slot.resumed_entry = None
 
     def _release(self, slot: _Slot, reason: str, error: BaseException | None = None) -> None:
         del self._running[slot.seq]
