@@ -5,8 +5,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pyllama_ssm.engine.scheduler import (AGING, CHECKPOINT_INTERVAL, RIDE_ALONG, SeqFacts, is_checkpoint, plan_step, preemption_victim,
-                                   waits_for)
+from pyllama_ssm.engine.retention import is_checkpoint
+from pyllama_ssm.engine.scheduler import (AGING, CHECKPOINT_INTERVAL, RIDE_ALONG, SeqFacts, plan_step,
+                                          preemption_victim, waits_for)
 
 
 def seq(i, prompt_len, cursor=0, decoding=False, admitted=None, score=False, prompt=None):
@@ -49,8 +50,9 @@ def test_a_queued_request_waits_for_a_prefix_being_prefilled_and_the_leader_stop
     system = list(range(1000, 1300))
     leader = seq(0, 0, cursor=128, prompt=system + [1, 2, 3])
     follower_prompt = system + [7, 8]
-    assert waits_for(follower_prompt, cached=128, running=[leader]) is leader
-    assert leader.share_at == {300}
+    assert waits_for(follower_prompt, cached=128, running=[leader]) == (0, 300)  # the leader, where they part
+    assert leader.share_at == frozenset(), "the scheduler reads the facts, never writes them"
+    leader.share_at = {300}  # what the Engine records
     assert is_checkpoint(SeqFacts(0, 0, leader.prompt, 300, False, share_at={300}))
     plan = plan_step([leader], n_batch=512, n_outputs=4, checkpoints=True)
     assert plan.prefill[0].start + plan.prefill[0].n == 256  # its last checkpoint first
@@ -129,7 +131,7 @@ def test_a_long_prompt_that_waited_goes_before_newer_short_ones():
 
 
 def test_a_chat_prompt_ends_its_chunks_at_turn_boundaries_only():
-    """A chat's prefix-cache entries are its turn boundaries (Engine._keep_prefix drops the others): its
+    """A chat's prefix-cache entries are its turn boundaries (retention.superseded drops the others): its
     chunks do not stop at interval checkpoints, which would cost a step each."""
     chat = SeqFacts(0, 0, list(range(2000)), cursor=1700, decoding=False, share_at={1950, 2000}, turns=True)
     assert [c.n for c in plan_step([chat], 512, 4, checkpoints=True).prefill] == [250]

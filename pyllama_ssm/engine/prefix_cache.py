@@ -19,6 +19,9 @@ whole whatever holds its cells: counting them only evicted prefixes for nothing
 (SmolLM2, 8 chat users: 2.9x the new tokens recomputed per turn, 1.0x without,
 at the same peak RSS).  They are reported (`tokens`), and a step that finds the
 KV full drops cached prefixes first (Engine._relieve_memory).
+
+Which entries stay when one is added, and which goes first when the cache is full, is decided by
+retention.py; this module carries it out on the context.
 """
 
 from __future__ import annotations
@@ -29,16 +32,23 @@ from dataclasses import dataclass, field
 
 from ..context import Context
 from ..errors import PoolExhaustedError, SnapshotError
+from .retention import Entry, eviction_victim, replaced, stale_tail, superseded
 from .scheduler import common_prefix
 
 
-class PoolStore:
+class _ContextStore:
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def entry_bytes(self) -> int:
+        """What one entry adds to the memory: a recurrent state cell (none on attention-only models)."""
+        return self.ctx.memory_report().rs_bytes_per_cell
+
+
+class PoolStore(_ContextStore):
     """Entries as snapshots of the recurrent pool (patched build, recurrent or hybrid models)."""
 
     partial = False  # a state exists only at the entry's own length
-
-    def __init__(self, ctx: Context):
-        self.ctx = ctx
 
     def save(self, seq_id: int) -> int:
         return self.ctx.snapshot(seq_id)
@@ -50,13 +60,13 @@ class PoolStore:
         self.ctx.release(handle)
 
 
-class HolderStore:
+class HolderStore(_ContextStore):
     """Entries as holder sequences sharing the prefix's cells in a unified KV (attention-only models)."""
 
     partial = True  # cells are per position: any leading part of an entry serves
 
     def __init__(self, ctx: Context, seq_ids: range):
-        self.ctx = ctx
+        super().__init__(ctx)
         self.free = list(reversed(seq_ids))
 
     def save(self, seq_id: int) -> int:
@@ -79,15 +89,6 @@ Store = PoolStore | HolderStore
 
 
 @dataclass
-class Entry:
-    tokens: tuple[int, ...]
-    handle: int
-    last_used: int
-    hits: int = 0
-    tail: tuple[int, ...] | None = None  # a chat turn boundary's: the answer's tail entry that extends it
-
-
-@dataclass
 class Hit:
     entry: Entry
     n_tokens: int  # leading tokens of the entry the prompt shares (all of them for pool entries)
@@ -102,14 +103,13 @@ class PrefixCache:
     hits: int = 0
     misses: int = 0
     _clock: itertools.count = field(default_factory=itertools.count)
-    _cell_bytes: tuple[int, int] | None = field(default=None, init=False, repr=False)
+    _cell_bytes: int | None = field(default=None, init=False, repr=False)
 
     def entry_bytes(self, n_tokens: int) -> int:  # noqa: ARG002 - per entry, whatever its length
         """The memory an entry adds: its recurrent state cell (none on attention-only models)."""
         if self._cell_bytes is None:  # fixed by the context's shapes: read once
-            rep = self.store.ctx.memory_report()
-            self._cell_bytes = (rep.rs_bytes_per_cell, rep.kv_bytes_per_cell)
-        return self._cell_bytes[0]
+            self._cell_bytes = self.store.entry_bytes()
+        return self._cell_bytes
 
     @property
     def bytes(self) -> int:
@@ -142,9 +142,8 @@ class PrefixCache:
             self.hits += 1
             best.entry.hits += 1
             best.entry.last_used = next(self._clock)
-            tail = self.entries.get(best.entry.tail) if best.entry.tail is not None else None
-            if tail is not None and tail.hits == 0 and tuple(prompt[:len(tail.tokens)]) != tail.tokens:
-                self.drop(tail.tokens)
+            if (tail := stale_tail(self.entries, best.entry, prompt)) is not None:
+                self.drop(tail)
         return best
 
     def restore(self, hit: Hit, seq_id: int) -> None:
@@ -176,12 +175,26 @@ class PrefixCache:
             return True
         return False
 
-    def drop_superseded(self, key: tuple[int, ...], resumed: tuple[int, ...] | None, keep: Container[int]) -> None:
-        """Drop the entries that `key` extends and nobody else used: never hit, or hit once by the request
-        now extending them (`resumed`).  Lengths in `keep` stay (turn boundaries, positions others wait for)."""
-        for k, e in list(self.entries.items()):
-            if len(k) < len(key) and len(k) not in keep and e.hits <= (k == resumed) and key[:len(k)] == k:
+    def keep(self, seq_id: int, tokens: list[int] | tuple[int, ...], resumed: tuple[int, ...] | None,
+             turns: Container[int] | None) -> bool:
+        """An entry for seq_id's memory, which holds `tokens`, and the entries it supersedes dropped
+        (retention.py): a chat's (`turns`: the positions it keeps, its turn boundaries and those others
+        wait for) before it is added, a plain completion's (turns=None) once it is.  `resumed`: the entry
+        the sequence resumed from.  False when it was not added (already there, or no room)."""
+        key = tuple(tokens)
+        if turns is not None and key not in self.entries:
+            for k in superseded(self.entries, key, resumed, turns):
                 self.drop(k)
+        if not self.add(seq_id, key):
+            return False
+        if turns is None and (old := replaced(self.entries, key, resumed)) is not None:
+            self.drop(old)
+        return True
+
+    def link_tail(self, boundary: tuple[int, ...], tail: tuple[int, ...]) -> None:
+        """Remember at a chat's turn boundary the answer's tail entry after it (see retention.stale_tail)."""
+        if tail in self.entries and (entry := self.entries.get(boundary)) is not None:
+            entry.tail = tail
 
     def drop(self, key: tuple[int, ...]) -> None:
         """Drop the entry for these tokens, if any."""
@@ -189,12 +202,10 @@ class PrefixCache:
             self.store.drop(e.handle)
 
     def evict_one(self) -> bool:
-        if not self.entries:
+        if (victim := eviction_victim(self.entries)) is None:
             return False
-        # least recently used first; among equals, the cheapest to recompute
-        victim = min(self.entries.values(), key=lambda e: (e.last_used, len(e.tokens)))
-        self.store.drop(victim.handle)
-        del self.entries[victim.tokens]
+        self.store.drop(self.entries[victim].handle)
+        del self.entries[victim]
         return True
 
     def clear(self) -> None:

@@ -19,13 +19,14 @@ carries out the answer on its context.
   scored (prompt logprobs) takes at most the logits rows left.
 - waits_for: a queued request waits for a prefix that a running request is prefilling now,
   rather than compute it again beside it.
+- which positions keep a prefix-cache entry (is_checkpoint) is retention.py's.
 - preemption_victim: the newest admission leaves when a step does not fit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence, Set as AbstractSet
+from dataclasses import dataclass
 
 CHECKPOINT_INTERVAL = 64  # prefill chunks end on multiples of this, each a prefix-cache entry
 AGING = 64  # a waiting prompt counts this many tokens fewer per step it has waited (no starvation)
@@ -42,7 +43,7 @@ class SeqFacts:
     cursor: int                   # prompt tokens already in memory
     decoding: bool                # holds a sampled token to feed this step
     score_prompt: bool = False    # logits at every prompt position (prompt logprobs)
-    share_at: set[int] = field(default_factory=set)  # positions queued requests wait for, turn boundaries
+    share_at: AbstractSet[int] = frozenset()  # positions queued requests wait for, turn boundaries
     draft: int = 0                # draft tokens proposed to verify after the sampled one
     waited: int = 0               # steps since its admission (while its prompt is not all in memory)
     turns: bool = False           # the prompt came with its turn boundaries (a chat): no interval checkpoints
@@ -116,26 +117,17 @@ def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoint
     return StepPlan(decode, tuple(chunks), tuple(drafts) if any(drafts) else ())
 
 
-def is_checkpoint(s: SeqFacts) -> bool:
-    """Whether the prompt position s.cursor deserves a prefix-cache entry: a multiple of the interval
-    inside a prompt without turn boundaries, or a position others part at (a queued request's, a chat's turn boundary, which
-    may be the prompt's end)."""
-    if s.cursor in s.share_at:
-        return 0 < s.cursor <= len(s.prompt)
-    return not s.turns and 0 < s.cursor < len(s.prompt) and s.cursor % CHECKPOINT_INTERVAL == 0
-
-
-def waits_for(prompt: Sequence[int], cached: int, running: Iterable[SeqFacts]) -> SeqFacts | None:
-    """The running sequence whose prompt a queued one should wait for: one still prefilling a prefix
-    they share that is at least a checkpoint interval longer than the `cached` tokens the prefix cache
-    offers now.  The leader then ends a chunk, and keeps a cache entry, where the prompts part."""
+def waits_for(prompt: Sequence[int], cached: int, running: Iterable[SeqFacts]) -> tuple[int, int] | None:
+    """The running sequence whose prompt a queued one should wait for, and the position where their
+    prompts part: one still prefilling a prefix they share that is at least a checkpoint interval longer
+    than the `cached` tokens the prefix cache offers now.  The Engine adds the position to the leader's
+    share_at, so that it ends a chunk, and keeps a cache entry, there."""
     for s in running:
         if s.cursor >= len(s.prompt):
             continue  # generating: its prompt's entries are in the cache already, or evicted
         shared = common_prefix(s.prompt, prompt, len(prompt) - 1)
         if shared - cached >= CHECKPOINT_INTERVAL and s.cursor < shared <= len(s.prompt) - 1:
-            s.share_at.add(shared)
-            return s
+            return s.seq, shared
     return None
 
 

@@ -1,0 +1,99 @@
+"""An Engine's settings (EngineConfig) and how they divide its context (Sizing), both fixed at start-up.
+
+Sizing is worked out from the config and the model before the context exists: how many sequence ids,
+recurrent state cells and logits rows the prefix cache and speculative decoding need beside the
+`parallel` sequences.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .. import memory as memory_mod
+from ..bindings import has
+from ..context import MAX_SEQ
+from ..model import Model
+
+log = logging.getLogger("pyllama_ssm.engine")
+DRAFT_MAX = 16  # draft tokens verified per sequence and step, at most
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every setting of an Engine and of the context it creates, built once: Llama builds it from its
+    arguments (the server's flags are Llama's), so no setting is lost on the way down.
+
+    batch_invariant=True (patched build, patch 0007) makes a request's output independent of what else
+    runs and of prefix-cache hits: the same tokens and logprobs as its lone run.  It holds with flash
+    attention ("auto" picks it on the CPU); without it the attention of a unified KV cache sums over
+    every cell, so results depend on where a sequence's cells lie.  Off by default: it costs 0-29% of
+    throughput on 2 CPU cores (bench/batch_invariance.py), over the 10% that would make it the default.
+    n_gpu_layers and rpc_servers (Model's) apply when the Engine loads the model from a path."""
+
+    n_ctx: int = 4096
+    parallel: int = 4
+    n_batch: int = 512                             # tokens per step (one llama_decode)
+    n_ubatch: int | None = None                    # tokens per compute pass within a step (None: n_batch)
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+    prefix_cache: int | None = None                # entries (None: 32, or 3 per sequence if more; the
+    #                                                byte budget bounds them too)
+    prefix_cache_bytes: int | None = 256 << 20     # on its recurrent snapshots (prefix_cache.py); None: no bound
+    flash_attn: bool | str = "auto"
+    batch_invariant: bool = False
+    context_overrides: Mapping[str, Any] | None = None  # llama_context_params fields by name
+    n_gpu_layers: int = 0
+    rpc_servers: str | Sequence[str] | None = None
+    # speculative decoding: a llama_cpp.llama_speculative.LlamaDraftModel (any callable from the token
+    # ids so far to proposed next ids); each step verifies a sequence's proposal in the same batch, keeps
+    # what the sampler agrees with, and undoes the rest (recurrent state from a snapshot of the pool)
+    draft_model: Any = None
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How an Engine's context is divided, for one config and one model."""
+
+    stateful: bool                 # recurrent or hybrid: prefixes and draft undo are pool snapshots
+    n_cache: int                   # prefix-cache entries (0: no prefix cache)
+    n_holders: int                 # spare sequence ids holding cached attention prefixes
+    n_rs_pool: int                 # recurrent state pool cells (0: the context's default)
+    draft_max: int                 # draft tokens per sequence and step (0: no speculative decoding)
+    overrides: Mapping[str, Any]   # llama_context_params by name: the output rows, then the config's own
+    n_outputs: int                 # logits rows one step may ask for
+
+    @classmethod
+    def of(cls, model: Model, cfg: EngineConfig) -> "Sizing":
+        parallel = cfg.parallel
+        stateful = model.is_recurrent or model.is_hybrid
+        n_rs_pool, n_holders = 0, 0
+        # a conversation keeps its turn boundary and its tail: room for both per sequence, and shared prefixes
+        n_entries = cfg.prefix_cache if cfg.prefix_cache is not None else max(32, 3 * parallel)
+        # draft tokens per sequence and step; on recurrent memory a rejected one is undone from a snapshot
+        draft_max = 0 if cfg.draft_model is None or (stateful and not has("llama_memory_rs_snapshot")) \
+            else max(1, min(DRAFT_MAX, int(getattr(cfg.draft_model, "num_pred_tokens", DRAFT_MAX))))
+        if cfg.draft_model is not None and not draft_max:
+            log.warning("draft_model: speculative decoding on %s needs the patched build's snapshots; "
+                        "decoding without drafts", model.arch)
+        if stateful:  # prefixes are snapshots of the recurrent pool (patched build only)
+            n_cache = n_entries if has("llama_memory_rs_snapshot") else 0
+            # one state cell per sequence + the prefix cache + one copy-on-write cell per sequence,
+            # + one snapshot per sequence while its draft is verified
+            n_rs_pool = n_cache + parallel if n_cache else 0
+            if draft_max:
+                n_rs_pool = (n_rs_pool or parallel) + parallel
+        elif memory_mod.available():  # prefixes are held by spare sequence ids sharing their cells
+            # (the patched build: entry sizes come from its memory report)
+            n_cache = n_holders = max(0, min(n_entries, MAX_SEQ - parallel))
+        else:
+            n_cache = 0
+        # a step outputs logits for one token per sequence, and one per draft token (plan_step shares
+        # draft_max among them, at least one each): size the output buffer to that (upstream sizes it
+        # to n_batch rows of n_vocab floats: 300 MiB for 512 x 152k)
+        draft_rows = max(draft_max, parallel) if draft_max else 0
+        overrides = {"n_outputs_max": parallel + draft_rows + n_holders, **(cfg.context_overrides or {})}
+        n_outputs = overrides["n_outputs_max"] or cfg.n_batch  # 0: llama.cpp's default, n_batch
+        return cls(stateful, n_cache, n_holders, n_rs_pool, draft_max, overrides, n_outputs)

@@ -1,0 +1,71 @@
+"""What an Engine reports of itself: its counters (stats), its memory, its sequences and its prefix cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .. import memory as memory_mod
+
+
+@dataclass
+class EngineStats:
+    queued: int
+    running: int
+    preempted: int
+    steps: int
+    tokens_decoded: int
+    tokens_generated: int
+    tokens_per_second: float
+    decode_seconds: float
+    step_seconds: float
+    prefix_hits: int
+    prefix_misses: int
+    cached_prefixes: int
+    draft_tokens: int = 0     # speculative decoding: draft tokens verified
+    draft_accepted: int = 0   # of which the model agreed with
+
+    @property
+    def draft_acceptance(self) -> float:
+        return 0.0 if self.draft_tokens == 0 else self.draft_accepted / self.draft_tokens
+
+    @property
+    def python_overhead(self) -> float:
+        """Share of step time spent outside llama_decode."""
+        return 0.0 if self.step_seconds == 0 else 1.0 - self.decode_seconds / self.step_seconds
+
+
+@dataclass
+class EngineMemory:
+    report: memory_mod.MemoryReport | None
+    swapped_bytes: int              # preempted sequences' states, in host memory
+    cached_prefixes: int
+    cached_bytes: int = 0            # what the prefix cache adds: its recurrent state cells (its attention
+                                     # prefixes are cells of the KV cache, allocated whole: cached_tokens)
+    pool: memory_mod.PoolStats | None = field(default=None)
+    cached_tokens: int = 0           # attention cells of those prefixes, at most
+    cached_prefixes_max: int = 0     # the prefix cache's bounds: entries, and bytes (None: unbounded)
+    cached_bytes_max: int | None = None
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """What one sequence is doing (Engine.slots()): the request it runs, read between two steps."""
+
+    seq: int
+    request_id: int
+    state: Literal["prefill", "decode"]  # prefill while prompt tokens remain to compute
+    prompt_tokens: int
+    computed: int        # prompt tokens in its memory: those taken from the prefix cache, then those computed
+    cached_tokens: int   # prompt tokens taken from the prefix cache
+    generated: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class PrefixEntryView:
+    """One prefix-cache entry (Engine.prefix_entries())."""
+
+    n_tokens: int
+    bytes: int          # what it adds to the memory: its recurrent state cell (0 on attention-only models)
+    hits: int           # requests that resumed from it

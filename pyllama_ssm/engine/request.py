@@ -1,0 +1,182 @@
+"""What a caller holds and receives: the Request handle, its streamed Chunks and its Completion.
+
+A Request is written by the caller's thread at submit() and read by the Engine's; what the Engine
+makes of it (Generation, written on the engine thread only) reaches the caller through the handle's
+condition: chunks, the prompt's logprobs once its prefill ended, the Completion once it ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from .core import Engine
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One generated token and the text it completes (may be empty while a stop string is possible)."""
+
+    token: int
+    text: str
+    logprob: float | None = None                   # log-probability of token (when requested)
+    top_logprobs: dict[int, float] | None = None   # the most likely alternatives
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    usage: Usage
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    # prompt_logprobs=True: entry i scores prompt token i given tokens 0..i-1 (None for token 0)
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    restored_from: tuple[int, ...] | None = None  # the prefix-cache entry's tokens it resumed from
+    preemptions: int = 0                          # times it was swapped out to host memory
+
+
+@dataclass
+class Generation:
+    """What the Engine has made of one request so far: its own, written on its thread only; the caller
+    sees it as the Completion handed over when the request ends (and the prompt's logprobs, handed over
+    once its prefill ends)."""
+
+    usage: Usage
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[dict[int, float] | None] | None = None
+    restored_from: tuple[int, ...] | None = None
+    preemptions: int = 0
+
+    @classmethod
+    def of(cls, req: "Request") -> "Generation":
+        scored = [None] * len(req.prompt) if req.score_prompt else None
+        return cls(Usage(prompt_tokens=len(req.prompt)), logprobs=[] if req.n_logprobs is not None else None,
+                   top_logprobs=[] if req.n_logprobs is not None else None,
+                   prompt_logprobs=scored, prompt_top_logprobs=list(scored) if scored is not None else None)
+
+    def completion(self, finish_reason: str) -> Completion:
+        return Completion(self.text, list(self.tokens), finish_reason, self.usage, self.logprobs, self.top_logprobs,
+                          self.prompt_logprobs, self.prompt_top_logprobs, self.restored_from, self.preemptions)
+
+
+class Request:
+    """The caller's handle on a submitted generation: iterate for Chunks, or wait for result().  What it
+    was asked is fixed at submit(); what the Engine makes of it arrives through the chunks, the prompt
+    logprobs (once its prefill ended) and the Completion (once it ended), never as shared state."""
+
+    _ids = itertools.count()
+
+    def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams, max_tokens: int,
+                 stop: list[str], logprobs: int | None = None, prompt_logprobs: bool = False,
+                 checkpoints: tuple[int, ...] = ()):
+        self.id = next(self._ids)
+        self.engine = engine
+        self.prompt = prompt
+        self.params = params
+        self.max_tokens = max_tokens
+        self.stop = [s for s in stop if s]
+        self.n_logprobs = logprobs
+        self.score_prompt = prompt_logprobs
+        self.checkpoints = checkpoints
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self._completion: Completion | None = None
+        self._prompt_scores: tuple[list, list] | None = None
+        self._chunks: collections.deque[Chunk] = collections.deque()
+        self._cond = threading.Condition()
+        self.cancelled = False
+
+    # -- engine side ----------------------------------------------------------------
+    def _push(self, chunk: Chunk) -> None:
+        with self._cond:
+            self._chunks.append(chunk)
+            self._cond.notify_all()
+
+    def _scored_prompt(self, gen: "Generation") -> None:
+        with self._cond:
+            self._prompt_scores = (list(gen.prompt_logprobs), list(gen.prompt_top_logprobs))
+
+    def _finish(self, reason: str, error: BaseException | None = None, gen: "Generation | None" = None) -> None:
+        with self._cond:
+            if self.finish_reason is None:
+                self.finish_reason = reason
+                self.error = error
+                self._completion = (gen or Generation.of(self)).completion(reason)
+            self._cond.notify_all()
+
+    # -- user side --------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prompt_logprobs(self) -> list[float | None] | None:
+        """With prompt_logprobs=True, once its prefill ended (before its first chunk): entry i scores
+        prompt token i given tokens 0..i-1 (None for token 0).  None before, or when not asked."""
+        return self._prompt_scores[0] if self._prompt_scores is not None else None
+
+    @property
+    def prompt_top_logprobs(self) -> list[dict[int, float] | None] | None:
+        return self._prompt_scores[1] if self._prompt_scores is not None else None
+
+    def cancel(self) -> None:
+        """Stop generating; the sequence's memory is freed at the next step (queued: it never starts).
+        Returns at once, from any thread."""
+        self.cancelled = True
+        self.engine._wake()
+
+    def _next(self, timeout: float | None) -> Chunk | None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._chunks or self.finish_reason is not None, timeout):
+                raise TimeoutError(f"request {self.id}: no token within {timeout}s")
+            if self._chunks:
+                return self._chunks.popleft()
+            if self.error is not None:
+                raise self.error
+            return None
+
+    def drain(self) -> list[Chunk]:
+        """The chunks that arrived since the last call, without waiting."""
+        with self._cond:
+            out = list(self._chunks)
+            self._chunks.clear()
+            return out
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while (chunk := self._next(None)) is not None:
+            yield chunk
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        loop = asyncio.get_running_loop()
+        while (chunk := await loop.run_in_executor(None, self._next, None)) is not None:
+            yield chunk
+
+    def result(self, timeout: float | None = None) -> Completion:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.finish_reason is not None, timeout):
+                raise TimeoutError(f"request {self.id}: not finished within {timeout}s")
+        if self.error is not None:
+            raise self.error
+        return self._completion

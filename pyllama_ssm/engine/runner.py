@@ -1,0 +1,124 @@
+"""The runner: a step's plan (scheduler.plan_step) into one batch, and the rows its logits fill back
+into tokens, logprobs and streamed text.
+
+It decides nothing: which sequences feed what comes from the plan, what a finished request leaves
+behind from the Engine.  sample() says when a request ends (its finish reason) and the Engine finishes it.
+"""
+
+from __future__ import annotations
+
+import collections
+
+from ..batch import Batch
+from ..context import Context
+from ..model import Model
+from ..output import complete_text, stop_hold, token_logprobs
+from .request import Chunk
+from .scheduler import StepPlan
+from .sequence import Slot
+from .speculative import Speculator
+from .trace import Trace
+
+Rows = tuple[
+    list[tuple[Slot, int]],        # (slot, batch index) whose logits sample a token
+    dict[int, list[int]],          # seq -> batch indices of its draft tokens' logits
+    list[tuple[Slot, int]],        # (slot, prompt tokens in this step)
+    list[tuple[Slot, int, int]],   # (slot, first batch index, n): prompt logprobs
+]
+
+
+class Runner:
+    def __init__(self, ctx: Context, model: Model, batch: Batch, speculator: Speculator,
+                 counters: collections.Counter, trace: Trace):
+        self.ctx, self.model, self.batch, self.speculator = ctx, model, batch, speculator
+        self.n_ctx = ctx.n_ctx
+        self.counters = counters  # the Engine's: "generated"
+        self.trace = trace
+
+    def fill(self, plan: StepPlan, running: dict[int, Slot]) -> Rows:
+        """The batch of this step: each decoding sequence's sampled token and the draft tokens it may
+        verify (taken from slot.draft), then the prompt chunks; and which rows of its logits go where."""
+        batch = self.batch
+        batch.clear()
+        outputs: list[tuple[Slot, int]] = []
+        verify: dict[int, list[int]] = {}
+        prefill: list[tuple[Slot, int]] = []
+        scored: list[tuple[Slot, int, int]] = []
+        for i, seq in enumerate(plan.decode):
+            slot = running[seq]
+            outputs.append((slot, batch.add(slot.next_token, slot.pos, slot.seq, logits=True)))
+            draft, slot.draft = slot.draft[:plan.drafts[i] if plan.drafts else 0], []
+            if draft and self.speculator.begin(slot, draft):
+                verify[seq] = [batch.add(t, slot.pos + 1 + k, seq, logits=True) for k, t in enumerate(draft)]
+        for chunk in plan.prefill:
+            slot = running[chunk.seq]
+            tokens = slot.req.prompt[chunk.start:chunk.start + chunk.n]
+            if chunk.all_logits:
+                scored.append((slot, batch.n_tokens, chunk.n))
+                for k, t in enumerate(tokens):
+                    last = batch.add(t, slot.pos + k, slot.seq, logits=True)
+            else:
+                last = batch.add_sequence(tokens, slot.pos, slot.seq, logits_last=chunk.last)
+            prefill.append((slot, chunk.n))
+            if chunk.last:
+                outputs.append((slot, last))
+        return outputs, verify, prefill, scored
+
+    def sample(self, slot: Slot, idx: int) -> str | None:
+        """Sample slot's next token from the logits of batch row idx and stream its text; the finish
+        reason when it ends the request, else None (the token is fed next step)."""
+        req, gen = slot.req, slot.gen
+        # logprobs are the model's: a copy when a logits processor will rewrite the buffer in place
+        raw = None if req.n_logprobs is None else self.ctx.logits(idx, copy=req.params.logits_processor is not None)
+        tok = slot.sampler.sample(self.ctx.ptr, idx)
+        self.counters["generated"] += 1
+        if raw is not None:
+            lp, top = token_logprobs(raw, tok, req.n_logprobs)
+            gen.logprobs.append(lp)
+            gen.top_logprobs.append(top)
+        gen.tokens.append(tok)
+        gen.usage.completion_tokens += 1
+        if self.trace.on and len(gen.tokens) == 1:
+            self.trace.event("first", req=req.id)
+        if self.model.is_eog(tok):
+            return "stop"
+        text, slot.pending_bytes = complete_text(slot.pending_bytes + self.model.token_to_piece(tok))
+        gen.text += text
+        for s in req.stop:
+            at = gen.text.find(s, max(0, slot.emitted - len(s)))
+            if at >= 0:
+                gen.text = gen.text[:at]
+                self.emit(slot, tok, final=True)
+                return "stop"
+        self.emit(slot, tok)
+        if len(gen.tokens) >= req.max_tokens or slot.pos + 1 >= self.n_ctx:
+            return "length"
+        slot.next_token = tok
+        return None
+
+    def score_prompt(self, slot: Slot, first: int, n: int) -> None:
+        """Batch rows first..first+n-1 hold the logits after prompt tokens cursor..cursor+n-1:
+        they score the prompt tokens one position later."""
+        req, gen = slot.req, slot.gen
+        for k in range(n):
+            target = slot.cursor + k + 1
+            if target < len(req.prompt):
+                gen.prompt_logprobs[target], gen.prompt_top_logprobs[target] = token_logprobs(
+                    self.ctx.logits(first + k, copy=False), req.prompt[target], req.n_logprobs or 0)
+
+    def emit(self, slot: Slot, tok: int, final: bool = False) -> None:
+        """Stream new text, holding back a tail that could still become a stop string."""
+        req, gen = slot.req, slot.gen
+        text = gen.text
+        hold = 0 if final else stop_hold(text, req.stop)
+        upto = max(slot.emitted, len(text) - hold)
+        lp = (gen.logprobs[-1], gen.top_logprobs[-1]) if gen.logprobs else (None, None)
+        req._push(Chunk(tok, text[slot.emitted:upto], *lp))
+        slot.emitted = upto
+
+    def flush(self, slot: Slot) -> None:
+        """Stream the text held back, the request having ended without a stop string in it."""
+        req, gen = slot.req, slot.gen
+        if slot.emitted < len(gen.text):
+            req._push(Chunk(gen.tokens[-1] if gen.tokens else -1, gen.text[slot.emitted:]))
+            slot.emitted = len(gen.text)

@@ -1,0 +1,48 @@
+"""A running request's state on the engine thread: the sequence id it holds and how far it has come."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..sampling import Sampler
+from .request import Generation, Request
+from .scheduler import SeqFacts
+
+
+@dataclass
+class Speculation:
+    """A step that fed next_token and draft tokens at positions start..: what to undo if one is rejected."""
+
+    start: int
+    fed: list[int]
+    snapshot: int | None  # the recurrent state before them (a pool handle): none for attention-only
+
+
+@dataclass
+class Slot:
+    """A request bound to a sequence id of the context."""
+
+    req: Request
+    seq: int
+    sampler: Sampler
+    gen: Generation          # what it has made so far
+    cursor: int = 0          # prompt tokens already in memory
+    pos: int = 0             # next position
+    next_token: int | None = None
+    pending_bytes: bytes = b""
+    emitted: int = 0         # characters of gen.text already streamed
+    admitted: int = 0
+    since_step: int = 0      # the engine's step count at its admission (how long its prompt has waited)
+    relocated_at: int = -1   # position at which its cells were last moved (see Engine._relieve_memory)
+    share_at: set[int] = field(default_factory=set)  # prompt positions queued requests wait to share
+    resumed_entry: tuple[int, ...] | None = None  # the prefix-cache entry it was restored from
+    draft: list[int] = field(default_factory=list)  # proposed this step, fed after next_token
+    spec: Speculation | None = None  # this step's fed draft, until Speculator.settle keeps what was accepted
+    finishing: str | None = None  # a finish waiting for settle (the memory must hold the kept tokens)
+
+    def facts(self, steps: int) -> SeqFacts:
+        """What the scheduler is told of it, `steps` being the engine's step count now (share_at is
+        shared, not copied: the scheduler only reads it)."""
+        return SeqFacts(self.seq, self.admitted, self.req.prompt, self.cursor, self.next_token is not None,
+                        self.req.score_prompt, self.share_at, len(self.draft),
+                        waited=steps - self.since_step, turns=bool(self.req.checkpoints))
