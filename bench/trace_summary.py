@@ -3,7 +3,7 @@
     PYLLAMA_SSM_TRACE=/tmp/engine.jsonl python bench/chat_sessions.py --servers pyllama-ssm ...
     python bench/trace_summary.py /tmp/engine.jsonl [--timeline FROM TO]
 
-Prints, per request: queued (submit to start in a sequence), prefix-cache hit, time to first token,
+Prints, per request (numbered by Engine run and id): queued (submit to start in a sequence), prefix-cache hit, time to first token,
 and the prefill steps it took; then the steps by kind (decode only, with a prompt chunk, how many
 prompts per step) with their llama_decode time per token; --timeline prints every event between
 two times (seconds from the first event), decode-only steps folded.
@@ -27,26 +27,29 @@ def main() -> int:
         print("empty trace")
         return 1
     t0 = events[0]["t"]
-    reqs: dict[int, dict] = defaultdict(dict)
-    chunks: dict[int, int] = defaultdict(int)
-    steps = [e for e in events if e["ev"] == "step"]
+    # a request is (the Engine's run, its id): ids restart in each process, whose events follow an "open"
+    reqs: dict[tuple[int, int], dict] = defaultdict(dict)
+    chunks: dict[tuple[int, int], int] = defaultdict(int)
+    steps, run = [], 0
     for e in events:
+        run += e["ev"] == "open"
         if "req" in e:
-            reqs[e["req"]][e["ev"]] = e
-    for s in steps:
-        for req, _, _ in s["prefill"]:
-            chunks[req] += 1
-    print(f"{'req':>4} {'arrived':>8} {'prompt':>6} {'cached':>6} {'queued':>7} {'ttft':>6} {'chunks':>6}")
+            reqs[run, e["req"]][e["ev"]] = e
+        if e["ev"] == "step":
+            steps.append(e)
+            for req, _, _ in e["prefill"]:
+                chunks[run, req] += 1
+    print(f"{'run':>3} {'req':>4} {'arrived':>8} {'prompt':>6} {'cached':>6} {'queued':>7} {'ttft':>6} {'chunks':>6}")
     ttft = []
-    for r, d in sorted(reqs.items()):
+    for (run, r), d in sorted(reqs.items()):
         if "submit" not in d:
             continue
         sub = d["submit"]["t"]
         start, first = d.get("start", {}), d.get("first", {}).get("t")
         if first is not None:
             ttft.append(first - sub)
-        print(f"{r:>4} {sub - t0:8.2f} {d['submit']['prompt']:>6} {start.get('cached', '-'):>6} "
-              f"{start.get('t', sub) - sub:7.2f} {(first - sub) if first else float('nan'):6.2f} {chunks[r]:>6}")
+        print(f"{run:>3} {r:>4} {sub - t0:8.2f} {d['submit']['prompt']:>6} {start.get('cached', '-'):>6} "
+              f"{start.get('t', sub) - sub:7.2f} {(first - sub) if first else float('nan'):6.2f} {chunks[run, r]:>6}")
     kinds: dict[str, list] = defaultdict(list)
     for s in steps:
         kinds["decode only" if not s["prefill"] else f"{len(s['prefill'])} prompt(s)"].append(s)

@@ -492,9 +492,12 @@ def test_a_trace_records_each_requests_timeline(tmp_path, monkeypatch):
     import json
     path = tmp_path / "trace.jsonl"
     monkeypatch.setenv("PYLLAMA_SSM_TRACE", str(path))
-    with Engine(zoo_model("qwen35"), n_ctx=2048, parallel=4) as e:
-        done = [r.result(timeout=120) for r in [e.submit(p, GREEDY, max_tokens=4) for p in PROMPTS]]
+    prompts = PROMPTS[2:] + [SYSTEM * 6 + "User: first", SYSTEM * 7 + "User: second"]  # 2 short, 2 long
+    with Engine(zoo_model("qwen35"), n_ctx=2048, parallel=4, prefix_cache=0) as e:
+        assert all(len(e.model.tokenize(p)) > 64 for p in prompts[2:])
+        done = [r.result(timeout=120) for r in [e.submit(p, GREEDY, max_tokens=4) for p in prompts]]
     events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert events[0]["ev"] == "open"
     ids = {ev["req"] for ev in events if ev["ev"] == "submit"}
     assert len(ids) == 4 and all(c.usage.completion_tokens == 4 for c in done)
     for kind in ("start", "first", "end"):
@@ -502,5 +505,6 @@ def test_a_trace_records_each_requests_timeline(tmp_path, monkeypatch):
     steps = [ev for ev in events if ev["ev"] == "step"]
     assert sum(ev["n"] for ev in steps) == e.stats().tokens_decoded
     assert sum(len(ev["decode"]) for ev in steps) == 4 * 3  # the first token comes from the prompt's step
+    assert sum(len(ev["prefill"]) for ev in steps) >= 4
     long_prompts = [ev for ev in steps if sum(n > 64 for _, _, n in ev["prefill"]) > 1]
     assert not long_prompts, "two long prompts shared a step"

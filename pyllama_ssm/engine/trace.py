@@ -2,7 +2,8 @@
 
 PYLLAMA_SSM_TRACE=<file> makes every Engine append one JSON object per line there: a request's
 arrival (submit), its start in a sequence (with the prefix-cache hit), every step (what it fed, and
-how long llama_decode took), its first token and its end.  Times are seconds on one monotonic clock
+how long llama_decode took), its first token and its end; each Engine's events follow an
+"open" event.  Times are seconds on one monotonic clock
 (time.perf_counter).  Off, it costs one attribute test per event.  bench/trace_summary.py reads it.
 """
 
@@ -19,6 +20,7 @@ class Trace:
     def __init__(self, path: str | None):
         self._file: TextIO | None = open(path, "a", buffering=1) if path else None  # noqa: SIM115 - closed by close()
         self._lock = threading.Lock()  # submit runs on callers' threads, the rest on the engine's
+        self.event("open", pid=os.getpid())  # request ids restart in each process: runs part here
 
     @classmethod
     def from_env(cls) -> "Trace":
