@@ -27,10 +27,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.load import RESULTS, BenchError, fmt_spread, provenance, run_main, spread, write_results  # noqa: E402
-from bench.plot import lines  # noqa: E402
+CHILD = "--child" in sys.argv  # measures the package of another tree: nothing of this one is imported
+if not CHILD:
+    sys.path.insert(0, str(ROOT))
+    from bench.load import RESULTS, BenchError, fmt_spread, provenance, run_main, spread, write_results
+    from bench.plot import lines
+else:
+    RESULTS, run_main = None, lambda main: sys.exit(main())
 
 ZOO = ROOT / "build" / "models"
 PROMPT = "Request {i}: describe the weather in a city you like."
@@ -44,6 +47,9 @@ def measure(tree: Path, models: list[str], seqs: list[int], n_gen: int, parallel
     """In this process, the package of `tree`: one Engine per model, each N in turn."""
     sys.path.insert(0, str(tree))
     import logging
+
+    import pyllama_ssm
+    assert Path(pyllama_ssm.__file__).resolve().is_relative_to(tree.resolve()), pyllama_ssm.__file__
 
     from pyllama_ssm import Model
     from pyllama_ssm.engine import Engine

@@ -144,10 +144,10 @@ class Context:
 
     def decode(self, batch: Batch) -> None:
         """llama_decode with its return codes turned into exceptions."""
-        for i in range(batch.n_tokens):
-            t = batch.raw.token[i]
-            if not 0 <= t < self.n_vocab:
-                raise DecodeError(f"batch token {i}: id {t} out of range (vocabulary of {self.n_vocab})")
+        tokens = batch.token[:batch.n_tokens]
+        if len(tokens) and tokens.view(np.uint32).max() >= self.n_vocab:  # (a negative id wraps above)
+            i = int(np.flatnonzero((tokens < 0) | (tokens >= self.n_vocab))[0])
+            raise DecodeError(f"batch token {i}: id {tokens[i]} out of range (vocabulary of {self.n_vocab})")
         _runtime.clear_errors()
         rc = lib.llama_decode(self.ptr, batch.raw)
         if rc == 0:
@@ -194,6 +194,16 @@ class Context:
             return view.copy()
         view.flags.writeable = False
         return view
+
+    def all_logits(self, n_rows: int) -> np.ndarray:
+        """The first n_rows outputs' logits, [n_rows, n_vocab], in batch order (llama_get_logits): a
+        view of the context's buffer, valid until the next decode, for reading (writable only because
+        numpy copies a read-only array before argmax and other reductions, 3x their time); n_rows at
+        most the last decode's outputs."""
+        p = lib.llama_get_logits(self.ptr)
+        if p == ffi.NULL:
+            raise DecodeError("no logits: the last decode asked for none")
+        return np.frombuffer(ffi.buffer(p, n_rows * self.n_vocab * 4), dtype=np.float32).reshape(n_rows, self.n_vocab)
 
     # -- memory -------------------------------------------------------------------
     def clear(self, data: bool = True) -> None:

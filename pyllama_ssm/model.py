@@ -56,6 +56,7 @@ class Model:
         self._contexts: weakref.WeakSet = weakref.WeakSet()  # closed before the weights go
         self.vocab = lib.llama_model_get_vocab(ptr)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self._texts: dict[int, str | None] = {}  # token_text's
 
     # -- lifetime ------------------------------------------------------------
     @property
@@ -180,6 +181,19 @@ class Model:
             buf = ffi.new("char[]", -n)
             n = lib.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
         return ffi.buffer(buf, n)[:]
+
+    def token_text(self, token: int) -> str | None:
+        """The text of token's piece when its bytes are whole UTF-8 characters, else None (the piece
+        ends inside a character, or holds bytes that are none): streaming's common case, cached."""
+        text = self._texts.get(token, False)
+        if text is False:
+            piece = self.token_to_piece(token)
+            try:
+                text = piece.decode("utf-8")  # strict: a partial or invalid sequence takes the slow path
+            except UnicodeDecodeError:
+                text = None
+            self._texts[token] = text
+        return text
 
     def detokenize(self, tokens: list[int], *, special: bool = False) -> bytes:
         for t in tokens:

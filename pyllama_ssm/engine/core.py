@@ -436,6 +436,7 @@ class Engine:
             return
         t2 = time.perf_counter()
         self._t_decode += t2 - t1
+        runner.decoded(outputs, verify)
         if self._trace.on:
             self._trace.event("step", t0=round(t0, 6), decode_s=round(t2 - t1, 6), n=batch.n_tokens,
                               decode=[self._running[s].req.id for s in plan.decode], drafts=sum(plan.drafts),

@@ -13,7 +13,7 @@ import itertools
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ..sampling import SamplingParams
 
@@ -21,8 +21,7 @@ if TYPE_CHECKING:
     from .core import Engine
 
 
-@dataclass(frozen=True)
-class Chunk:
+class Chunk(NamedTuple):  # a tuple: one is made per token and sequence, on the engine thread
     """One generated token and the text it completes (may be empty while a stop string is possible)."""
 
     token: int
@@ -106,13 +105,18 @@ class Request:
         self._prompt_scores: tuple[list, list] | None = None
         self._chunks: collections.deque[Chunk] = collections.deque()
         self._cond = threading.Condition()
+        self._waiting = 0  # readers waiting on _cond for a chunk (see _push)
         self.cancelled = False
 
     # -- engine side ----------------------------------------------------------------
     def _push(self, chunk: Chunk) -> None:
-        with self._cond:
-            self._chunks.append(chunk)
-            self._cond.notify_all()
+        # the condition only when a reader waits on it: one lock and notify per token add up over 32
+        # sequences a step.  A reader counts itself in _waiting before it tests for chunks, and the
+        # chunk is queued before _waiting is read, so either the reader sees the chunk or it is woken.
+        self._chunks.append(chunk)
+        if self._waiting:
+            with self._cond:
+                self._cond.notify_all()
 
     def _scored_prompt(self, gen: "Generation") -> None:
         with self._cond:
@@ -149,8 +153,12 @@ class Request:
 
     def _next(self, timeout: float | None) -> Chunk | None:
         with self._cond:
-            if not self._cond.wait_for(lambda: self._chunks or self.finish_reason is not None, timeout):
-                raise TimeoutError(f"request {self.id}: no token within {timeout}s")
+            self._waiting += 1
+            try:
+                if not self._cond.wait_for(lambda: self._chunks or self.finish_reason is not None, timeout):
+                    raise TimeoutError(f"request {self.id}: no token within {timeout}s")
+            finally:
+                self._waiting -= 1
             if self._chunks:
                 return self._chunks.popleft()
             if self.error is not None:
@@ -159,10 +167,10 @@ class Request:
 
     def drain(self) -> list[Chunk]:
         """The chunks that arrived since the last call, without waiting."""
-        with self._cond:
-            out = list(self._chunks)
-            self._chunks.clear()
-            return out
+        out = []
+        while self._chunks:  # popped one by one: the engine thread appends without the lock
+            out.append(self._chunks.popleft())
+        return out
 
     def __iter__(self) -> Iterator[Chunk]:
         while (chunk := self._next(None)) is not None:

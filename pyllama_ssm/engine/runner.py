@@ -34,6 +34,7 @@ class Runner:
         self.n_ctx = ctx.n_ctx
         self.counters = counters  # the Engine's: "generated"
         self.trace = trace
+        self._greedy = None  # this step's greedy tokens: (argmax per row from row lo, lo, batch index -> row)
 
     def fill(self, plan: StepPlan, running: dict[int, Slot]) -> Rows:
         """The batch of this step: each decoding sequence's sampled token and the draft tokens it may
@@ -44,12 +45,19 @@ class Runner:
         verify: dict[int, list[int]] = {}
         prefill: list[tuple[Slot, int]] = []
         scored: list[tuple[Slot, int, int]] = []
-        for i, seq in enumerate(plan.decode):
-            slot = running[seq]
-            outputs.append((slot, batch.add(slot.next_token, slot.pos, slot.seq, logits=True)))
-            draft, slot.draft = slot.draft[:plan.drafts[i] if plan.drafts else 0], []
-            if draft and self.speculator.begin(slot, draft):
-                verify[seq] = [batch.add(t, slot.pos + 1 + k, seq, logits=True) for k, t in enumerate(draft)]
+        if plan.drafts:  # each sampled token, then the draft tokens it verifies
+            for i, seq in enumerate(plan.decode):
+                slot = running[seq]
+                outputs.append((slot, batch.add(slot.next_token, slot.pos, slot.seq, logits=True)))
+                draft, slot.draft = slot.draft[:plan.drafts[i]], []
+                if draft and self.speculator.begin(slot, draft):
+                    verify[seq] = [batch.add(t, slot.pos + 1 + k, seq, logits=True) for k, t in enumerate(draft)]
+        elif plan.decode:  # the sampled tokens alone: one row each, written at once
+            slots = [running[seq] for seq in plan.decode]
+            first = batch.add_rows([s.next_token for s in slots], [s.pos for s in slots], plan.decode)
+            outputs = [(slot, first + k) for k, slot in enumerate(slots)]
+            for slot in slots:
+                slot.draft = []
         for chunk in plan.prefill:
             slot = running[chunk.seq]
             tokens = slot.req.prompt[chunk.start:chunk.start + chunk.n]
@@ -64,13 +72,30 @@ class Runner:
                 outputs.append((slot, last))
         return outputs, verify, prefill, scored
 
+    def decoded(self, outputs: list[tuple[Slot, int]], verify: dict[int, list[int]]) -> None:
+        """After the step's decode: the greedy sequences' tokens (the first maximum of each row, as
+        Sampler's own greedy path picks) in one pass over the rows they span, instead of one per row."""
+        self._greedy = None
+        greedy = [(slot, i) for slot, i in outputs if slot.sampler.greedy]
+        idx = [i for _, i in greedy] + [i for slot, _ in greedy for i in verify.get(slot.seq, ())]
+        if len(idx) < 2:
+            return
+        rows = self.batch.output_rows()
+        lo, hi = int(rows[min(idx)]), int(rows[max(idx)])
+        logits = self.ctx.all_logits(hi + 1)
+        self._greedy = (logits[lo:].argmax(axis=1), lo, rows)
+
     def sample(self, slot: Slot, idx: int) -> str | None:
         """Sample slot's next token from the logits of batch row idx and stream its text; the finish
         reason when it ends the request, else None (the token is fed next step)."""
         req, gen = slot.req, slot.gen
         # logprobs are the model's: a copy when a logits processor will rewrite the buffer in place
         raw = None if req.n_logprobs is None else self.ctx.logits(idx, copy=req.params.logits_processor is not None)
-        tok = slot.sampler.sample(self.ctx.ptr, idx)
+        if self._greedy is not None and slot.sampler.greedy:
+            best, lo, rows = self._greedy
+            tok = int(best[rows[idx] - lo])
+        else:
+            tok = slot.sampler.sample(self.ctx.ptr, idx)
         self.counters["generated"] += 1
         if raw is not None:
             lp, top = token_logprobs(raw, tok, req.n_logprobs)
@@ -82,7 +107,8 @@ class Runner:
             self.trace.event("first", req=req.id)
         if self.model.is_eog(tok):
             return "stop"
-        text, slot.pending_bytes = complete_text(slot.pending_bytes + self.model.token_to_piece(tok))
+        if slot.pending_bytes or (text := self.model.token_text(tok)) is None:
+            text, slot.pending_bytes = complete_text(slot.pending_bytes + self.model.token_to_piece(tok))
         gen.text += text
         for s in req.stop:
             at = gen.text.find(s, max(0, slot.emitted - len(s)))
@@ -110,7 +136,7 @@ class Runner:
         """Stream new text, holding back a tail that could still become a stop string."""
         req, gen = slot.req, slot.gen
         text = gen.text
-        hold = 0 if final else stop_hold(text, req.stop)
+        hold = 0 if final or not req.stop else stop_hold(text, req.stop)
         upto = max(slot.emitted, len(text) - hold)
         lp = (gen.logprobs[-1], gen.top_logprobs[-1]) if gen.logprobs else (None, None)
         req._push(Chunk(tok, text[slot.emitted:upto], *lp))

@@ -33,7 +33,7 @@ AGING = 64  # a waiting prompt counts this many tokens fewer per step it has wai
 RIDE_ALONG = 64  # a prompt this short joins another's step (see plan_step)
 
 
-@dataclass
+@dataclass(slots=True)
 class SeqFacts:
     """What the scheduler knows of one running sequence."""
 
@@ -80,6 +80,8 @@ def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoint
     # at most the budget and the rows: with fewer than the sequences, the oldest decode first
     decoding = [s for s in seqs if s.decoding][:min(n_batch, n_outputs)]
     decode = tuple(s.seq for s in decoding)
+    if len(decoding) == len(seqs) and not any(s.draft for s in decoding):
+        return StepPlan(decode, ())  # every sequence decodes, no prompt and no draft (the common step)
     budget, rows = n_batch - len(decode), n_outputs - len(decode)
     # draft tokens next, oldest first: each needs a logits row to be verified (they are few, and an
     # accepted one saves a whole step of its sequence)
