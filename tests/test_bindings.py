@@ -113,6 +113,41 @@ def test_logits_view_shares_the_context_buffer():
         assert not np.array_equal(view, copied), "the view follows the buffer: valid until the next decode"
 
 
+def test_bulk_batch_rows_decode_as_one_token_at_a_time():
+    """Batch.add_rows / add_sequence write many rows with numpy: the same batch as add() one token at a
+    time (every field, several sequence ids per token too), the same logits after decode, and
+    output_rows / all_logits find each output's row as llama_get_logits_ith does."""
+    model = zoo_model("llama")
+    prompt = model.tokenize("The quick brown fox jumps over the lazy dog")
+    with ps.Batch(64, 2) as bulk, ps.Batch(64, 2) as single:
+        bulk.add_sequence(prompt, 0, 1, logits_last=True)
+        bulk.add_rows([5, 6], [7, 3], [0, 1])
+        bulk.add(9, 4, [0, 1], logits=False)
+        for k, t in enumerate(prompt):
+            single.add(t, k, 1, logits=k == len(prompt) - 1)
+        single.add(5, 7, 0, logits=True)
+        single.add(6, 3, 1, logits=True)
+        single.add(9, 4, [0, 1])
+        n = len(prompt) + 3
+        assert bulk.n_tokens == single.n_tokens == n
+        for field in ("token", "pos", "n_seq_id", "logits"):
+            assert np.array_equal(getattr(bulk, field)[:n], getattr(single, field)[:n]), field
+        raw = bulk.raw
+        assert [raw.seq_id[i][0] for i in range(n)] == [1] * len(prompt) + [0, 1, 0]
+        assert raw.seq_id[n - 1][1] == 1 and raw.token[n - 2] == 6 and raw.pos[n - 3] == 7
+        assert list(bulk.output_rows()[[len(prompt) - 1, n - 3, n - 2]]) == [0, 1, 2]
+        with pytest.raises(OverflowError, match="full"):
+            bulk.add_sequence(list(range(64)), 0, 0)
+    with ps.Context(model, n_ctx=256) as ctx, ps.Batch(64, 1) as batch:
+        batch.add_sequence(prompt, 0, 0, logits_last=False)
+        first = batch.add_rows(prompt[:3], [len(prompt), len(prompt) + 1, len(prompt) + 2], [0, 0, 0])
+        ctx.decode(batch)
+        rows = ctx.all_logits(3)
+        for k in range(3):
+            assert np.array_equal(rows[batch.output_rows()[first + k]], ctx.logits(first + k))
+        assert rows[0].argmax() == ctx.logits(first).argmax()
+
+
 @pytest.mark.parametrize("env, expected", [
     ({}, {"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "1000"}),  # a short spin, then sleep
     ({"OMP_WAIT_POLICY": "active"}, {"OMP_WAIT_POLICY": "active", "GOMP_SPINCOUNT": None}),  # the user's wins
