@@ -146,6 +146,11 @@ def test_bulk_batch_rows_decode_as_one_token_at_a_time():
         for k in range(3):
             assert np.array_equal(rows[batch.output_rows()[first + k]], ctx.logits(first + k))
         assert rows[0].argmax() == ctx.logits(first).argmax()
+        for bad in (model.n_vocab, -1):  # refused by name before llama.cpp sees it
+            batch.clear()
+            batch.add_rows([1, bad], [0, 1], [0, 0])
+            with pytest.raises(ps.DecodeError, match=f"batch token 1: id {bad} out of range"):
+                ctx.decode(batch)
 
 
 @pytest.mark.parametrize("env, expected", [
