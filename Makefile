@@ -3,7 +3,8 @@ PYTHON ?= python3
 CUDA   ?= auto
 export PYLLAMA_SSM_CACHE ?= $(HOME)/.cache/pyllama-ssm
 
-.PHONY: help deps vendor patches patches-edit patches-refresh build wheel wheel-portable models test demo bench soak fuzz clean distclean
+.PHONY: help deps vendor patches patches-edit patches-refresh build wheel wheel-portable models test demo bench soak fuzz \
+	gpu-check device-bundle device-check clean distclean
 
 help:
 	@echo "make build            pin + patches + both libllama builds + cffi bindings (CUDA=1 to force CUDA)"
@@ -14,7 +15,10 @@ help:
 	@echo "make bench            run the benchmarks under bench/ (results in bench/results/)"
 	@echo "make soak             64 clients on the OpenAI server for 400 requests, on the falcon-h1 graft (real"
 	@echo "                      text), batch-invariant: every answer equal to its lone run (SOAK_MODEL=path.gguf)"
-	@echo "make gpu-check        on an NVIDIA GPU: CUDA builds, GPU tests and benchmarks"
+	@echo "make gpu-check        on an NVIDIA GPU: CUDA builds, the wheel, GPU tests and benchmarks"
+	@echo "make device-bundle    stage .device/ (slim pinned source, wheels) for an offline GPU machine (~15 MiB)"
+	@echo "make device-check     there, offline, in under 10 minutes: CUDA build, GPU tests, chat benchmark"
+	@echo "                      (README \"GPU\" gives the device tool's call; DRY_RUN=1: no GPU, nothing compiled)"
 	@echo "make fuzz             load 20000 mutated GGUF files (FUZZ_CASES=N, FUZZ_SEED=S)"
 	@echo "make vendor           fetch + verify the pinned llama.cpp into vendor/llama.cpp"
 	@echo "make patches          check that patches/series applies to the pin"
@@ -33,7 +37,8 @@ build/.deps: pyproject.toml
 deps: build/.deps
 
 vendor: vendor/llama.cpp/.pyllama-ssm-pin
-vendor/llama.cpp/.pyllama-ssm-pin: vendor/llama.cpp.lock tools/vendor.py
+# a slim tree (extracted from the device bundle by make device-check) is newer than its stamp: the full one again
+vendor/llama.cpp/.pyllama-ssm-pin: vendor/llama.cpp.lock tools/vendor.py $(wildcard vendor/llama.cpp/.pyllama-ssm-slim)
 	$(PYTHON) tools/vendor.py
 
 patches: vendor
@@ -89,6 +94,13 @@ fuzz: build models
 # On a machine with an NVIDIA GPU: CUDA builds, GPU tests, benchmarks offloaded (tools/gpu_check.sh).
 gpu-check: deps vendor
 	bash tools/gpu_check.sh
+
+# The offline device machine (README "GPU"): device-bundle here, with network, stages .device/ (ignored,
+# carried by the device call); device-check there runs the same script from it, no network, in 10 minutes.
+device-bundle:
+	$(PYTHON) tools/device.py bundle
+device-check:
+	bash tools/gpu_check.sh --device $(if $(filter 1,$(DRY_RUN)),--dry-run)
 
 clean:
 	rm -rf build dist pyllama_ssm/_llama_* pyllama_ssm/_cdef_*.h pyllama_ssm/_stock .pytest_cache

@@ -128,10 +128,10 @@ def works(*cmd: str) -> bool:
 
 def preflight(cuda: bool) -> None:
     """Every program the build runs is there, or a BuildError naming the missing one."""
-    for tool, hint in (("cmake", "pip install cmake"), ("ninja", "pip install ninja"),
-                       ("git", "it applies patches/series; install git")):
+    for tool, hint in (("cmake", "pip install cmake"), ("ninja", "pip install ninja")):
         if not works(tool, "--version"):
             raise BuildError(f"{tool} not found or not working ({hint})")
+    # git applies patches/series; without it (a bare machine) tools/patches.py's own applier does
     for var, names in (("CC", ("cc", "gcc", "clang")), ("CXX", ("c++", "g++", "clang++"))):
         given = shlex.split(os.environ.get(var, ""))[:1]
         if not any(shutil.which(n) for n in given or names):
@@ -288,6 +288,16 @@ class Builder:
             shutil.rmtree(old, ignore_errors=True)
 
     # -- the two builds --------------------------------------------------------
+    def plan(self) -> list[str]:
+        """What build() would do, as lines; the first word of each: "cached" (an artifact copied) or
+        "compile" (CMake and Ninja run)."""
+        out = []
+        for flavour, done in (("upstream", "BUILD_KEY"), ("patched", "RECOMPILED")):
+            there = (self.artifact(flavour) / done).exists()
+            out.append(f"{'cached' if there else 'compile'} {flavour}: {self.artifact(flavour)}"
+                       + ("" if there else f" (object tree {self.obj}{'' if self.obj.exists() else ', empty'})"))
+        return out
+
     def artifact(self, flavour: str) -> Path:
         key = self.upstream_key if flavour == "upstream" else self.patched_key
         return self.artifacts / f"{flavour}-{key}"
@@ -375,9 +385,18 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--cache-only", action="store_true",
                     help="build into the cache without replacing build/ (while build/ is in use)")
+    ap.add_argument("--plan", action="store_true",
+                    help="build nothing: say whether each build is cached or would compile (exit 3 if one would)")
     args = ap.parse_args()
     try:
         cuda = cuda_wanted(args.cuda)
+        if args.plan:
+            builder = Builder(cuda, args.jobs)
+            lines = builder.plan()
+            step(f"{'CUDA' if cuda else 'CPU'}; CMake options: {' '.join(builder.args)}")
+            for line in lines:
+                step(line)
+            return 3 if any(line.startswith("compile") for line in lines) else 0
         preflight(cuda)
         Builder(cuda, args.jobs).build(publish_to_repo=not args.cache_only)
     except (series_mod.PatchError, vendor.VendorError, BuildError) as e:

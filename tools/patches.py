@@ -75,13 +75,108 @@ def pristine_fixes(patch_dir: Path = PATCHES) -> list[Path]:
     return fixes
 
 
+def have_git() -> bool:
+    """Whether git applies the patches; without it (a bare build machine: the offline GPU machine of
+    `make device-check`) the applier below does, which takes the same files and refuses the same way."""
+    return os.environ.get("PYLLAMA_SSM_PATCH_APPLIER") != "python" and shutil.which("git") is not None
+
+
 def touched_files(patch: Path) -> list[str]:
     """Paths (relative to the tree) a patch modifies, adds or deletes."""
+    if not have_git():
+        return [new or old for old, new, _ in _parse(patch)]
     out = subprocess.run(["git", "apply", "--numstat", str(patch)], capture_output=True, text=True,
                          cwd=tempfile.gettempdir())
     if out.returncode != 0:
         raise PatchError(f"{patch.name}: not a valid patch: {out.stderr.strip()}")
     return [ln.split("\t", 2)[2] for ln in out.stdout.splitlines() if ln.count("\t") >= 2]
+
+
+# -- without git: a strict applier for the series' `git format-patch` files --------------------------
+# Text hunks only (what the series holds: modified and new files); each hunk's old lines must be in the
+# file exactly, at the line it names or shifted by an offset, as `git apply` takes them (no fuzz).
+
+_HUNK = re.compile(rb"^@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@")
+
+
+def _parse(patch: Path) -> list[tuple[str | None, str | None, list[tuple[int, list[bytes], list[bytes]]]]]:
+    """[(old path or None for a new file, new path or None for a deleted one, [(old start, old lines, new lines)])]."""
+    lines = patch.read_bytes().splitlines(keepends=True)
+    files: list = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith(b"GIT binary patch") or line.startswith(b"rename from "):
+            raise PatchError(f"{patch.name}: binary or rename hunks need git (install git)")
+        if line.startswith(b"--- ") and i + 1 < len(lines) and lines[i + 1].startswith(b"+++ "):
+            old, new = (ln[4:].rstrip(b"\r\n").split(b"\t")[0].decode() for ln in (line, lines[i + 1]))
+            files.append([None if old == "/dev/null" else old.split("/", 1)[1],
+                          None if new == "/dev/null" else new.split("/", 1)[1], []])
+            i += 2
+            continue
+        m = _HUNK.match(line)
+        if m and files:
+            start, n_old, n_new = int(m[1]), int(m[2] or 1), int(m[4] or 1)
+            old_lines: list[bytes] = []
+            new_lines: list[bytes] = []
+            i += 1
+            while (len(old_lines) < n_old or len(new_lines) < n_new) and i < len(lines):
+                tag, body = lines[i][:1], lines[i][1:]
+                if tag in (b" ", b"\n", b"\r"):  # a context line (an empty one may have lost its space)
+                    body = body if tag == b" " else lines[i]
+                    old_lines.append(body)
+                    new_lines.append(body)
+                elif tag == b"-":
+                    old_lines.append(body)
+                elif tag == b"+":
+                    new_lines.append(body)
+                elif tag != b"\\":
+                    raise PatchError(f"{patch.name}: malformed hunk at line {i + 1}")
+                i += 1
+                if i < len(lines) and lines[i].startswith(b"\\"):  # "\ No newline at end of file"
+                    for side, present in ((old_lines, tag != b"+"), (new_lines, tag != b"-")):
+                        if present and side:
+                            side[-1] = side[-1].rstrip(b"\n")
+                    i += 1
+            files[-1][2].append((start, old_lines, new_lines))
+            continue
+        i += 1
+    if not files:
+        raise PatchError(f"{patch.name}: not a valid patch: no file in it")
+    return [tuple(f) for f in files]
+
+
+def _apply_python(tree: Path, patch: Path, check_only: bool) -> None:
+    """Apply one patch to tree (or only check that it applies); a PatchError names the failing file."""
+    results: dict[Path, bytes | None] = {}
+    for old, new, hunks in _parse(patch):
+        path = tree / (old or new)
+        if old is None:
+            if path.exists():
+                raise PatchError(f"error: {new}: already exists in working directory")
+            text: list[bytes] = []
+        elif not path.exists():
+            raise PatchError(f"error: {old}: No such file or directory")
+        else:
+            text = (results[path] if path in results else path.read_bytes()).splitlines(keepends=True)
+        shift = 0
+        for start, old_lines, new_lines in hunks:
+            want = max(start - 1 + shift, 0) if old_lines else (start + shift if start else 0)
+            at = next((p for d in range(len(text) + 1) for p in (want - d, want + d)
+                       if 0 <= p <= len(text) - len(old_lines) and text[p:p + len(old_lines)] == old_lines), None)
+            if at is None:
+                raise PatchError(f"error: patch failed: {old or new}:{start}")
+            text[at:at + len(old_lines)] = new_lines
+            shift = at - (start - 1) + len(new_lines) - len(old_lines) if old_lines else shift + len(new_lines)
+        results[tree / (new or old)] = None if new is None else b"".join(text)
+    if check_only:
+        return
+    for path, data in results.items():
+        if data is None:
+            path.unlink()
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
 
 
 def _failing_file(stderr: str) -> str:
@@ -99,15 +194,27 @@ def apply_series(tree: Path, patch_dir: Path = PATCHES, patches: list[Path] | No
     """Check then apply each patch of the series (or of `patches`) in order to tree; returns every touched path."""
     touched: list[str] = []
     env = _apply_env(tree)
+    git = have_git()
     for p in series(patch_dir) if patches is None else patches:
-        check = subprocess.run(["git", "apply", "--check", "-p1", str(p)], cwd=tree, capture_output=True,
-                               text=True, env=env)
-        if check.returncode != 0:
+        if git:
+            check = subprocess.run(["git", "apply", "--check", "-p1", str(p)], cwd=tree, capture_output=True,
+                                   text=True, env=env)
+            failed = check.stderr.strip() if check.returncode != 0 else None
+        else:
+            try:
+                _apply_python(tree, p, check_only=True)
+                failed = None
+            except PatchError as e:
+                failed = str(e)
+        if failed is not None:
             raise PatchError(
-                f"patch {p.name} does not apply: failing file {_failing_file(check.stderr)}\n"
-                f"{check.stderr.strip()}\n"
+                f"patch {p.name} does not apply: failing file {_failing_file(failed)}\n"
+                f"{failed}\n"
                 f"Fix it in a work tree (`make patches-edit`, edit, commit, `make patches-refresh`).")
-        subprocess.run(["git", "apply", "-p1", str(p)], cwd=tree, check=True, env=env)
+        if git:
+            subprocess.run(["git", "apply", "-p1", str(p)], cwd=tree, check=True, env=env)
+        else:
+            _apply_python(tree, p, check_only=False)
         touched += touched_files(p)
     return sorted(set(touched))
 

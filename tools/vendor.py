@@ -6,11 +6,20 @@ The archive named in vendor/llama.cpp.lock is downloaded with pip into a cache
 outside the repository, checked against the locked sha256 and only its
 vendor/llama.cpp tree is extracted.  A second run uses the cache and needs no
 network.  Any mismatch stops with the file, the expected and the actual hash.
+
+PYLLAMA_SSM_SDIST=PATH takes the archive from PATH instead (a file, or a folder
+holding it), with no network: the pinned sdist itself, or a slim copy cut from
+it by tools/device.py for a machine without network (`make device-bundle`),
+which a manifest beside it (<archive>.slim.json) describes: the sha256 of the
+sdist it was cut from (the pin's, or it is refused), its own sha256 (checked)
+and what it leaves out.  A tree extracted from a slim copy is marked (.pyllama-
+ssm-slim) and counts as the pin's only while PYLLAMA_SSM_SDIST is set.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -23,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "vendor" / "llama.cpp.lock"
 DEST = ROOT / "vendor" / "llama.cpp"
 STAMP = ".pyllama-ssm-pin"
+SLIM = ".pyllama-ssm-slim"  # in a tree extracted from a slim copy: its manifest
+SDIST_ENV = "PYLLAMA_SSM_SDIST"
 
 
 class VendorError(RuntimeError):
@@ -67,8 +78,37 @@ def verify(path: Path, expected: str) -> None:
             f"The file is corrupt, truncated or not the pinned release; delete it and rerun.")
 
 
+def slim_manifest(archive: Path) -> dict | None:
+    """The manifest of a slim copy of the sdist (tools/device.py), None for an archive without one."""
+    path = archive.with_name(archive.name + ".slim.json")
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def local_archive(pin: dict[str, str]) -> Path | None:
+    """The archive PYLLAMA_SSM_SDIST names, verified (None when it is unset): the pinned sdist, or a
+    slim copy of it whose manifest names the pin's sha256 and the copy's own."""
+    given = os.environ.get(SDIST_ENV)
+    if not given:
+        return None
+    archive = Path(given) / pin["filename"] if Path(given).is_dir() else Path(given)
+    if archive.name != pin["filename"] or not archive.is_file():
+        raise VendorError(f"{SDIST_ENV}={given}: expected the file {pin['filename']} (or a folder holding it)")
+    slim = slim_manifest(archive)
+    if slim is None:
+        verify(archive, pin["sha256"])
+    elif slim.get("from_sha256") != pin["sha256"]:
+        raise VendorError(f"{archive}: a slim copy of another sdist (sha256 {slim.get('from_sha256')}, "
+                          f"the pin is {pin['sha256']}); stage it again (make device-bundle)")
+    else:
+        verify(archive, slim["sha256"])
+    return archive
+
+
 def download(pin: dict[str, str], cache: Path) -> Path:
-    """The verified archive, from the cache or else from PyPI through pip."""
+    """The verified archive: PYLLAMA_SSM_SDIST's, else the cache's, else from PyPI through pip."""
+    local = local_archive(pin)
+    if local is not None:
+        return local
     archive = cache / "sdist" / pin["filename"]
     if archive.exists():
         verify(archive, pin["sha256"])
@@ -120,12 +160,18 @@ def extract(archive: Path, pin: dict[str, str], dest: Path = DEST) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise VendorError(f"{archive}: cannot extract ({e}); the archive is damaged, delete it and rerun")
     (tmp / STAMP).write_text(pin["sha256"] + "\n")
+    slim = slim_manifest(archive)
+    if slim is not None and dest == DEST:
+        (tmp / SLIM).write_text(json.dumps(slim, indent=1) + "\n")
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(tmp, dest)
 
 
 def is_extracted(pin: dict[str, str], dest: Path = DEST) -> bool:
-    """Whether dest holds the pin's tree already (its stamp names the pin's sha256)."""
+    """Whether dest holds the pin's tree already (its stamp names the pin's sha256); a slim one
+    (extracted from a slim copy) only while PYLLAMA_SSM_SDIST is set."""
+    if (dest / SLIM).exists() and not os.environ.get(SDIST_ENV):
+        return False
     return (dest / STAMP).exists() and (dest / STAMP).read_text().strip() == pin["sha256"]
 
 
@@ -137,7 +183,10 @@ def main() -> int:
     except VendorError as e:
         print(f"vendor: error: {e}", file=sys.stderr)
         return 1
-    print(f"vendor: llama.cpp {pin['upstream_commit']} ({pin['package']} {pin['version']}) in {DEST.relative_to(ROOT)}")
+    slim = f" (a slim copy of the sdist: {json.loads((DEST / SLIM).read_text())['bytes_dropped'] >> 20} MiB " \
+        f"of its files left out, {SLIM} names them)" if (DEST / SLIM).exists() else ""
+    print(f"vendor: llama.cpp {pin['upstream_commit']} ({pin['package']} {pin['version']}) in "
+          f"{DEST.relative_to(ROOT)}{slim}")
     return 0
 
 
