@@ -10,9 +10,11 @@ run at once on one Engine of --parallel sequences; the figure is the Engine's st
 llama_decode, per step, over the whole run (EngineStats.step_seconds, decode_seconds, steps).
 
 --baseline REV measures the code of commit REV in a git worktree (build/step-overhead/REV, using this
-checkout's compiled bindings: REV must have the same patch series and bindings sources) in the same
-run, the two trees alternating in each of the rounds (the order rotated), each in a child process
-of its own: these machines are shared and noisy, so compare the ratio.
+checkout's compiled bindings: REV must have the same patch series and bindings sources, or
+--borrow-bindings where this library only adds to REV's) in the same run, the two trees alternating
+in each of the rounds (the order rotated), each in a child process of its own: these machines are
+shared and noisy, so compare the ratio.  Work moved into the library (patch 0010's argmax) leaves
+the Python figure and shows in llama_decode's: the step column (both) says what the step gained.
 
 Prints a table; writes bench/results/step_overhead.{json,md,png}.
 """
@@ -74,15 +76,17 @@ def measure(tree: Path, models: list[str], seqs: list[int], n_gen: int, parallel
     return out
 
 
-def worktree(rev: str) -> Path:
-    """A worktree of commit rev under build/step-overhead/, with this checkout's compiled bindings."""
+def worktree(rev: str, borrow: bool) -> Path:
+    """A worktree of commit rev under build/step-overhead/, with this checkout's compiled bindings (refused
+    when rev's patch series or bindings differ from this tree's, unless `borrow`)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
     sha = git("rev-parse", "--verify", f"{rev}^{{commit}}")
-    changed = git("diff", "--name-only", sha, "HEAD", "--", *SAME_BINDINGS)
-    if changed:
+    changed = git("diff", "--name-only", sha, "--", *SAME_BINDINGS)
+    if changed and not borrow:
         raise BenchError(f"--baseline {rev}: its bindings differ from this checkout's ({', '.join(changed.split())}); "
-                         f"build and run it in a checkout of its own")
+                         f"build and run it in a checkout of its own, or pass --borrow-bindings when this "
+                         f"checkout's library only adds to rev's (its code then runs on this library)")
     path = ROOT / "build" / "step-overhead" / sha[:12]
     if not path.exists():
         git("worktree", "add", "--detach", str(path), sha)
@@ -102,6 +106,8 @@ def main() -> int:
     ap.add_argument("--n-gen", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--baseline", help="a commit measured beside this checkout, in the same rounds")
+    ap.add_argument("--borrow-bindings", action="store_true",
+                    help="run --baseline on this checkout's bindings although the patch series differs")
     ap.add_argument("--out", default="step_overhead", help="results stem in --results-dir")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # measure one tree, print JSON
@@ -117,7 +123,7 @@ def main() -> int:
         raise BenchError(f"not in the zoo: {', '.join(missing)} (python tests/models/generate.py)")
     trees = {"this checkout": ROOT}
     if args.baseline:
-        trees = {f"baseline {args.baseline}": worktree(args.baseline), **trees}
+        trees = {f"baseline {args.baseline}": worktree(args.baseline, args.borrow_bindings), **trees}
     runs: dict[str, list[list[dict]]] = {label: [] for label in trees}
     for r in range(args.rounds):
         order = list(trees)[r % len(trees):] + list(trees)[:r % len(trees)]
@@ -136,21 +142,25 @@ def main() -> int:
             rows.append({"tree": label, "model": first["model"], "seqs": first["seqs"],
                          "python_ms": spread([p["python_ms"] for p in per]),
                          "decode_ms": spread([p["decode_ms"] for p in per]),
+                         "step_ms": spread([p["python_ms"] + p["decode_ms"] for p in per]),
                          "steps": [p["steps"] for p in per], "generated": [p["generated"] for p in per]})
     base = {(r["model"], r["seqs"]): r for r in rows if r["tree"] != "this checkout"}
     for r in rows:
         b = base.get((r["model"], r["seqs"]))
         if b is not None and r is not b:
             r["vs_baseline"] = spread([a / c for a, c in zip(r["python_ms"]["rounds"], b["python_ms"]["rounds"])])
+            r["step_vs_baseline"] = spread([a / c for a, c in zip(r["step_ms"]["rounds"], b["step_ms"]["rounds"])])
     prov = provenance()
     commit = (prov["commit"] or "?")[:12] + (" (dirty tree)" if prov["dirty"] else "")
     md = [f"Python per Engine step (step time less llama_decode), N greedy requests decoding {args.n_gen} tokens at "
           f"once on an Engine of {args.parallel} sequences; {args.rounds} rounds, trees alternating, each in its own "
           f"process; median [min-max]; commit {commit}; {prov['cpu_model']}.", "",
-          "| tree | model | N | Python ms/step | vs baseline | llama_decode ms/step |", "|---|---|---:|---:|---:|---:|"]
+          "| tree | model | N | Python ms/step | vs baseline | llama_decode ms/step | step ms | vs baseline |",
+          "|---|---|---:|---:|---:|---:|---:|---:|"]
     md += [f"| {r['tree']} | {r['model']} | {r['seqs']} | {fmt_spread(r['python_ms'], '{:.3f}')} | "
            f"{fmt_spread(r['vs_baseline']) + 'x' if 'vs_baseline' in r else '-'} | "
-           f"{fmt_spread(r['decode_ms'], '{:.2f}')} |" for r in rows]
+           f"{fmt_spread(r['decode_ms'], '{:.2f}')} | {fmt_spread(r['step_ms'], '{:.2f}')} | "
+           f"{fmt_spread(r['step_vs_baseline']) + 'x' if 'step_vs_baseline' in r else '-'} |" for r in rows]
     write_results(args.out, {"provenance": prov, "baseline": args.baseline, "rounds": args.rounds, "n_gen": args.n_gen,
                              "parallel": args.parallel, "rows": rows}, "\n".join(md) + "\n", args.results_dir)
     for r in rows:

@@ -41,6 +41,7 @@ class Batch:
         ptrs[capacity] = 0  # NULL-terminated, as llama_batch_init's
         self._b = ffi.new("llama_batch *", {"n_tokens": 0, "token": token, "embd": ffi.NULL, "pos": pos,
                                             "n_seq_id": n_seq_id, "seq_id": seq_ptrs, "logits": logits})
+        self.n_outputs = 0  # tokens with logits added through this object's methods
         self._open = True
 
     @property
@@ -59,6 +60,7 @@ class Batch:
 
     def clear(self) -> None:
         self._b.n_tokens = 0
+        self.n_outputs = 0
 
     def _reserve(self, n: int, what: str) -> int:
         if not self._open:
@@ -82,6 +84,7 @@ class Batch:
         else:
             self.seq_ids[i * self.n_seq_max:i * self.n_seq_max + len(ids)] = ids
         self.logits[i] = bool(logits)
+        self.n_outputs += bool(logits)
         self._b.n_tokens = i + 1
         return i
 
@@ -98,6 +101,7 @@ class Batch:
         self.n_seq_id[i:i + n] = 1
         self.first_seq[i:i + n] = seq_ids
         self.logits[i:i + n] = bool(logits)
+        self.n_outputs += n if logits else 0
         self._b.n_tokens = i + n
         return i
 
@@ -113,13 +117,17 @@ class Batch:
         self.first_seq[i:i + n] = seq_id
         self.logits[i:i + n] = 0
         self.logits[i + n - 1] = bool(logits_last)
+        self.n_outputs += bool(logits_last)
         self._b.n_tokens = i + n
         return i + n - 1
 
-    def output_rows(self) -> np.ndarray:
+    def output_rows(self) -> np.ndarray | None:
         """For each token of the batch, its row among the outputs (the tokens with logits, in batch
-        order: what llama_get_logits returns after a decode); meaningful where logits is set."""
+        order: what llama_get_logits returns after a decode), meaningful where logits is set; None
+        when every token is an output (the row is the index: a step of decode tokens alone)."""
         n = self._b.n_tokens
+        if self.n_outputs == n:
+            return None
         return np.cumsum(self.logits[:n], dtype=np.int32) - 1
 
     def close(self) -> None:

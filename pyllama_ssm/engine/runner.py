@@ -70,20 +70,29 @@ class Runner:
             prefill.append((slot, chunk.n))
             if chunk.last:
                 outputs.append((slot, last))
+        # the library finds each row's maximum as it extracts the logits while they are still in the
+        # caches (patch 0010), when some sequence samples greedily; a pass for nothing otherwise
+        self.ctx.set_output_argmax(any(slot.sampler.greedy for slot, _ in outputs))
         return outputs, verify, prefill, scored
 
     def decoded(self, outputs: list[tuple[Slot, int]], verify: dict[int, list[int]]) -> None:
-        """After the step's decode: the greedy sequences' tokens (the first maximum of each row, as
-        Sampler's own greedy path picks) in one pass over the rows they span, instead of one per row."""
+        """After the step's decode: the greedy sequences' tokens (each row's first maximum, as Sampler's
+        own greedy path picks), from the library when it found them during the decode (see fill),
+        else in one numpy pass over the rows they span rather than one per row."""
         self._greedy = None
         greedy = [(slot, i) for slot, i in outputs if slot.sampler.greedy]
+        if not greedy:
+            return
+        rows = self.batch.output_rows()  # None: row = batch index
+        found = self.ctx.output_argmax(self.batch.n_outputs)
+        if found is not None:
+            self._greedy = (found, 0, rows)
+            return
         idx = [i for _, i in greedy] + [i for slot, _ in greedy for i in verify.get(slot.seq, ())]
         if len(idx) < 2:
             return
-        rows = self.batch.output_rows()
-        lo, hi = int(rows[min(idx)]), int(rows[max(idx)])
-        logits = self.ctx.all_logits(hi + 1)
-        self._greedy = (logits[lo:].argmax(axis=1), lo, rows)
+        lo, hi = (min(idx), max(idx)) if rows is None else (int(rows[min(idx)]), int(rows[max(idx)]))
+        self._greedy = (self.ctx.all_logits(hi + 1)[lo:].argmax(axis=1), lo, rows)
 
     def sample(self, slot: Slot, idx: int) -> str | None:
         """Sample slot's next token from the logits of batch row idx and stream its text; the finish
@@ -93,7 +102,7 @@ class Runner:
         raw = None if req.n_logprobs is None else self.ctx.logits(idx, copy=req.params.logits_processor is not None)
         if self._greedy is not None and slot.sampler.greedy:
             best, lo, rows = self._greedy
-            tok = int(best[rows[idx] - lo])
+            tok = int(best[(idx if rows is None else rows[idx]) - lo])
         else:
             tok = slot.sampler.sample(self.ctx.ptr, idx)
         self.counters["generated"] += 1
