@@ -13,8 +13,8 @@ llama_decode, per step, over the whole run (EngineStats.step_seconds, decode_sec
 checkout's compiled bindings: REV must have the same patch series and bindings sources, or
 --borrow-bindings where this library only adds to REV's) in the same run, the two trees alternating
 in each of the rounds (the order rotated), each in a child process of its own: these machines are
-shared and noisy, so compare the ratio.  Work moved into the library (patch 0010's argmax) leaves
-the Python figure and shows in llama_decode's: the step column (both) says what the step gained.
+shared and noisy, so compare the ratio.  Work moved into the library leaves the Python figure and
+shows in llama_decode's: the step column (both) says what the step gained.
 
 Prints a table; writes bench/results/step_overhead.{json,md,png}.
 """

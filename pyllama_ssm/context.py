@@ -102,7 +102,6 @@ class Context:
         model._contexts.add(self)
         self._mem = lib.llama_get_memory(ptr)
         self.batch_invariant = bool(batch_invariant)
-        self._output_argmax = False
         if batch_invariant:
             lib.llama_set_batch_invariant(ptr, True)
         self.n_ctx = lib.llama_n_ctx(ptr)
@@ -205,25 +204,6 @@ class Context:
         if p == ffi.NULL:
             raise DecodeError("no logits: the last decode asked for none")
         return np.frombuffer(ffi.buffer(p, n_rows * self.n_vocab * 4), dtype=np.float32).reshape(n_rows, self.n_vocab)
-
-    def set_output_argmax(self, enabled: bool) -> bool:
-        """Whether the next decodes find each output row's first maximum themselves, as they extract
-        the logits, on a CPU while the rows are still in its caches (patch 0010; see output_argmax).
-        Returns whether they will: False on the upstream build."""
-        enabled = bool(enabled) and has("llama_set_output_argmax")
-        if enabled != self._output_argmax:
-            lib.llama_set_output_argmax(self.ptr, enabled)
-            self._output_argmax = enabled
-        return enabled
-
-    def output_argmax(self, n_rows: int) -> np.ndarray | None:
-        """After a decode with set_output_argmax(True): the first maximum of each of the first n_rows
-        outputs' logits (the rows of all_logits; numpy's argmax of each), a view valid until the next
-        decode; None when not enabled."""
-        if not self._output_argmax:
-            return None
-        p = lib.llama_get_output_argmax(self.ptr)
-        return None if p == ffi.NULL else np.frombuffer(ffi.buffer(p, n_rows * 4), dtype=np.int32)
 
     # -- memory -------------------------------------------------------------------
     def clear(self, data: bool = True) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 import pyllama_ssm as ps
 from conftest import ROOT, run_with_build, zoo_model, zoo_names, zoo_path
-from pyllama_ssm.bindings import ffi, has, lib
+from pyllama_ssm.bindings import ffi, lib
 
 
 def test_ffi_and_lib_use_llama_h_names():
@@ -154,32 +154,6 @@ def test_bulk_batch_rows_decode_as_one_token_at_a_time():
             batch.add_rows([1, bad], [0, 1], [0, 0])
             with pytest.raises(ps.DecodeError, match=f"batch token 1: id {bad} out of range"):
                 ctx.decode(batch)
-
-
-@pytest.mark.parametrize("name", ["llama", "mamba2", "qwen35"])
-def test_output_argmax_is_each_rows_first_maximum(name):
-    """Patch 0010: llama_decode's own argmax of every output row equals numpy's over llama_get_logits,
-    also where a recurrent model's equal-split ubatches put the outputs out of batch order (the rows and
-    their maxima are swapped back together), and is off (None) until asked for."""
-    if not has("llama_set_output_argmax"):
-        pytest.skip("the upstream build has no output argmax")
-    model = zoo_model(name)
-    prompts = [model.tokenize(p) for p in ("A long prompt that has many tokens in it, more than the rest",
-                                           "A short one", "Medium sized prompt here")]
-    with ps.Context(model, n_ctx=512, n_seq_max=3) as ctx, ps.Batch(128, 1) as batch:
-        for seq, toks in enumerate(prompts):
-            batch.add_sequence(toks, 0, seq, logits_last=False)
-            batch.logits[batch.n_tokens - 3:batch.n_tokens] = 1  # three outputs each
-        assert batch.logits[:batch.n_tokens].sum() == 9
-        assert ctx.output_argmax(9) is None
-        assert ctx.set_output_argmax(True)
-        ctx.decode(batch)
-        found = ctx.output_argmax(9).copy()
-        assert np.array_equal(found, ctx.all_logits(9).argmax(axis=1))
-        rows = batch.output_rows()
-        for i in np.flatnonzero(batch.logits[:batch.n_tokens]):
-            assert found[rows[i]] == ctx.logits(int(i)).argmax()
-        assert not ctx.set_output_argmax(False) and ctx.output_argmax(9) is None
 
 
 @pytest.mark.parametrize("env, expected", [

@@ -70,27 +70,21 @@ class Runner:
             prefill.append((slot, chunk.n))
             if chunk.last:
                 outputs.append((slot, last))
-        # the library finds each row's maximum as it extracts the logits while they are still in the
-        # caches (patch 0010), when some sequence samples greedily; a pass for nothing otherwise
-        self.ctx.set_output_argmax(any(slot.sampler.greedy for slot, _ in outputs))
         return outputs, verify, prefill, scored
 
     def decoded(self, outputs: list[tuple[Slot, int]], verify: dict[int, list[int]]) -> None:
         """After the step's decode: the greedy sequences' tokens (each row's first maximum, as Sampler's
-        own greedy path picks), from the library when it found them during the decode (see fill),
-        else in one numpy pass over the rows they span rather than one per row."""
+        own greedy path picks) in one numpy pass over the rows they span rather than one per row.  The
+        rows come from memory (the decode copied them out past the caches): that read is most of the
+        time, and finding the maxima inside llama_decode instead saved nothing on a CPU (tried)."""
         self._greedy = None
         greedy = [(slot, i) for slot, i in outputs if slot.sampler.greedy]
         if not greedy:
             return
-        rows = self.batch.output_rows()  # None: row = batch index
-        found = self.ctx.output_argmax(self.batch.n_outputs)
-        if found is not None:
-            self._greedy = (found, 0, rows)
-            return
         idx = [i for _, i in greedy] + [i for slot, _ in greedy for i in verify.get(slot.seq, ())]
         if len(idx) < 2:
             return
+        rows = self.batch.output_rows()  # None: row = batch index
         lo, hi = (min(idx), max(idx)) if rows is None else (int(rows[min(idx)]), int(rows[max(idx)]))
         self._greedy = (self.ctx.all_logits(hi + 1)[lo:].argmax(axis=1), lo, rows)
 
