@@ -59,7 +59,7 @@ from .llama_types import (ChatCompletionFunction, ChatCompletionRequestFunctionC
                           CompletionLogprobs, CreateChatCompletionResponse, CreateChatCompletionStreamResponse,
                           CreateCompletionResponse, CreateCompletionStreamResponse, CreateEmbeddingResponse)
 from .model import Model
-from .output import incomplete_tail, log_softmax, stop_hold, top_logprobs
+from .output import STOCK, TextStream, log_softmax, top_logprobs
 from .sampling import Sampler, SamplingParams
 from .stock_handles import BatchHandle, ContextHandle, ModelHandle, pointer
 
@@ -1079,10 +1079,9 @@ class Llama:
         if self.cache is not None:
             self._resume_from_cache(r.prompt_tokens)
         completion: list[int] = [] if len(r.prompt) > 0 else [self.token_bos()]
-        stop_bytes = [s.encode("utf-8") for s in r.stop]
-        stream = _StreamText(stop_bytes)
+        stream = TextStream(r.stop, policy=STOCK)  # the text, detokenized whole at each token as stock does
         echo = r.stream and r.echo  # streamed echo: the prompt's chunk comes once the prompt is evaluated
-        text, finish_reason, multibyte_fix, end = b"", "length", 0, None
+        finish_reason, end = "length", None
         for token in self._generate(r.prompt_tokens, params, stopping_criteria=stopping_criteria):
             if r.cancellation.is_set:
                 return
@@ -1091,44 +1090,40 @@ class Llama:
                 yield self._completion_chunk(*head, r.echo_text, self._direct_logprobs(r, []) if r.logprobs
                                              is not None else None)
             if self._core_model.is_eog(token):
-                text, finish_reason, end = self.detokenize(completion, prev_tokens=r.prompt_tokens), "stop", token
+                stream.finish(self.detokenize(completion, prev_tokens=r.prompt_tokens))
+                finish_reason, end = "stop", token
                 break
             completion.append(token)
-            all_text = self.detokenize(completion, prev_tokens=r.prompt_tokens)
-            # hold back while the text ends inside a multi-byte character (llama-cpp-python's rule,
-            # which also defers the max_tokens check)
-            for k, char in enumerate(all_text[-3:]):
-                k = 3 - k
-                for num, pattern in ((2, 192), (3, 224), (4, 240)):
-                    if num > k and pattern & char == pattern:
-                        multibyte_fix = num - k
-            # ... but not past the context: the next token would have no logits row (nor a cell)
-            if multibyte_fix > 0 and len(r.prompt_tokens) + len(completion) < self._n_ctx:
-                multibyte_fix -= 1
+            # stock skips a token whose text ends inside a multi-byte character (the max_tokens check too),
+            # but not past the context: the next token would have no logits row (nor a cell)
+            if not stream.update(self.detokenize(completion, prev_tokens=r.prompt_tokens),
+                                 can_wait=len(r.prompt_tokens) + len(completion) < self._n_ctx):
                 continue
-            hits = [s for s in stop_bytes if s in all_text]
-            if hits:
-                text, finish_reason = all_text[: all_text.index(hits[0])], "stop"
+            if stream.stopped:
+                finish_reason = "stop"
                 break
             if r.stream:
-                yield from self._stream_direct(r, head, completion, all_text, stream)
+                yield from self._stream_direct(r, head, completion, stream)
             if len(completion) >= r.max_tokens:
-                text = self.detokenize(completion, prev_tokens=r.prompt_tokens)
+                stream.finish()
                 break
+        else:  # the generation ended itself (a stopping criterion): stock's text is empty but for the check below
+            stream.finish(b"")
         if stopping_criteria is not None and stopping_criteria(self._input_ids, self._scores[-1, :]):
-            text, finish_reason = self.detokenize(completion, prev_tokens=r.prompt_tokens), "stop"
+            stream.finish(self.detokenize(completion, prev_tokens=r.prompt_tokens))
+            finish_reason = "stop"
         r.cancellation.usage = _usage(len(r.prompt_tokens), len(completion), self._reused)
         r.cancellation.tokens = list(completion)
         if echo:  # stopped before its first token
             yield self._completion_chunk(*head, r.echo_text)
         if r.stream:
-            yield from self._stream_direct(r, head, completion, text, stream, final=True)
+            yield from self._stream_direct(r, head, completion, stream)
             yield self._completion_chunk(*head, "", finish_reason=finish_reason)
         if self.cache is not None:
             self.cache[r.prompt_tokens + completion] = self.save_state()
         if r.stream:
             return
-        text_str = text.decode("utf-8", errors="ignore")
+        text_str = stream.text.decode("utf-8", errors="ignore")
         choice_logprobs = self._direct_logprobs(r, completion, end) if r.logprobs is not None else None
         yield {**self._completion_chunk(*head, r.echo_text + text_str, choice_logprobs,
                                         finish_reason),
@@ -1145,31 +1140,20 @@ class Llama:
             self.load_state(state)
             self._say("cache hit")
 
-    def _stream_direct(self, r: "_Request", head, completion: list[int], text: bytes, stream: "_StreamText",
-                       final: bool = False) -> Iterator[CreateCompletionStreamResponse]:
+    def _stream_direct(self, r: "_Request", head, completion: list[int],
+                       stream: TextStream) -> Iterator[CreateCompletionStreamResponse]:
         """The chunks that became safe to send: text no stop string can still claim."""
         if r.logprobs is None:
-            piece = stream.take(text, final)
+            piece = stream.take()
             if piece:
                 yield self._completion_chunk(*head, piece)
             return
         # with logprobs, one chunk per token (the last one cut at the end of the final text)
-        while stream.tokens_sent < len(completion):
-            token = completion[stream.tokens_sent]
-            piece = self.detokenize([token])
-            if final:
-                if stream.sent >= len(text):
-                    return
-                shown = piece[: len(text) - stream.sent]
-            elif stream.sent + len(piece) > stream.safe_end(text, final):
-                return
-            else:
-                shown = piece
-            row = Llama.logits_to_logprobs(self._scores[len(r.prompt_tokens) + stream.tokens_sent - 1, :])
-            entry = self._token_logprobs(token, len(r.prompt) + len(text[: stream.sent].decode("utf-8", "ignore")),
-                                         row[token], top_logprobs(row, r.logprobs))
-            stream.sent, stream.tokens_sent = stream.sent + len(piece), stream.tokens_sent + 1
-            yield self._completion_chunk(*head, shown.decode("utf-8", errors="ignore"), self._stream_logprobs(entry))
+        for i, shown, offset in stream.by_token(completion, lambda token: self.detokenize([token])):
+            token = completion[i]
+            row = Llama.logits_to_logprobs(self._scores[len(r.prompt_tokens) + i - 1, :])
+            entry = self._token_logprobs(token, len(r.prompt) + offset, row[token], top_logprobs(row, r.logprobs))
+            yield self._completion_chunk(*head, shown, self._stream_logprobs(entry))
 
     def _direct_logprobs(self, r: "_Request", completion: list[int], end: Optional[int] = None) -> CompletionLogprobs:
         """The logprobs of a finished completion, from the scores of logits_all: row j holds the
@@ -1227,7 +1211,7 @@ class Llama:
         r.cancellation.on_set(req.cancel)
         try:
             if r.stream:
-                sent = ""
+                sent = 0  # characters of text streamed (the Engine's stream holds back and cuts stop strings)
                 echo = r.echo
                 for chunk in req:
                     if r.cancellation.is_set:
@@ -1238,9 +1222,9 @@ class Llama:
                     lp = None
                     if r.logprobs is not None and chunk.logprob is not None:
                         lp = self._stream_logprobs(self._token_logprobs(
-                            chunk.token, len(r.prompt) + len(sent), chunk.logprob, chunk.top_logprobs.items()))
+                            chunk.token, len(r.prompt) + sent, chunk.logprob, chunk.top_logprobs.items()))
                     if chunk.text or lp is not None:
-                        sent += chunk.text
+                        sent += len(chunk.text)
                         yield self._completion_chunk(*head, chunk.text, lp)
                 if r.cancellation.is_set:
                     return
@@ -1386,31 +1370,6 @@ class _Request:
     stream: bool
     cancellation: _Cancellation
     checkpoints: tuple[int, ...] = ()  # prompt positions worth a prefix-cache entry
-
-
-class _StreamText:
-    """How much of a growing completion text was streamed, and how much may be."""
-
-    def __init__(self, stops: list[bytes]):
-        self.stops = stops
-        self.sent = 0          # bytes of the text already sent
-        self.tokens_sent = 0   # tokens already sent (per-token chunks, with logprobs)
-
-    def safe_end(self, text: bytes, final: bool) -> int:
-        """End of what no stop string can still claim: before the longest tail that starts a stop string."""
-        return len(text) if final else len(text) - stop_hold(text, self.stops)
-
-    def take(self, text: bytes, final: bool) -> str:
-        """The next safe piece of text: it stops short only of a character still incomplete at the very
-        end (a byte that can never complete, inside the text, is dropped as the final text drops it)."""
-        end = self.safe_end(text, final)
-        if not final:
-            end -= incomplete_tail(text[:end])
-        if end <= self.sent:
-            return ""
-        piece = text[self.sent:end].decode("utf-8", errors="ignore")
-        self.sent = end
-        return piece
 
 
 def _embeddings(ptr):

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
 
+from ..output import TextStream
 from ..sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -59,8 +60,8 @@ class Generation:
     once its prefill ends)."""
 
     usage: Usage
+    stream: TextStream  # its text, what of it was streamed, and what waits (a character, a stop string)
     tokens: list[int] = field(default_factory=list)
-    text: str = ""
     logprobs: list[float] | None = None
     top_logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[float | None] | None = None
@@ -68,10 +69,15 @@ class Generation:
     restored_from: tuple[int, ...] | None = None
     preemptions: int = 0
 
+    @property
+    def text(self) -> str:
+        return self.stream.text
+
     @classmethod
     def of(cls, req: "Request") -> "Generation":
         scored = [None] * len(req.prompt) if req.score_prompt else None
-        return cls(Usage(prompt_tokens=len(req.prompt)), logprobs=[] if req.n_logprobs is not None else None,
+        return cls(Usage(prompt_tokens=len(req.prompt)), TextStream(req.stop),
+                   logprobs=[] if req.n_logprobs is not None else None,
                    top_logprobs=[] if req.n_logprobs is not None else None,
                    prompt_logprobs=scored, prompt_top_logprobs=list(scored) if scored is not None else None)
 

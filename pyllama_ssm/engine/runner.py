@@ -12,7 +12,7 @@ import collections
 from ..batch import Batch
 from ..context import Context
 from ..model import Model
-from ..output import complete_text, stop_hold, token_logprobs
+from ..output import token_logprobs
 from .request import Chunk
 from .scheduler import StepPlan
 from .sequence import Slot
@@ -110,16 +110,11 @@ class Runner:
             self.trace.event("first", req=req.id)
         if self.model.is_eog(tok):
             return "stop"
-        if slot.pending_bytes or (text := self.model.token_text(tok)) is None:
-            text, slot.pending_bytes = complete_text(slot.pending_bytes + self.model.token_to_piece(tok))
-        gen.text += text
-        for s in req.stop:
-            at = gen.text.find(s, max(0, slot.emitted - len(s)))
-            if at >= 0:
-                gen.text = gen.text[:at]
-                self.emit(slot, tok, final=True)
-                return "stop"
-        self.emit(slot, tok)
+        stream = gen.stream  # the text that may go out: a tail that could become a stop string waits
+        text = stream.add(tok, self.model)
+        req._push(Chunk(tok, text) if raw is None else Chunk(tok, text, gen.logprobs[-1], gen.top_logprobs[-1]))
+        if stream.stopped:
+            return "stop"
         if len(gen.tokens) >= req.max_tokens or slot.pos + 1 >= self.n_ctx:
             return "length"
         slot.next_token = tok
@@ -135,19 +130,9 @@ class Runner:
                 gen.prompt_logprobs[target], gen.prompt_top_logprobs[target] = token_logprobs(
                     self.ctx.logits(first + k, copy=False), req.prompt[target], req.n_logprobs or 0)
 
-    def emit(self, slot: Slot, tok: int, final: bool = False) -> None:
-        """Stream new text, holding back a tail that could still become a stop string."""
-        req, gen = slot.req, slot.gen
-        text = gen.text
-        hold = 0 if final or not req.stop else stop_hold(text, req.stop)
-        upto = max(slot.emitted, len(text) - hold)
-        lp = (gen.logprobs[-1], gen.top_logprobs[-1]) if gen.logprobs else (None, None)
-        req._push(Chunk(tok, text[slot.emitted:upto], *lp))
-        slot.emitted = upto
-
     def flush(self, slot: Slot) -> None:
         """Stream the text held back, the request having ended without a stop string in it."""
-        req, gen = slot.req, slot.gen
-        if slot.emitted < len(gen.text):
-            req._push(Chunk(gen.tokens[-1] if gen.tokens else -1, gen.text[slot.emitted:]))
-            slot.emitted = len(gen.text)
+        stream = slot.gen.stream
+        stream.finish()
+        if text := stream.take():
+            slot.req._push(Chunk(slot.gen.tokens[-1] if slot.gen.tokens else -1, text))

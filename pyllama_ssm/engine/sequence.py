@@ -29,8 +29,6 @@ class Slot:
     cursor: int = 0          # prompt tokens already in memory
     pos: int = 0             # next position
     next_token: int | None = None
-    pending_bytes: bytes = b""
-    emitted: int = 0         # characters of gen.text already streamed
     admitted: int = 0
     since_step: int = 0      # the engine's step count at its admission (how long its prompt has waited)
     relocated_at: int = -1   # position at which its cells were last moved (see Engine._relieve_memory)
