@@ -21,6 +21,10 @@ Responses are llama_cpp.llama_types dicts.  suffix (fill-in-the-middle) lays the
 model's FIM tokens as llama-server does (pyllama_ssm.fim; spm_infill=True puts the suffix first); a
 vocabulary without them gets a ValueError naming the missing tokens.  Not supported, with a clear
 error: draft_model (speculative decoding), lora_base.
+
+What llama_cpp.llama defines beside the class lives in modules of its own and is re-exported here:
+llama_callbacks (logits processors, stopping criteria), llama_tokenizer (LlamaTokenizer), llama_cache
+(LlamaState with the caches) and cancellation (Cancellation, cancellation_scope, CompletionStream).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import time
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -48,11 +52,15 @@ import numpy.typing as npt
 from . import fim, llama_chat_format, llama_grammar
 from .batch import Batch
 from .bindings import ffi, has, lib
+from .cancellation import Cancellation, CompletionStream, cancellation_scope, current_cancellation
 from .context import Context, default_threads
 from .engine import Engine, EngineConfig
 from .errors import PoolExhaustedError
-from .llama_cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache, longest_token_prefix
+from .llama_cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache, LlamaState, longest_token_prefix
+from .llama_callbacks import (LogitsProcessor, LogitsProcessorList, MinTokensLogitsProcessor, StoppingCriteria,
+                              StoppingCriteriaList, StopOnTokenIds)
 from .llama_grammar import LlamaGrammar
+from .llama_tokenizer import LlamaTokenizer
 from .llama_types import *  # noqa: F403 - llama_cpp.llama re-exports the types too
 from .llama_types import (ChatCompletionFunction, ChatCompletionRequestFunctionCall, ChatCompletionRequestMessage,
                           ChatCompletionRequestResponseFormat, ChatCompletionTool, ChatCompletionToolChoiceOption,
@@ -67,183 +75,7 @@ __all__ = ["Llama", "LlamaState", "LlamaTokenizer", "LogitsProcessor", "LogitsPr
            "StoppingCriteriaList", "MinTokensLogitsProcessor", "StopOnTokenIds", "LlamaGrammar", "BaseLlamaCache",
            "LlamaCache", "LlamaRAMCache", "LlamaDiskCache", "CompletionStream"]
 
-# -- callbacks, as llama_cpp.llama defines them ------------------------------------------
-LogitsProcessor = Callable[[npt.NDArray[np.intc], npt.NDArray[np.single]], npt.NDArray[np.single]]
-StoppingCriteria = Callable[[npt.NDArray[np.intc], npt.NDArray[np.single]], bool]
-
-
-class LogitsProcessorList(list):
-    def __call__(self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]) -> npt.NDArray[np.single]:
-        for processor in self:
-            scores = processor(input_ids, scores)
-        return scores
-
-
-class StoppingCriteriaList(list):
-    def __call__(self, input_ids: npt.NDArray[np.intc], logits: npt.NDArray[np.single]) -> bool:
-        return any([criteria(input_ids, logits) for criteria in self])
-
-
-class MinTokensLogitsProcessor:
-    """Forbids the EOS token until min_tokens tokens were generated."""
-
-    def __init__(self, min_tokens: int, token_eos: int):
-        self.min_tokens = min_tokens
-        self.token_eos = token_eos
-        self.prompt_tokens: Optional[int] = None
-
-    def __call__(self, input_ids: npt.NDArray[np.intc], scores: npt.NDArray[np.single]) -> npt.NDArray[np.single]:
-        if self.prompt_tokens is None:
-            self.prompt_tokens = len(input_ids)
-        if len(input_ids) - self.prompt_tokens < self.min_tokens:
-            scores[self.token_eos] = -np.inf
-        return scores
-
-
-class StopOnTokenIds:
-    """Stops when the last evaluated token is one of token_ids (what chat templates ask for EOS)."""
-
-    def __init__(self, token_ids: Iterable[int]):
-        self.token_ids = frozenset(token_ids)
-
-    def __call__(self, input_ids: npt.NDArray[np.intc], logits: npt.NDArray[np.single]) -> bool:
-        return len(input_ids) > 0 and int(input_ids[-1]) in self.token_ids
-
-
-@dataclass(eq=False)
-class LlamaState:
-    """A saved context (memory bytes) with the Python-side state that goes with it."""
-
-    input_ids: npt.NDArray[np.intc]
-    scores: npt.NDArray[np.single]
-    n_tokens: int
-    llama_state: bytes
-    llama_state_size: int
-    seed: int
-
-
-class LlamaTokenizer:
-    """The model's own tokenizer, with llama-cpp-python's byte-level detokenize."""
-
-    def __init__(self, llama: "Llama"):
-        self._model = llama._core_model
-
-    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = True) -> list[int]:
-        if not isinstance(text, (bytes, bytearray)):
-            raise TypeError(f"tokenize: text must be bytes (utf-8), got {type(text).__name__}")
-        self._model.ptr  # raises once the model is closed: its vocabulary is gone
-        return self._model.tokenize(bytes(text), add_special=add_bos, parse_special=special)
-
-    def detokenize(self, tokens: list[int], prev_tokens: Optional[list[int]] = None, special: bool = False) -> bytes:
-        self._model.ptr  # raises once the model is closed
-        out = b"".join(self._model.token_to_piece(int(t), special=special) for t in tokens)
-        # SPM vocabularies put a space before the first word: drop it after BOS, as llama-cpp-python does
-        if len(tokens) > 0 and tokens[0] == self._model.token_bos and out[:1] == b" ":
-            out = out[1:]
-        return out
-
-    def encode(self, text: str, add_bos: bool = True, special: bool = True) -> list[int]:
-        return self.tokenize(text.encode("utf-8", errors="ignore"), add_bos=add_bos, special=special)
-
-    def decode(self, tokens: list[int]) -> str:
-        return self.detokenize(tokens).decode("utf-8", errors="ignore")
-
-
-class _Cancellation:
-    """A flag set from any thread; hooks added run when it is set (at once if it already is).
-
-    It also carries what a server reads of the call it scopes beyond llama-cpp-python's return
-    shapes: `usage`, the last completion's token counts with the prompt tokens that came from
-    a cache (`cached_tokens`), and `tokens`, its generated token ids (without the end-of-generation
-    token), both set when that completion ends.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._hooks: list[Callable[[], None]] = []
-        self.is_set = False
-        self.usage: Optional[dict[str, int]] = None
-        self.tokens: Optional[list[int]] = None
-
-    def set(self) -> None:
-        with self._lock:
-            if self.is_set:
-                return
-            self.is_set = True
-            hooks, self._hooks = self._hooks, []
-        for hook in hooks:
-            hook()
-
-    def on_set(self, hook: Callable[[], None]) -> None:
-        with self._lock:
-            if not self.is_set:
-                self._hooks.append(hook)
-                return
-        hook()
-
-
-_chat_scope = threading.local()  # .cancellation: the chat stream whose handler is running on this thread
-
-
-@contextlib.contextmanager
-def cancellation_scope(cancellation: _Cancellation) -> Iterator[None]:
-    """Completions started inside, on this thread, stop when `cancellation` is set (from any thread):
-    how a server cancels a non-streaming call whose client went away."""
-    outer, _chat_scope.cancellation = getattr(_chat_scope, "cancellation", None), cancellation
-    try:
-        yield
-    finally:
-        _chat_scope.cancellation = outer
-
-
-Cancellation = _Cancellation
-
-
-class CompletionStream(Iterator[Any]):
-    """The chunks of create_completion / create_chat_completion(stream=True).
-
-    cancel() may be called from any thread, also while another one waits in
-    next(): no chunk follows, and with n_parallel > 1 the sequence leaves the
-    Engine at its next step, whether it was queued, in its prefill or
-    generating (n_parallel=1: after the token being computed).
-    """
-
-    def __init__(self, chunks: Iterator[Any], cancellation: _Cancellation):
-        self._chunks = chunks
-        self._cancellation = cancellation
-
-    def __iter__(self) -> "CompletionStream":
-        return self
-
-    def __next__(self) -> Any:
-        if self._cancellation.is_set:
-            self.close()
-            raise StopIteration
-        return next(self._chunks)
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancellation.is_set
-
-    @property
-    def usage(self) -> Optional[dict[str, int]]:
-        """Token counts (with cached_tokens) once the generation ended, else None."""
-        return self._cancellation.usage
-
-    @property
-    def tokens(self) -> Optional[list[int]]:
-        """The generated token ids once the generation ended, else None."""
-        return self._cancellation.tokens
-
-    def cancel(self) -> None:
-        """Stop the completion; returns at once, from any thread."""
-        self._cancellation.set()
-
-    def close(self) -> None:
-        """Cancel, and end the generator behind the stream when no other thread is inside it."""
-        self.cancel()
-        with contextlib.suppress(ValueError):  # "generator already executing": that thread's next() ends it
-            getattr(self._chunks, "close", lambda: None)()
+_Cancellation = Cancellation  # the name it had here before it moved to cancellation.py
 
 
 # -- the model ----------------------------------------------------------------------------
@@ -1061,7 +893,7 @@ class Llama:
         echo_text = "" if not echo else prefix if isinstance(prefix, str) else \
             self.detokenize(prompt_tokens).decode("utf-8", errors="ignore")
         # inside create_chat_completion, the chat stream's cancellation
-        cancellation = getattr(_chat_scope, "cancellation", None) or _Cancellation()
+        cancellation = current_cancellation() or Cancellation()
         request = _Request(prompt, prompt_tokens, max_tokens, stops, logprobs, echo, echo_text, stream, cancellation,
                            tuple(prefix_checkpoints))
         if self._engine is not None:
@@ -1284,9 +1116,7 @@ class Llama:
         handler = (self.chat_handler or self._chat_handlers.get(self.chat_format)
                    or llama_chat_format.get_chat_completion_handler(self.chat_format))
         # the completions the handler starts share the chat stream's cancellation
-        outer = getattr(_chat_scope, "cancellation", None)
-        _chat_scope.cancellation = outer or _Cancellation()
-        try:
+        with cancellation_scope(current_cancellation() or Cancellation()) as cancellation:
             out = handler(
                 llama=self, messages=messages, functions=functions, function_call=function_call, tools=tools,
                 tool_choice=tool_choice, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -1296,9 +1126,7 @@ class Llama:
                 mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, model=model,
                 logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias,
                 **self.chat_template_kwargs)
-            return CompletionStream(out, _chat_scope.cancellation) if stream else out
-        finally:
-            _chat_scope.cancellation = outer
+            return CompletionStream(out, cancellation) if stream else out
 
     def create_chat_completion_openai_v1(self, *args: Any, **kwargs: Any):
         """create_chat_completion() as the openai package's ChatCompletion (or chunk) objects."""
@@ -1368,7 +1196,7 @@ class _Request:
     echo: bool
     echo_text: str   # the prompt's text when echo=True, else ""
     stream: bool
-    cancellation: _Cancellation
+    cancellation: Cancellation
     checkpoints: tuple[int, ...] = ()  # prompt positions worth a prefix-cache entry
 
 

@@ -14,6 +14,9 @@ Why ours and not stock's: stock's module imports its package as the top-level `l
 exists only under install_as_llama_cpp() (as_llama_cpp.py), where it is `llama_cpp.llama_cache` and
 Llama.set_cache takes its caches too.  Ours is also safer on disk: stock's disk cache unpickles
 whatever diskcache holds, ours reads numpy arrays only and reports a file it cannot read as a miss.
+
+LlamaState, what an entry holds (Llama.save_state's result), is defined here, since the disk cache
+builds it and it needs nothing of Llama; pyllama_ssm.llama re-exports it.
 """
 
 from __future__ import annotations
@@ -27,15 +30,25 @@ import warnings
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from .llama import LlamaState
+import numpy.typing as npt
 
 Key = tuple[int, ...]
+
+
+@dataclass(eq=False)
+class LlamaState:
+    """A saved context (memory bytes) with the Python-side state that goes with it."""
+
+    input_ids: npt.NDArray[np.intc]
+    scores: npt.NDArray[np.single]
+    n_tokens: int
+    llama_state: bytes
+    llama_state_size: int
+    seed: int
 
 
 def longest_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -156,8 +169,6 @@ class LlamaDiskCache(BaseLlamaCache):
         return _best_key(self._entries().values(), key)
 
     def __getitem__(self, key: Sequence[int]) -> "LlamaState":
-        from .llama import LlamaState
-
         key = tuple(key)
         entries = self._entries()
         best = _best_key(entries.values(), key)

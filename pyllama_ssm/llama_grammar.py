@@ -11,6 +11,9 @@ package into pyllama_ssm/_stock/ (`make build` in a checkout, `pip install` in
 the wheel) and the converter is loaded from there at first use, so our grammars
 are exactly stock's.  The named grammars (JSON_GBNF, LIST_GBNF, ...) are
 llama.cpp's grammars/ directory, copied to pyllama_ssm/_stock/grammars/.
+
+grammar_for_response_format (ours, not stock's) turns an OpenAI response_format
+into its grammar, for the chat formats and the server's Responses route alike.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import json
 import os
 from pathlib import Path
 from types import ModuleType
+from typing import Any, Optional
 
 from . import _runtime
 from .bindings import ffi, lib
+from .llama_types import ChatCompletionRequestResponseFormat
 
 LLAMA_GRAMMAR_DEFAULT_ROOT = "root"
 
@@ -101,6 +106,36 @@ def json_schema_to_gbnf(schema: str, prop_order: list[str] | None = None) -> str
         raise ValueError(f"json_schema: cannot be turned into a grammar ({type(e).__name__}: {e})") from e
     return converter.format_grammar()
 
+
+
+# -- the grammar a request's response_format asks for (chat formats, the server's Responses route) ------
+def grammar_for_schema(schema: Any, verbose: bool = False) -> LlamaGrammar:
+    """The schema's grammar, or any JSON when the converter cannot handle the schema (as stock does)."""
+    try:
+        return LlamaGrammar.from_json_schema(json.dumps(schema), verbose=verbose)
+    except ValueError:
+        return LlamaGrammar.from_string(_named_grammar("json"), verbose=verbose)
+
+
+def grammar_for_response_format(response_format: Optional[ChatCompletionRequestResponseFormat],
+                                verbose: bool = False) -> Optional[LlamaGrammar]:
+    """The grammar an OpenAI response_format asks for: None for none or "text", any JSON for "json_object"
+    (its "schema" when given), the schema's for "json_schema"; ValueError for anything else."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        if "schema" in response_format:
+            return grammar_for_schema(response_format["schema"], verbose)
+        return LlamaGrammar.from_string(_named_grammar("json"), verbose=verbose)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or "schema" not in spec:
+            raise ValueError('response_format: type "json_schema" needs {"json_schema": {"schema": {...}}}')
+        return LlamaGrammar.from_json_schema(json.dumps(spec["schema"]), verbose=verbose)
+    if kind == "text":
+        return None
+    raise ValueError(f"response_format type {kind!r}: expected 'text', 'json_object' or 'json_schema'")
 
 @functools.cache
 def _converter() -> ModuleType:

@@ -108,8 +108,9 @@ def test_one_libllama_per_process_and_mtmd_beside_it():
 # -- layering: the core knows nothing of the drop-in ---------------------------------------------
 CORE = ("_runtime", "batch", "bindings", "context", "errors", "gguf", "hparams", "limits", "memory", "model", "rpc",
         "sampling", "sizing")
-ABOVE = ("as_llama_cpp", "stock_handles", "llama", "llama_cache", "llama_chat_format", "llama_grammar",
-         "llama_speculative", "llama_types", "engine", "server")
+ABOVE = ("as_llama_cpp", "stock_handles", "llama", "llama_cache", "llama_callbacks", "llama_chat_format",
+         "llama_grammar", "llama_speculative", "llama_tokenizer", "llama_types", "cancellation", "chat_convert",
+         "chat_function_calling", "chat_handlers", "chat_templates", "engine", "server")
 
 
 def imports(path):

@@ -3,7 +3,7 @@
 llama-server serves it, so Anthropic's clients (the `anthropic` SDKs, Claude Code and the agents
 built on them) can point at a local model; here it is a translation, not a second chat path.  A
 request's system prompt, messages (text, thinking, tool_use and tool_result blocks) and tools become
-an OpenAI chat request, which runs through the chat route's own code (app.chat_call: the model's
+an OpenAI chat request, which runs through the chat route's own code (openai.chat_call: the model's
 template, its tool markup, the reasoning and tool-call parser of parsing.py); the parsed answer
 becomes content blocks (thinking, text, tool_use), streamed as Anthropic's events: message_start,
 each block's content_block_start, its deltas (thinking_delta, text_delta, input_json_delta) and
@@ -27,9 +27,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..limits import field as limit
 from ..llama_chat_format import TEMPLATE_REFUSED
-from . import app as chat_app
 from .chat import MappedStream, ParsedChatStream, parse_completion
 from .errors import ERROR_RESPONSES, ApiError, bad_request, shape_errors
+from .generation import generate, named_event, note_ignored, registry_of
+from .openai import chat_call
 from .parsing import arguments_as_objects
 from .registry import ServedModel
 from .schemas import CreateChatCompletionRequest, NonEmptyStr, _Body, _ignored
@@ -452,10 +453,10 @@ _STREAMED = {200: {"description": "The message, or with stream=true Anthropic's 
 
 @router.post(MESSAGES, summary="Message (Anthropic)", tags=["Anthropic"], responses=_STREAMED)
 async def create_message(request: Request, body: CreateMessageRequest) -> Any:
-    served = chat_app.registry_of(request).get(body.model)
-    chat_app.note_ignored(request, body)
+    served = registry_of(request).get(body.model)
+    note_ignored(request, body)
     chat = chat_request(body, served.alias)
-    kwargs, parser = chat_app.chat_call(request, served, chat)
+    kwargs, parser = chat_call(request, served, chat)
     llama = served.llama
     def detokenize(tokens: list[int]) -> str:
         return llama.detokenize(tokens).decode("utf-8", errors="ignore")
@@ -471,19 +472,19 @@ async def create_message(request: Request, body: CreateMessageRequest) -> Any:
             chunks = llama.create_chat_completion(**kw)
             return MessageEvents(ParsedChatStream(chunks, parser) if parser is not None else chunks, writer)
 
-        return await chat_app.generate(request, served, chat, stream, kwargs, event=chat_app.named_event,
-                                        done=False, error_event=error_event)
+        return await generate(request, served, chat, stream, kwargs, event=named_event, done=False,
+                              error_event=error_event)
 
     def whole(result: dict[str, Any], cancellation) -> dict[str, Any]:
         if parser is not None:
             result = parse_completion(result, parser)
         return writer.whole(result, cancellation.usage, cancellation.tokens)
 
-    return await chat_app.generate(request, served, chat, llama.create_chat_completion, kwargs, on_result=whole)
+    return await generate(request, served, chat, llama.create_chat_completion, kwargs, on_result=whole)
 
 
 @router.post(COUNT_TOKENS, summary="Count message tokens (Anthropic)", tags=["Anthropic"])
 async def count_tokens(request: Request, body: CountTokensRequest) -> dict[str, int]:
-    served = chat_app.registry_of(request).get(body.model)
-    chat_app.note_ignored(request, body)
+    served = registry_of(request).get(body.model)
+    note_ignored(request, body)
     return {"input_tokens": await anyio.to_thread.run_sync(prompt_tokens, served, body, limiter=served.limiter)}

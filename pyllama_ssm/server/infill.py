@@ -27,9 +27,9 @@ from .. import fim
 from ..limits import INT32_MAX
 from ..limits import field as limit
 from ..llama import LlamaGrammar, LogitsProcessorList
-from . import app as chat_app
 from .chat import MappedStream
 from .errors import ERROR_RESPONSES, bad_request
+from .generation import capped_max_tokens, generate, note_ignored, registry_of
 from .schemas import _Body, _ignored
 
 router = APIRouter(responses=ERROR_RESPONSES)
@@ -242,8 +242,8 @@ def _last(stream: InfillStream) -> Optional[dict[str, Any]]:
                                   "type": "object", "required": ["data"],
                                   "properties": {"data": {"type": "string"}}}}}}})
 async def infill(request: Request, body: InfillRequest) -> Any:
-    served = chat_app.registry_of(request).get(body.model)
-    chat_app.note_ignored(request, body)
+    served = registry_of(request).get(body.model)
+    note_ignored(request, body)
     llama, settings = served.llama, served.settings
     try:
         tokens = fim.infill_tokens(llama._model, body.input_prefix, body.input_suffix, prompt=body.prompt,
@@ -252,8 +252,8 @@ async def infill(request: Request, body: InfillRequest) -> Any:
     except ValueError as e:
         raise bad_request("model", f"{served.alias!r} cannot fill in the middle: "
                                    f"{str(e).removeprefix('suffix: ')}", code="not_supported") from None
-    max_tokens = chat_app.capped_max_tokens(request, body.n_predict if body.n_predict > 0 else
-                                      1 if body.n_predict == 0 else None, "n_predict")
+    max_tokens = capped_max_tokens(request, body.n_predict if body.n_predict > 0 else
+                             1 if body.n_predict == 0 else None, "n_predict")
     halt = _Halt(llama.token_eos())
     kwargs: dict[str, Any] = {
         "prompt": tokens, "max_tokens": max_tokens, "stream": True, "model": served.alias, "stop": body.stop,
@@ -280,6 +280,6 @@ async def infill(request: Request, body: InfillRequest) -> Any:
                                                                       detokenize))
 
     if body.stream:
-        return await chat_app.generate(request, served, body, run, kwargs, done=False,
-                                        event=lambda item: {"data": json.dumps(item)})
-    return await chat_app.generate(request, served, body, lambda **kw: _last(run(**kw)), kwargs)
+        return await generate(request, served, body, run, kwargs, done=False,
+                              event=lambda item: {"data": json.dumps(item)})
+    return await generate(request, served, body, lambda **kw: _last(run(**kw)), kwargs)

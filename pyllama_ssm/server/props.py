@@ -20,8 +20,8 @@ from .. import __version__
 from ..bindings import BUILD, ffi, lib
 from ..engine import SlotView
 from ..fim import FimTokens
-from . import app as chat_app
 from .errors import ERROR_RESPONSES, unavailable
+from .generation import registry_of, settings_of
 from .registry import ServedModel
 from .schemas import CreateCompletionRequest
 
@@ -46,7 +46,7 @@ def props(request: Request, served: ServedModel) -> dict[str, Any]:
     prefix cache's bounds, the FIM tokens."""
     llama, settings = served.llama, served.settings
     defaults = CreateCompletionRequest.model_fields
-    limit = chat_app.settings_of(request).max_tokens_limit
+    limit = settings_of(request).max_tokens_limit
     params = {name: defaults[name].default for name in ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
                                                          "presence_penalty", "frequency_penalty", "mirostat_tau",
                                                          "mirostat_eta")}
@@ -117,14 +117,14 @@ def prefix_cache(served: ServedModel) -> dict[str, Any]:
 
 @router.get("/props", summary="Server and model properties (llama-server's)", tags=["llama-server"])
 async def get_props(request: Request, model: Optional[str] = None) -> dict[str, Any]:
-    served = chat_app.registry_of(request).get(model)
+    served = registry_of(request).get(model)
     return await anyio.to_thread.run_sync(props, request, served)
 
 
 @router.get("/slots", summary="What each sequence is doing (llama-server's)", tags=["llama-server"])
 async def get_slots(request: Request, model: Optional[str] = None,
                     fail_on_no_slot: Optional[str] = None) -> list[dict[str, Any]]:
-    served = chat_app.registry_of(request).get(model)
+    served = registry_of(request).get(model)
     out = await anyio.to_thread.run_sync(slots, served)
     if fail_on_no_slot and not any(not s["is_processing"] for s in out):
         raise unavailable("no slot available")
@@ -133,5 +133,5 @@ async def get_slots(request: Request, model: Optional[str] = None,
 
 @router.get("/slots/prefix_cache", summary="What the prefix cache holds", tags=["llama-server"])
 async def get_prefix_cache(request: Request, model: Optional[str] = None) -> dict[str, Any]:
-    served = chat_app.registry_of(request).get(model)
+    served = registry_of(request).get(model)
     return await anyio.to_thread.run_sync(prefix_cache, served)
