@@ -155,6 +155,7 @@ class Llama:
         batch_invariant: bool = False,
         prefix_cache: Optional[int] = None,
         prefix_cache_bytes: Optional[int] = 256 << 20,
+        draft_max_seqs: Optional[int] = None,
         **kwargs: Any,  # as llama-cpp-python: unknown keywords (LangChain's n_parts, f16_kv...) are ignored
     ):
         if kwargs:
@@ -259,7 +260,7 @@ class Llama:
                     n_threads_batch=self.n_threads_batch, prefix_cache=prefix_cache,
                     prefix_cache_bytes=prefix_cache_bytes, flash_attn=flash_attn_mode,
                     batch_invariant=bool(batch_invariant), context_overrides=context_params,
-                    draft_model=draft_model))
+                    draft_model=draft_model, draft_max_seqs=draft_max_seqs))
                 stack.callback(self._engine.close)
             self._lora = self._load_lora(lora_path, lora_scale) if lora_path else None
             stack.pop_all()

@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pyllama_ssm.engine.retention import is_checkpoint
-from pyllama_ssm.engine.scheduler import (AGING, CHECKPOINT_INTERVAL, RIDE_ALONG, SeqFacts, plan_step,
+from pyllama_ssm.engine.scheduler import (AGING, CHECKPOINT_INTERVAL, RIDE_ALONG, SeqFacts, drafts_pay, plan_step,
                                           preemption_victim, waits_for)
 
 
@@ -164,3 +164,10 @@ def test_a_turn_boundary_may_be_the_prompts_end():
     assert is_checkpoint(SeqFacts(0, 0, prompt, cursor=37, decoding=False, share_at={37}))
     plan = plan_step([SeqFacts(0, 0, prompt, cursor=0, decoding=False, share_at={37})], 512, 4, checkpoints=True)
     assert [c.n for c in plan.prefill] == [37]  # the chunk ends at the boundary
+
+
+def test_drafts_are_verified_only_while_few_sequences_decode():
+    """Verifying drafts pays while a step is bound by reading the weights: with at most max_seqs
+    sequences decoding (none decoding: nothing to verify)."""
+    assert [drafts_pay(n, 2) for n in range(5)] == [False, True, True, False, False]
+    assert drafts_pay(8, 8) and not drafts_pay(9, 8)

@@ -46,8 +46,9 @@ class Oracle:
 
 
 def _llama(model: str, n_parallel: int, draft=None) -> Llama:
+    # drafts in every step, however many sequences decode: the verification and undo of several at once
     return Llama(str(zoo_path(model)), n_ctx=512, n_parallel=n_parallel, draft_model=draft,
-                 batch_invariant=True, flash_attn=True, verbose=False)
+                 batch_invariant=True, flash_attn=True, verbose=False, draft_max_seqs=n_parallel)
 
 
 def _greedy(llm: Llama, prompts: list[list[int]]) -> list[list[int]]:
@@ -169,3 +170,27 @@ def test_server_flag_draft_model_prompt_lookup_decoding():
     assert isinstance(kwargs["draft_model"], LlamaPromptLookupDecoding) and kwargs["draft_model"].num_pred_tokens == 3
     with pytest.raises(ValueError, match="draft_model='medusa'"):
         llama_kwargs(ModelSettings(model=str(zoo_path("llama")), draft_model="medusa"))
+
+
+def test_drafts_only_while_few_sequences_decode_on_the_cpu():
+    """On the CPU a step is bound by arithmetic from a few sequences, where verifying drafts costs more
+    than it saves (bench/results/speculative_grafts.md): drafts while at most DRAFT_SEQS_CPU sequences
+    decode, unless the caller says otherwise; a lone sequence still gets them."""
+    from pyllama_ssm.engine import Engine
+    from pyllama_ssm.engine.config import DRAFT_SEQS_CPU
+
+    def lookup(ids):  # propose the last token again, a draft on every step
+        return np.array([ids[-1]] * 2, dtype=np.intc)
+
+    path = str(zoo_path("llama"))
+    with Engine(path, n_ctx=512, parallel=8, draft_model=lookup) as e:
+        assert e._draft_seqs == DRAFT_SEQS_CPU == 4
+        # submitted between two steps (from the engine's thread), so all eight start in the same step
+        many = e.call(lambda: [e.submit(f"prompt {i}", SamplingParams(temperature=0.0), max_tokens=8)
+                               for i in range(8)])
+        assert [r.result(timeout=120).finish_reason for r in many] == ["length"] * 8
+        assert e.stats().draft_tokens == 0  # eight decoding in every step: no step verified a draft
+        e.generate("alone", SamplingParams(temperature=0.0), max_tokens=8)
+        assert e.stats().draft_tokens > 0
+    with Engine(path, n_ctx=512, parallel=8, draft_model=lookup, draft_max_seqs=8) as e:
+        assert e._draft_seqs == 8

@@ -19,6 +19,10 @@ from ..model import Model
 
 log = logging.getLogger("pyllama_ssm.engine")
 DRAFT_MAX = 16  # draft tokens verified per sequence and step, at most
+# on the CPU, drafts while at most this many sequences decode: prompt lookup on the real-text grafts
+# (bench/results/speculative_grafts.md, 2 cores) gave 3.14/1.05/0.95/0.69x (falcon-h1) and
+# 2.72/1.96/1.26/0.98x (granitehybrid) the plain tokens/s at 1/2/4/8 sequences
+DRAFT_SEQS_CPU = 4
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,10 @@ class EngineConfig:
     # ids so far to proposed next ids); each step verifies a sequence's proposal in the same batch, keeps
     # what the sampler agrees with, and undoes the rest (recurrent state from a snapshot of the pool)
     draft_model: Any = None
+    # drafts only in steps where at most this many sequences decode (scheduler.drafts_pay); None: DRAFT_SEQS_CPU
+    # when the model runs on the CPU (its steps are bound by arithmetic from a few sequences), any number
+    # when its layers are offloaded
+    draft_max_seqs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class Sizing:
     n_holders: int                 # spare sequence ids holding cached attention prefixes
     n_rs_pool: int                 # recurrent state pool cells (0: the context's default)
     draft_max: int                 # draft tokens per sequence and step (0: no speculative decoding)
+    draft_seqs: int                # drafts while at most this many sequences decode
     overrides: Mapping[str, Any]   # llama_context_params by name: the output rows, then the config's own
     n_outputs: int                 # logits rows one step may ask for
 
@@ -96,4 +105,6 @@ class Sizing:
         draft_rows = max(draft_max, parallel) if draft_max else 0
         overrides = {"n_outputs_max": parallel + draft_rows + n_holders, **(cfg.context_overrides or {})}
         n_outputs = overrides["n_outputs_max"] or cfg.n_batch  # 0: llama.cpp's default, n_batch
-        return cls(stateful, n_cache, n_holders, n_rs_pool, draft_max, overrides, n_outputs)
+        draft_seqs = cfg.draft_max_seqs if cfg.draft_max_seqs is not None else \
+            parallel if model.n_gpu_layers else DRAFT_SEQS_CPU
+        return cls(stateful, n_cache, n_holders, n_rs_pool, draft_max, draft_seqs, overrides, n_outputs)

@@ -49,7 +49,7 @@ from .prefix_cache import HolderStore, PoolStore, PrefixCache
 from .reports import EngineMemory, EngineStats, PrefixEntryView, SlotView
 from .request import Completion, Generation, Request
 from .runner import Runner
-from .scheduler import plan_step, preemption_victim, waits_for
+from .scheduler import drafts_pay, plan_step, preemption_victim, waits_for
 from .sequence import Slot
 from .speculative import Speculator
 from .trace import Trace
@@ -103,6 +103,7 @@ class Engine:
         self._t_step = 0.0
         self._t_start = time.perf_counter()
         self._trace = Trace.from_env()
+        self._draft_seqs = size.draft_seqs
         self._speculator = Speculator(self.ctx, self.model, cfg.draft_model, size.draft_max, size.stateful,
                                       self._batch, self._counters)
         self._runner = Runner(self.ctx, self.model, self._batch, self._speculator, self._counters, self._trace)
@@ -412,7 +413,9 @@ class Engine:
         if not self._running:
             return
         speculator, runner = self._speculator, self._runner
-        if speculator.draft_max:
+        drafting = speculator.draft_max and drafts_pay(sum(s.next_token is not None for s in self._running.values()),
+                                                       self._draft_seqs)
+        if drafting:
             for slot in list(self._running.values()):
                 try:
                     speculator.propose(slot, self.n_ctx)

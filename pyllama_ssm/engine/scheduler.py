@@ -119,6 +119,14 @@ def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoint
     return StepPlan(decode, tuple(chunks), tuple(drafts) if any(drafts) else ())
 
 
+def drafts_pay(n_decoding: int, max_seqs: int) -> bool:
+    """Whether this step verifies draft tokens: only while at most max_seqs sequences decode.  A draft is
+    verified in the same step as the sequences' own tokens; that is nearly free while a step is bound by
+    reading the weights (few sequences on a CPU, many on a GPU), and costs its full share once the step
+    is bound by arithmetic, when a rejected draft also costs the recurrent state's restore."""
+    return 0 < n_decoding <= max_seqs
+
+
 def waits_for(prompt: Sequence[int], cached: int, running: Iterable[SeqFacts]) -> tuple[int, int] | None:
     """The running sequence whose prompt a queued one should wait for, and the position where their
     prompts part: one still prefilling a prefix they share that is at least a checkpoint interval longer
