@@ -114,8 +114,7 @@ class Sampler:
         # the raw first maximum when that is outside it: the chain runs on those few candidates,
         # sorted by id as in the full array, and on the full vocabulary only otherwise.
         plain = p.temperature == 0 and not (p.logit_bias or p.grammar or p.logits_processor)
-        self._argmax = plain and not penalties
-        self.greedy = self._argmax  # the first maximum of the raw logits, nothing else: callers may batch it
+        self.greedy = plain and not penalties  # the first maximum of the raw logits alone: callers may batch it
         self._window: deque[int] | None = deque(maxlen=p.penalty_last_n) if plain and penalties else None
         seed = DEFAULT_SEED if p.seed is None else p.seed & 0xFFFFFFFF
         if p.temperature < 0:
@@ -136,7 +135,7 @@ class Sampler:
 
     def sample(self, ctx_ptr, idx: int) -> int:
         """Sample from batch output idx and accept the token into the chain's state."""
-        if self._argmax:
+        if self.greedy:
             return int(self._logits(ctx_ptr, idx).argmax())  # the first maximum, as llama's greedy
         if self._window is not None:
             token = self._sample_penalized(ctx_ptr, idx)

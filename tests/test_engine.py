@@ -356,7 +356,7 @@ def test_greedy_takes_the_tokens_llamas_sampler_chain_takes(name, params):
             sampler.close()
         for chain in references:
             lib.llama_sampler_free(chain)
-    assert samplers[0]._argmax == (params is GREEDY)
+    assert samplers[0].greedy == (params is GREEDY)
     if params is PENALIZED:  # the shortcut and the whole-vocabulary fallback both ran
         assert any(raw_max_in_window) and not all(raw_max_in_window), raw_max_in_window
 

@@ -194,3 +194,6 @@ def test_drafts_only_while_few_sequences_decode_on_the_cpu():
         assert e.stats().draft_tokens > 0
     with Engine(path, n_ctx=512, parallel=8, draft_model=lookup, draft_max_seqs=8) as e:
         assert e._draft_seqs == 8
+    for bad in (-1, "4", 2.5, True):
+        with pytest.raises(ValueError, match=f"draft_max_seqs={bad!r}: must be an int >= 0"):
+            Engine(path, n_ctx=512, parallel=2, draft_model=lookup, draft_max_seqs=bad)

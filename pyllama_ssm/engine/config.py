@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import memory as memory_mod
-from ..bindings import has
+from ..bindings import has, lib
 from ..context import MAX_SEQ
 from ..model import Model
 
@@ -105,6 +105,9 @@ class Sizing:
         draft_rows = max(draft_max, parallel) if draft_max else 0
         overrides = {"n_outputs_max": parallel + draft_rows + n_holders, **(cfg.context_overrides or {})}
         n_outputs = overrides["n_outputs_max"] or cfg.n_batch  # 0: llama.cpp's default, n_batch
-        draft_seqs = cfg.draft_max_seqs if cfg.draft_max_seqs is not None else \
-            parallel if model.n_gpu_layers else DRAFT_SEQS_CPU
+        if cfg.draft_max_seqs is not None and (not isinstance(cfg.draft_max_seqs, int) or isinstance(
+                cfg.draft_max_seqs, bool) or cfg.draft_max_seqs < 0):
+            raise ValueError(f"draft_max_seqs={cfg.draft_max_seqs!r}: must be an int >= 0 (0: no drafts), or None")
+        offloaded = bool(model.n_gpu_layers) and lib.llama_supports_gpu_offload()
+        draft_seqs = cfg.draft_max_seqs if cfg.draft_max_seqs is not None else parallel if offloaded else DRAFT_SEQS_CPU
         return cls(stateful, n_cache, n_holders, n_rs_pool, draft_max, draft_seqs, overrides, n_outputs)
