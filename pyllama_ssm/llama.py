@@ -208,8 +208,6 @@ class Llama:
         # as llama-cpp-python: no mmap with a LoRA; the arrays live as long as model_params refers to them
         self._model_overrides = self._model_params(split_mode, main_gpu, tensor_split,
                                                    use_mmap and lora_path is None, use_mlock, kv_overrides)
-        if batch_invariant:  # plain kernels for quantized weights too (see Engine)
-            self._model_overrides["use_extra_bufts"] = False
         with contextlib.ExitStack() as stack:  # anything opened is closed again if a later step fails
             self._core_model = Model(model_path, n_gpu_layers=0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers,
                                 vocab_only=vocab_only, overrides=self._model_overrides, rpc_servers=rpc_servers)
