@@ -4,12 +4,13 @@ setup's answers drift from the lone runs.
     python bench/batch_invariance.py [--models smollm2,falcon-h1-graft,qwen35-small,jamba-small] [--clients 1,8]
         [--rounds 3] [--threads 2] [--out batch_invariance] [--results-dir bench/results]
 
-Setups (one Engine each, each loading the model as users get it: the invariant one without ggml's
-extra (repacked, AMX) buffers, the others with them; the same requests):
-- invariant:   flash attention + patch 0007 (reference kernels, ordered KV cells): batch_invariant=True
+Setups (one Engine each, each loading the model as users get it, with ggml's extra (AMX, repacked)
+buffers; the same requests):
+- invariant:   flash attention + patch 0007 (one kernel per op whatever the rows, ordered KV cells): the default
 - fa:          flash attention, llama.cpp's shape-dependent kernels
 - no-fa:       no flash attention (what Llama(n_parallel>1) used before): attention over the whole unified cache
-Workload per client: a ~300-token prompt (a shared instruction + its own question), 64 greedy tokens; all
+Workload per client: a ~300-token prompt (a shared instruction + its own question), 64 greedy tokens (end of
+generation banned, so every setup does the same work); all
 clients at once.  The lone runs come first (they warm every Engine up); then each round runs every setup,
 the order rotated from round to round (these machines are shared: compare the ratios).  Reported:
 prompt+generated tokens/s (median over rounds [min-max]), the ratio to fa (ratio of medians [per-round
@@ -36,7 +37,6 @@ from bench.plot import lines  # noqa: E402
 from pyllama_ssm.engine import Engine  # noqa: E402
 from pyllama_ssm.sampling import SamplingParams  # noqa: E402
 
-GREEDY = SamplingParams(temperature=0)
 SETUPS = {"invariant": dict(flash_attn=True, batch_invariant=True),
           "fa": dict(flash_attn=True, batch_invariant=False),
           "no-fa": dict(flash_attn=False, batch_invariant=False)}
@@ -58,7 +58,12 @@ def measure(name: str, path: Path, levels: list[int], args: argparse.Namespace) 
             engines[s] = Engine(str(path), n_ctx=max(levels) * 512, parallel=max(levels), n_threads=args.threads,
                                 n_threads_batch=args.threads, **kw)
         settings = {s: engine_settings(e) for s, e in engines.items()}
-        lone = {s: {p: timed_requests(e, [p], args.n_gen, GREEDY, logprobs=0)[1][0]
+        # every setup generates n_gen tokens: end-of-generation tokens banned, or a setup whose kernels
+        # pick one early would time mostly prefill (SmolLM2 Q8_0 ended after a token in one setup only)
+        model = engines["fa"].model
+        greedy = SamplingParams(temperature=0, logit_bias={t: float("-inf") for t in range(model.n_vocab)
+                                                           if model.is_eog(t)})
+        lone = {s: {p: timed_requests(e, [p], args.n_gen, greedy, logprobs=0)[1][0]
                     for p in prompts(max(levels))} for s, e in engines.items()}
         for n in levels:
             batch = prompts(n)
@@ -67,7 +72,8 @@ def measure(name: str, path: Path, levels: list[int], args: argparse.Namespace) 
             for rnd in range(args.rounds):
                 order = list(SETUPS)[rnd % len(SETUPS):] + list(SETUPS)[:rnd % len(SETUPS)]
                 for s in order:
-                    seconds, done = timed_requests(engines[s], batch, args.n_gen, GREEDY, logprobs=0)
+                    seconds, done = timed_requests(engines[s], batch, args.n_gen, greedy, logprobs=0)
+                    assert all(len(c.tokens) == args.n_gen for c in done), f"{s}: a request ended early"
                     tok_per_s[s].append(sum(len(c.tokens) + c.usage.prompt_tokens for c in done) / seconds)
                     for p, c in zip(batch, done):
                         want = lone[s][p]

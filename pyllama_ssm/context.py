@@ -38,6 +38,13 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
+
+def invariant_by_default(batch_invariant: bool | None) -> bool:
+    """batch_invariant=None, the default above the bindings: on wherever the build has it (patch 0007), so
+    an answer does not depend on load, on the prefix cache or on n_parallel; False is the documented switch
+    back to llama.cpp's fastest kernel per shape (and what parity with stock llama-cpp-python needs)."""
+    return has("llama_set_batch_invariant") if batch_invariant is None else bool(batch_invariant)
+
 class Context:
     """An inference context over a Model.
 
@@ -51,10 +58,11 @@ class Context:
                  n_seq_max: int = 1, n_rs_seq: int = 0, n_rs_pool: int = 0, n_threads: int | None = None,
                  n_threads_batch: int | None = None, kv_unified: bool = True,
                  flash_attn: bool | str = "auto", embeddings: bool = False, swa_full: bool = True,
-                 batch_invariant: bool = False, overrides: Mapping[str, Any] | None = None):
+                 batch_invariant: bool | None = False, overrides: Mapping[str, Any] | None = None):
         """batch_invariant: each sequence's logits do not depend on the other sequences of a step
         or on how its tokens were split into steps (patch 0007; with flash attention, which skips
-        other sequences' cells).  Off: llama.cpp's fastest kernel for each shape."""
+        other sequences' cells).  Off: llama.cpp's fastest kernel for each shape.  None: on where the
+        build has it (the default of Llama, Engine and the server: invariant_by_default)."""
         for name, value, lo, hi in (("n_ctx", n_ctx, 0, MAX_TOKENS), ("n_batch", n_batch, 1, MAX_TOKENS),
                                     ("n_ubatch", n_ubatch, 1, MAX_TOKENS), ("n_seq_max", n_seq_max, 1, MAX_SEQ),
                                     ("n_rs_seq", n_rs_seq, 0, MAX_RS_CELLS), ("n_rs_pool", n_rs_pool, 0, MAX_RS_CELLS)):
@@ -65,6 +73,7 @@ class Context:
             raise ContextError(f"n_rs_pool={n_rs_pool}: the snapshot pool needs the patched build")
         if flash_attn not in _FLASH_ATTN:
             raise ContextError(f"flash_attn={flash_attn!r}: expected 'auto', True or False")
+        batch_invariant = invariant_by_default(batch_invariant)
         if batch_invariant and not has("llama_set_batch_invariant"):
             raise ContextError("batch_invariant=True: needs the patched build (patch 0007)")
         self.model = model

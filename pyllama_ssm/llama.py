@@ -152,7 +152,7 @@ class Llama:
         verbose: bool = True,
         # pyllama-ssm
         n_parallel: int = 1,
-        batch_invariant: bool = False,
+        batch_invariant: Optional[bool] = None,  # None: on where the build has it (context.invariant_by_default)
         prefix_cache: Optional[int] = None,
         prefix_cache_bytes: Optional[int] = 256 << 20,
         draft_max_seqs: Optional[int] = None,
@@ -245,7 +245,7 @@ class Llama:
                                     else 1, n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
                                     kv_unified=embedding, flash_attn=flash_attn_mode, embeddings=embedding,
                                     n_rs_pool=int(self._draft_snapshots),
-                                    batch_invariant=bool(batch_invariant), overrides=context_params)
+                                    batch_invariant=batch_invariant, overrides=context_params)
                 stack.callback(self._core_ctx.close)
                 self._core_batch = Batch(self.n_batch, 1)
                 stack.callback(self._core_batch.close)
@@ -257,7 +257,7 @@ class Llama:
                     n_threads=self.n_threads,
                     n_threads_batch=self.n_threads_batch, prefix_cache=prefix_cache,
                     prefix_cache_bytes=prefix_cache_bytes, flash_attn=flash_attn_mode,
-                    batch_invariant=bool(batch_invariant), context_overrides=context_params,
+                    batch_invariant=batch_invariant, context_overrides=context_params,
                     draft_model=draft_model, draft_max_seqs=draft_max_seqs))
                 stack.callback(self._engine.close)
             self._lora = self._load_lora(lora_path, lora_scale) if lora_path else None

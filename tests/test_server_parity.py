@@ -54,9 +54,10 @@ def servers(request):
     flags = ["--model", str(zoo_path(request.param)), "--n_ctx", "512", "--n_threads", "2", "--verbose", "false",
              "--embedding", "true"]
     env = stock_env()  # skips when stock llama-cpp-python or the upstream build is missing
-    # ours with stock's kernels (llama_cpp.server's flash_attn=False; the parallel default is auto)
+    # ours with stock's kernels (llama_cpp.server's flash_attn=False and llama.cpp's fastest kernel per shape;
+    # ours default to flash attention "auto" and batch invariance)
     with ServerProcess(*flags, module="llama_cpp.server", env=env) as stock, \
-            ServerProcess(*flags, "--n_parallel", "4", "--flash_attn", "false") as ours, \
+            ServerProcess(*flags, "--n_parallel", "4", "--flash_attn", "false", "--batch_invariant", "false") as ours, \
             httpx.Client(base_url=stock.url, timeout=120) as s, httpx.Client(base_url=ours.url, timeout=120) as o:
         yield s, o
 

@@ -17,6 +17,7 @@ from conftest import zoo_path
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from pyllama_ssm.bindings import has  # noqa: E402
 from pyllama_ssm.server.process import ServerProcess  # noqa: E402
 
 N_CTX = 2048
@@ -53,7 +54,7 @@ def test_props_say_how_the_model_is_served(client):
     assert props["n_ctx"] == props["default_generation_settings"]["n_ctx"] == N_CTX
     assert props["model_alias"] == "qwen" and props["model_path"] == str(zoo_path("qwen35"))
     assert "<|im_start|>" in props["chat_template"] and props["eos_token"]
-    assert props["batch_invariant"] is False and props["flash_attn"] == "auto"
+    assert props["batch_invariant"] is has("llama_set_batch_invariant") and props["flash_attn"] == "auto"
     assert props["build_info"].startswith("pyllama-ssm ") and props["endpoint_slots"] is True
     assert props["prefix_cache"]["entries_max"] > 0 and props["fim_tokens"]["pre"] == -1
     assert props["default_generation_settings"]["params"]["temperature"] == 0.8

@@ -30,11 +30,11 @@ class EngineConfig:
     """Every setting of an Engine and of the context it creates, built once: Llama builds it from its
     arguments (the server's flags are Llama's), so no setting is lost on the way down.
 
-    batch_invariant=True (patched build, patch 0007) makes a request's output independent of what else
-    runs and of prefix-cache hits: the same tokens and logprobs as its lone run.  It holds with flash
-    attention ("auto" picks it on the CPU); without it the attention of a unified KV cache sums over
-    every cell, so results depend on where a sequence's cells lie.  Off by default: it costs 0-29% of
-    throughput on 2 CPU cores (bench/batch_invariance.py), over the 10% that would make it the default.
+    batch_invariant makes a request's output independent of what else runs and of prefix-cache hits:
+    the same tokens and logprobs as its lone run, bit for bit (patch 0007, CPU kernels).  It holds with
+    flash attention ("auto" picks it on the CPU); without it the attention of a unified KV cache sums
+    over every cell, so results depend on where a sequence's cells lie.  None (the default): on wherever
+    the build has it; False: llama.cpp's fastest kernel per shape (bench/batch_invariance.py: the cost).
     n_gpu_layers and rpc_servers (Model's) apply when the Engine loads the model from a path."""
 
     n_ctx: int = 4096
@@ -47,7 +47,7 @@ class EngineConfig:
     #                                                byte budget bounds them too)
     prefix_cache_bytes: int | None = 256 << 20     # on its recurrent snapshots (prefix_cache.py); None: no bound
     flash_attn: bool | str = "auto"
-    batch_invariant: bool = False
+    batch_invariant: bool | None = None
     context_overrides: Mapping[str, Any] | None = None  # llama_context_params fields by name
     n_gpu_layers: int = 0
     rpc_servers: str | Sequence[str] | None = None

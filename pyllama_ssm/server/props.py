@@ -18,6 +18,7 @@ from fastapi import APIRouter, Request
 
 from .. import __version__
 from ..bindings import BUILD, ffi, lib
+from ..context import invariant_by_default
 from ..engine import SlotView
 from ..fim import FimTokens
 from .errors import ERROR_RESPONSES, unavailable
@@ -67,7 +68,7 @@ def props(request: Request, served: ServedModel) -> dict[str, Any]:
         "endpoint_slots": True, "endpoint_props": False, "endpoint_metrics": True, "is_sleeping": False,
         # ours
         "n_ctx": llama.n_ctx(), "n_parallel": settings.n_parallel, "n_batch": settings.n_batch,
-        "batch_invariant": settings.batch_invariant, "flash_attn": _flash_attn(served),
+        "batch_invariant": invariant_by_default(settings.batch_invariant), "flash_attn": _flash_attn(served),
         "prefix_cache": None if engine is None else {"entries_max": engine.n_cache,
                                                      "bytes_max": engine.cache.max_bytes if engine.n_cache else 0},
         "fim_tokens": {name: getattr(fim, name) for name in ("pre", "suf", "mid", "pad", "rep", "sep")},

@@ -73,9 +73,10 @@ class ModelSettings(_Strict):
     flash_attn: Optional[bool] = Field(
         default=None, description="Whether to use flash attention (default: auto, as llama-server, for "
         "every n_parallel: llama_cpp.server's is off).")
-    batch_invariant: bool = Field(
-        default=False, description="Each answer independent of what else runs and of the prefix cache "
-        "(n_parallel > 1, flash attention; costs 0-30% of throughput on CPU).")
+    batch_invariant: Optional[bool] = Field(
+        default=None, description="Each answer independent of what else runs, of the prefix cache and of "
+        "n_parallel, bit for bit (CPU kernels, flash attention). Default: on where the build has it; "
+        "false: llama.cpp's fastest kernel per shape.")
     prefix_cache: Optional[int] = Field(
         default=None, ge=0, le=256,
         description="Prompt prefixes the Engine keeps (n_parallel > 1; null: 32, or 3 per sequence if more).")

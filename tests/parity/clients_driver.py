@@ -24,7 +24,8 @@ warnings.filterwarnings("ignore")  # langchain-community's sunset notice and fri
 import llama_cpp  # noqa: E402
 
 MODEL, CLIENTS = sys.argv[1], sys.argv[3:]
-LLAMA = {**dict(n_ctx=1024, n_batch=256, n_threads=1, seed=1, verbose=False, flash_attn=False), **json.loads(sys.argv[2])}
+LLAMA = {**dict(n_ctx=1024, n_batch=256, n_threads=1, seed=1, verbose=False, flash_attn=False, batch_invariant=False),
+         **json.loads(sys.argv[2])}
 if LLAMA.pop("plain_kernels", False):
     # ggml's plain kernels, as batch_invariant loads them (no AMX or repacked weights): stock has no
     # keyword for it, so its default model parameters say so (ours ignores this function)

@@ -72,7 +72,10 @@ def tokens(paths: list[str]) -> dict:
 
 
 def completions(path: str) -> dict:
-    llm = llama_cpp.Llama(path, n_ctx=512, logits_all=True, seed=1234, flash_attn=False, verbose=False)
+    # stock's settings on both sides: no flash attention, llama.cpp's fastest kernel per shape (stock ignores
+    # batch_invariant, an unknown keyword to it)
+    llm = llama_cpp.Llama(path, n_ctx=512, logits_all=True, seed=1234, flash_attn=False, batch_invariant=False,
+                          verbose=False)
     out = {}
 
     def record(name, response):
@@ -137,7 +140,8 @@ def completions(path: str) -> dict:
 def embeddings(path: str) -> dict:
     out = {}
     for pooling in (llama_cpp.LLAMA_POOLING_TYPE_MEAN, llama_cpp.LLAMA_POOLING_TYPE_NONE):
-        llm = llama_cpp.Llama(path, n_ctx=256, embedding=True, pooling_type=pooling, flash_attn=False, verbose=False)
+        llm = llama_cpp.Llama(path, n_ctx=256, embedding=True, pooling_type=pooling, flash_attn=False,
+                              batch_invariant=False, verbose=False)
         out[f"{pooling}/embed"] = plain(llm.embed(["Hello world", "A different prompt"]))
         out[f"{pooling}/normalized"] = plain(llm.embed("Hello world", normalize=True))
         response = llm.create_embedding(["Hello world", "A different prompt"])

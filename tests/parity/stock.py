@@ -9,7 +9,7 @@ libllama per process), so the same driver code can run on both sides:
 
     DRIVER = '''
     import json, sys, llama_cpp
-    llm = llama_cpp.Llama(sys.argv[1], n_ctx=256, flash_attn=False, verbose=False)
+    llm = llama_cpp.Llama(sys.argv[1], n_ctx=256, flash_attn=False, batch_invariant=False, verbose=False)
     print(json.dumps(llm.create_completion("Hello", max_tokens=8, temperature=0)))
     '''
     stock = json.loads(run_stock(DRIVER, str(path)))
