@@ -14,6 +14,11 @@ What it shares with the Engine: the sampler chain (sampling.Sampler), the text r
 (output.TextStream, policy STOCK), the logprob arithmetic (output) and the response shaping
 (completion.CompletionRequest); its speculative undo is engine.speculative's rewind().
 An n_parallel>1 Llama has no Session: its Engine serves every completion.
+
+Completions with n_parallel=1 still run this loop, not the Engine's (issue #27 wants one): the Engine
+does not yet keep a finished sequence in memory for the next call (stock's prefix reuse, save_state or
+the cache after a completion, usage's cached_tokens), run arbitrary stopping criteria, fill scores
+(logits_all), or follow stock's text rules (TextStream STOCK: max_tokens checked on whole characters).
 """
 
 from __future__ import annotations
