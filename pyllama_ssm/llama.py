@@ -131,7 +131,7 @@ class Llama:
 
         # as llama-cpp-python: no mmap with a LoRA; the arrays live as long as model_params refers to them
         self._model_overrides = llama_setup.model_params(split_mode, main_gpu, tensor_split, use_mmap and lora_path
-                                                         is None, use_mlock, kv_overrides, batch_invariant)
+                                                         is None, use_mlock, kv_overrides)
         with contextlib.ExitStack() as stack:  # anything opened is closed again if a later step fails
             self._core_model = Model(model_path, n_gpu_layers=0x7FFFFFFF if n_gpu_layers == -1 else n_gpu_layers,
                                      vocab_only=vocab_only, overrides=self._model_overrides, rpc_servers=rpc_servers)

@@ -29,7 +29,7 @@ def init_numa(numa: Union[bool, int]) -> int:
 
 
 def model_params(split_mode: int, main_gpu: int, tensor_split, use_mmap: bool, use_mlock: bool,
-                 kv_overrides, batch_invariant: bool = False) -> dict[str, Any]:
+                 kv_overrides) -> dict[str, Any]:
     """llama_model_params fields beyond those Model takes by name; the arrays live as long as the dict."""
     load_mode = {(True, True): lib.LLAMA_LOAD_MODE_MMAP_MLOCK, (False, True): lib.LLAMA_LOAD_MODE_MLOCK,
                  (True, False): lib.LLAMA_LOAD_MODE_MMAP, (False, False): lib.LLAMA_LOAD_MODE_NONE}
@@ -40,8 +40,6 @@ def model_params(split_mode: int, main_gpu: int, tensor_split, use_mmap: bool, u
                                          [0.0] * (lib.llama_max_devices() - len(tensor_split)))
     if kv_overrides:
         params["kv_overrides"] = kv_override_array(kv_overrides)
-    if batch_invariant:  # plain kernels for quantized weights too (see Engine)
-        params["use_extra_bufts"] = False
     return params
 
 

@@ -53,16 +53,15 @@ def zoo_names(kind: str = "all") -> list[str]:
     return sorted(k.removesuffix("-tiny") for k, m in models.items() if k.endswith("-tiny") and keep(m))
 
 
-_loaded: dict[tuple, object] = {}
+_loaded: dict[str, object] = {}
 
 
-def loaded_model(path, plain_kernels: bool = False):
-    """A model loaded once per test process (models are read-only), closed at the session's end;
-    plain_kernels: without ggml's extra buffer types (AMX, repacked weights), as batch_invariant loads it."""
-    key = (str(path), plain_kernels)
+def loaded_model(path):
+    """A model loaded once per test process (models are read-only), closed at the session's end."""
+    key = str(path)
     if key not in _loaded:
         import pyllama_ssm
-        _loaded[key] = pyllama_ssm.Model(path, overrides={"use_extra_bufts": False} if plain_kernels else None)
+        _loaded[key] = pyllama_ssm.Model(path)
     return _loaded[key]
 
 

@@ -133,9 +133,8 @@ def isolation_model(name: str) -> ps.Model:
     path = graft.graft_path("falcon-h1", "q4_k_m")
     if not path.exists():
         pytest.skip(f"{path.name} missing: run `make models`")
-    # plain kernels, as Engine and Llama load them for batch_invariant (AMX and repacked quantized
-    # weights have one kernel for a row and another for many)
-    return loaded_model(path, plain_kernels=True)
+    # with ggml's extra buffers (AMX, repacked), as Engine and Llama load it for batch_invariant too
+    return loaded_model(path)
 
 
 # the graft with the invariant kernels only: on real weights llama.cpp's default kernels part answers

@@ -3,8 +3,9 @@ on what else runs, on prefix-cache hits, on preemption, on the build or on n_par
 
 Random-weight zoo models have nearly flat logits (a wrong cache hit showed 4e-4 there); SmolLM2's
 activations reach the hundreds and turn a last-bit difference in one kernel into 0.1-1.9 in a
-token's log-probability.  So these run on SmolLM2-135M-Instruct (tests/models/real.py), with the
-tolerance that would have caught every case of issue #17: 1e-3 on logprobs, identical text.
+token's log-probability.  So these run on SmolLM2-135M-Instruct (tests/models/real.py) and the real-text
+grafts, in the formats users download, with the kernels llama.cpp picks for them (AMX or repacked weights
+included), and demand equality: the same tokens and the same logprobs, bit for bit.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pyllama_ssm.engine import Engine
 from pyllama_ssm.sampling import SamplingParams
 
 SMOLLM2 = ZOO / "smollm2-135m-instruct-q4_1.gguf"
-TOL = 1e-3
+TOL = 0.0  # bit for bit: any tolerance hides the kernel that sums in another order
 GREEDY = SamplingParams(temperature=0)
 LONG = ("You are a careful assistant. Answer in one short paragraph, and do not repeat the question. "
         "The user asks about the history of the printing press and its effect on literacy in Europe. ")
@@ -39,9 +40,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def model():
-    # ggml's plain kernels, as Llama and Engine load them for batch_invariant (repacked and AMX weights
-    # have one kernel for a row and another for many)
-    with ps.Model(SMOLLM2, overrides={"use_extra_bufts": False}) as m:
+    # with ggml's extra buffers (AMX, repacked weights), as Llama and Engine load it
+    with ps.Model(SMOLLM2) as m:
         yield m
 
 
@@ -162,7 +162,13 @@ def test_without_invariance_the_kernels_differ(model):
     assert worst > TOL, f"expected a measurable difference without invariance, got {worst:.3g}"
 
 
-@pytest.mark.parametrize("name", zoo_names("stateful"))
+# kimi-linear's decode steps among others differ from its lone ones by up to 2e-4 in a logprob (prompts
+# match; its MLA attention layers, not the KDA recurrence, whose kernel is per sequence): not yet covered
+NOT_INVARIANT = {"kimi-linear": "MLA decode among other sequences differs by up to 2e-4 in a logprob"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=NOT_INVARIANT[n], strict=True))
+                                  if n in NOT_INVARIANT else n for n in zoo_names("stateful")])
 def test_zoo_concurrent_requests_equal_lone_logprobs(name):
     """Every recurrent and hybrid family: logprobs (not only tokens) equal the lone run."""
     m = zoo_model(name)
@@ -224,10 +230,10 @@ def test_echo_scores_each_prompt_token_by_the_position_before_it(model, n_parall
 QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "Name a famous play by Shakespeare.",
              "What do bees make?"]
 # (model, format) from tests/models/graft.py: real-text hybrids, SmolLM2 and a hybrid and a recurrent zoo
-# family in the formats users download (their repacked / AMX kernels are replaced by ggml's plain ones
-# under batch_invariant: those have one kernel for a row and another for many)
-BIT_FOR_BIT = [("falcon-h1", "f16"), ("falcon-h1", "q4_k_m"), ("granitehybrid", "q8_0"), ("smollm2", "q4_0"),
-               ("qwen35-tiny", "q4_0"), ("mamba2-tiny", "q8_0")]
+# family in the formats users download, on the kernels llama.cpp gives them (AMX or repacked weights)
+BIT_FOR_BIT = [("falcon-h1", "f16"), ("falcon-h1", "q4_k_m"), ("falcon-h1", "q8_0"), ("granitehybrid", "q8_0"),
+               ("granitehybrid", "q4_k_m"), ("smollm2", "q4_0"), ("smollm2", "q4_k_m"), ("qwen35-tiny", "q4_0"),
+               ("qwen35-tiny", "q4_k_m"), ("mamba2-tiny", "q8_0")]
 
 
 def _answer(llm, question: str) -> tuple[str, list[float]]:
@@ -236,14 +242,23 @@ def _answer(llm, question: str) -> tuple[str, list[float]]:
     return out["message"]["content"], [t["logprob"] for t in out["logprobs"]["content"]]
 
 
+# the small zoo models (random weights, larger than tiny: several ubatches per prompt), f16
+BIT_FOR_BIT += [("qwen35-small", "f16"), ("nemotron_h-small", "f16")]
+
+
+def _path(arch: str, fmt: str):
+    import graft
+    path = graft.graft_path(arch, fmt) if not arch.endswith("-small") else ZOO / f"{arch}.gguf"
+    if not path.exists():
+        pytest.skip(f"{path.name} missing: run `make models`")
+    return path
+
+
 @pytest.mark.parametrize("arch,fmt", BIT_FOR_BIT, ids=lambda x: x)
 def test_alone_in_a_crowd_and_from_the_cache_bit_for_bit(arch, fmt):
     """What a user checks: the same question alone (`Llama()`), among others (`Llama(n_parallel=4)`,
     staggered concurrent joins) and again (a prefix-cache hit) gives the same text and logprobs, exactly."""
-    import graft
-    path = graft.graft_path(arch, fmt)
-    if not path.exists():
-        pytest.skip(f"{path.name} missing: run `make models`")
+    path = _path(arch, fmt)
     with Llama(str(path), n_ctx=2048, batch_invariant=True, logits_all=True, verbose=False) as solo:
         want = {q: _answer(solo, q) for q in QUESTIONS}
     got: dict[str, tuple[str, list[float]]] = {}
@@ -262,3 +277,35 @@ def test_alone_in_a_crowd_and_from_the_cache_bit_for_bit(arch, fmt):
     for q in QUESTIONS:
         assert got[q] == want[q], f"{path.name} {q!r}: in a crowd {got[q]} != alone {want[q]}"
         assert again[q] == want[q], f"{path.name} {q!r}: from the cache {again[q]} != alone {want[q]}"
+
+
+COPYING = ["Repeat this sentence exactly: the quick brown fox jumps over the lazy dog.",
+           "Repeat this sentence exactly: my favourite fruits are apples, pears and plums.",
+           "Copy this list: red, green, blue, yellow, purple.", "What do bees make?"]
+
+
+@pytest.mark.parametrize("arch,fmt", [("falcon-h1", "q4_k_m"), ("granitehybrid", "q8_0"), ("smollm2", "q4_k_m")],
+                         ids=lambda x: x)
+def test_speculative_verification_among_eight_bit_for_bit(arch, fmt):
+    """Prompt-lookup drafts verified in batches beside 7 other sequences (`Llama(n_parallel=8,
+    draft_model=...)`, rejected tokens undone from the recurrent snapshot pool) give the text and
+    logprobs of the same question alone without drafts."""
+    from pyllama_ssm.llama_speculative import LlamaPromptLookupDecoding
+    path = _path(arch, fmt)
+    with Llama(str(path), n_ctx=2048, batch_invariant=True, logits_all=True, verbose=False) as solo:
+        want = {q: _answer(solo, q) for q in COPYING}
+    got: dict[str, tuple[str, list[float]]] = {}
+    with Llama(str(path), n_ctx=8192, n_parallel=8, batch_invariant=True, verbose=False, draft_max_seqs=8,
+               draft_model=LlamaPromptLookupDecoding(num_pred_tokens=3)) as spec:
+        def ask(i: int, q: str) -> None:
+            time.sleep(0.02 * i)
+            got[q] = _answer(spec, q)
+        threads = [threading.Thread(target=ask, args=(i, q)) for i, q in enumerate(COPYING * 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        stats = spec.engine.stats()
+    assert stats.draft_tokens > 0, "no draft was verified: the test would not test verification"
+    for q in COPYING:
+        assert got[q] == want[q], f"{path.name} {q!r}: drafted among 8 {got[q]} != alone {want[q]}"

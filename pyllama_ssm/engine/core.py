@@ -66,10 +66,9 @@ class Engine:
         self._own_model = not isinstance(model, Model)
         if not self._own_model and (cfg.n_gpu_layers or cfg.rpc_servers is not None):
             raise ValueError("n_gpu_layers, rpc_servers: give them to the Model when passing a loaded one")
-        # batch_invariant: ggml's plain kernels for quantized weights too (repacked and AMX weights have
-        # one kernel for a row and another for many); a Model given loaded is the caller's choice
-        self.model = Model(model, n_gpu_layers=cfg.n_gpu_layers, rpc_servers=cfg.rpc_servers,
-                           overrides={"use_extra_bufts": False} if cfg.batch_invariant else None) \
+        # weights keep ggml's extra buffers (AMX, repacked) with batch_invariant too: patch 0007 has those
+        # kernels sum a row alike at any row count
+        self.model = Model(model, n_gpu_layers=cfg.n_gpu_layers, rpc_servers=cfg.rpc_servers) \
             if self._own_model else model
         if not 1 <= parallel <= MAX_SEQ:
             raise ValueError(f"parallel={parallel}: must be in 1..{MAX_SEQ}")
