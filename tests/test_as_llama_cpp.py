@@ -110,7 +110,8 @@ CORE = ("_runtime", "batch", "bindings", "context", "errors", "gguf", "hparams",
         "sampling", "sizing")
 ABOVE = ("as_llama_cpp", "stock_handles", "llama", "llama_cache", "llama_callbacks", "llama_chat_format",
          "llama_grammar", "llama_speculative", "llama_tokenizer", "llama_types", "cancellation", "chat_convert",
-         "chat_function_calling", "chat_handlers", "chat_templates", "engine", "server")
+         "chat_function_calling", "chat_handlers", "chat_templates", "engine", "server", "session", "completion",
+         "embeddings", "llama_setup")
 
 
 def imports(path):

@@ -43,11 +43,8 @@ class Speculator:
         """Prepare to undo slot's draft: a snapshot of its recurrent state (none needed for attention,
         whose cells are simply removed).  False when the pool has no room: decode without the draft."""
         snapshot = None
-        if self.stateful:
-            try:
-                snapshot = self.ctx.snapshot(slot.seq)
-            except PoolExhaustedError:
-                return False
+        if self.stateful and (snapshot := snapshot_or_none(self.ctx, slot.seq)) is None:
+            return False
         slot.spec = Speculation(slot.pos, [slot.next_token, *draft], snapshot)
         self.counters["drafted"] += len(draft)
         return True
@@ -69,12 +66,9 @@ class Speculator:
             spec = slot.spec
             kept = spec.fed[:slot.pos - spec.start]
             if len(kept) < len(spec.fed):
-                if spec.snapshot is not None:
-                    self.ctx.restore(spec.snapshot, slot.seq)
-                    self.ctx.seq_rm(slot.seq, spec.start, -1)
-                    replay.append((slot, spec.start, kept))
-                else:
-                    self.ctx.seq_rm(slot.seq, slot.pos, -1)
+                start = rewind(self.ctx, slot.seq, slot.pos, spec.start, spec.snapshot)
+                if start is not None and start < slot.pos:
+                    replay.append((slot, start, kept))
             self.drop(slot)
         if replay:
             batch = self.batch
@@ -86,3 +80,24 @@ class Speculator:
             except Exception as e:  # noqa: BLE001 - memory cannot take them back: those requests fail
                 return [slot for slot, _, _ in replay], e
         return [], None
+
+
+def snapshot_or_none(ctx: Context, seq: int) -> int | None:
+    """A snapshot of seq's recurrent state to undo a draft with, or None when the pool has no room."""
+    try:
+        return ctx.snapshot(seq)
+    except PoolExhaustedError:
+        return None
+
+
+def rewind(ctx: Context, seq: int, keep: int, start: int, snapshot: int | None) -> int | None:
+    """Cut seq's memory back to its first `keep` positions after a draft fed from position `start` (the
+    Engine's settle and the Session's generate both undo rejected drafts with it).  With `snapshot`, the
+    recurrent state at `start`, the memory goes back to it (recurrent memory cannot drop a tail); without,
+    the tail's attention cells are removed.  Returns where the kept tokens must be decoded again from
+    (keep: nowhere), or None when the memory refused the cut (recurrent memory and no snapshot)."""
+    if snapshot is None:
+        return keep if ctx.seq_rm(seq, keep, -1) else None
+    ctx.restore(snapshot, seq)
+    ctx.seq_rm(seq, start, -1)
+    return start

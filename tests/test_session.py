@@ -1,0 +1,104 @@
+"""The drop-in's layout (issue #27, "one runtime"): Llama is a facade over what runs each call.
+
+n_parallel=1: the single-sequence API (eval, sample, generate, n_tokens, input_ids, scores, state,
+caches) is the Session's (pyllama_ssm.session), and a completion runs on that same Session, so its tokens
+are generate()'s; n_parallel>1: an Engine and no Session.  Speculative undo is one function
+(engine.speculative.rewind) for both.  No module over 600 lines, llama.py about 500.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, zoo_path
+from pyllama_ssm import Llama
+from pyllama_ssm.batch import Batch
+from pyllama_ssm.cancellation import Cancellation, cancellation_scope
+from pyllama_ssm.context import Context
+from pyllama_ssm.engine import speculative
+from pyllama_ssm.model import Model
+from pyllama_ssm.session import Session
+
+PROMPT = "Hello world"
+
+
+@pytest.fixture(scope="module")
+def llm():
+    with Llama(str(zoo_path("llama")), n_ctx=512, logits_all=True, verbose=False) as model:
+        yield model
+
+
+def test_one_sequence_is_a_session_and_many_an_engine(llm):
+    assert isinstance(llm.session, Session) and llm.engine is None
+    with Llama(str(zoo_path("llama")), n_ctx=256, n_parallel=2, verbose=False) as par:
+        assert par.session is None and par.engine is not None
+        with pytest.raises(ValueError, match="n_parallel=1"):
+            par.eval([1])
+        with pytest.raises(AttributeError):
+            par.n_tokens  # noqa: B018 - stock has no such state on a many-sequence object either
+
+
+def test_the_single_sequence_state_is_the_sessions(llm):
+    tokens = llm.tokenize(PROMPT.encode())
+    llm.reset()
+    llm.eval(tokens)
+    session = llm.session
+    assert session.n_tokens == llm.n_tokens == len(tokens)
+    assert llm.input_ids is session.input_ids and llm.scores is session.scores
+    assert llm._input_ids.tolist() == tokens and list(llm.eval_tokens) == tokens
+    llm.n_tokens = 1  # what stock's multimodal handlers do after evaluating an image themselves
+    assert session.n_tokens == 1
+    llm.n_tokens = len(tokens)
+
+
+def test_a_completion_is_the_sessions_generate(llm):
+    """create_completion runs on the Session: its tokens are generate()'s, and afterwards the Session holds
+    the prompt and what was evaluated of them (stock's state after a completion)."""
+    prompt_tokens = llm.tokenize(PROMPT.encode())
+    with cancellation_scope(Cancellation()) as done:
+        out = llm.create_completion(PROMPT, max_tokens=8, temperature=0)
+    completion, finish = done.tokens, out["choices"][0]["finish_reason"]
+    assert completion and out["usage"]["completion_tokens"] == len(completion)
+    evaluated = completion[:-1] if finish == "length" else completion  # an end token is sampled, not evaluated
+    assert llm.session.evaluated.tolist() == prompt_tokens + evaluated
+    llm.reset()
+    generator = llm.generate(prompt_tokens, temp=0.0)
+    assert [next(generator) for _ in completion] == completion
+    generator.close()
+
+
+@pytest.mark.parametrize("name", ["llama", "mamba"])
+def test_rewind_cuts_attention_and_restores_recurrent_memory(name):
+    """The one speculative undo: attention drops the tail's cells; recurrent memory cannot, and goes back
+    to a snapshot (the patched build's pool), or answers None without one."""
+    with Model(str(zoo_path(name))) as model:
+        recurrent = model.is_recurrent or model.is_hybrid
+        with Context(model, n_ctx=64, n_rs_pool=1 if recurrent else 0) as ctx:
+            tokens = model.tokenize("one two three four five six", add_special=True)
+            with Batch(64, 1) as batch:
+                batch.add_sequence(tokens[:3], 0, 0, logits_last=False)
+                ctx.decode(batch)
+                snapshot = speculative.snapshot_or_none(ctx, 0) if recurrent else None
+                batch.clear()
+                batch.add_sequence(tokens[3:], 3, 0, logits_last=True)
+                ctx.decode(batch)
+            if not recurrent:
+                assert speculative.rewind(ctx, 0, 4, 3, None) == 4
+                assert ctx.seq_pos_max(0) == 3
+                return
+            assert speculative.rewind(ctx, 0, 4, 3, None) is None  # no tail can be dropped, nothing changed
+            assert ctx.seq_pos_max(0) == len(tokens) - 1
+            if snapshot is None:
+                pytest.skip("no snapshot pool on this build")
+            assert speculative.rewind(ctx, 0, 4, 3, snapshot) == 3  # back to position 3: token 3 replays
+            assert ctx.seq_pos_max(0) == 2
+            ctx.release(snapshot)
+
+
+def test_no_module_over_600_lines_and_llama_a_facade():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
+             for p in (ROOT / "pyllama_ssm").rglob("*.py") if "_stock" not in p.parts}
+    assert max(sizes.values()) <= 600, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+    assert sizes[str(Path("pyllama_ssm") / "llama.py")] <= 510
