@@ -616,7 +616,7 @@ def engine_settings(engine) -> dict:
             "n_batch": p.n_batch, "n_ubatch": p.n_ubatch, "n_threads": p.n_threads,
             "n_threads_batch": p.n_threads_batch,
             "flash_attn": ffi.string(lib.llama_flash_attn_type_name(p.flash_attn_type)).decode(),
-            "batch_invariant": engine.config.batch_invariant}
+            "batch_invariant": engine.ctx.batch_invariant}  # as resolved (config's None: the build's default)
 
 
 def run_main(main: Callable[[], int]) -> NoReturn:

@@ -256,13 +256,14 @@ def _path(arch: str, fmt: str):
 
 @pytest.mark.parametrize("arch,fmt", BIT_FOR_BIT, ids=lambda x: x)
 def test_alone_in_a_crowd_and_from_the_cache_bit_for_bit(arch, fmt):
-    """What a user checks: the same question alone (`Llama()`), among others (`Llama(n_parallel=4)`,
-    staggered concurrent joins) and again (a prefix-cache hit) gives the same text and logprobs, exactly."""
+    """What a user checks, at the defaults: the same question alone (`Llama()`), among others
+    (`Llama(n_parallel=4)`, staggered concurrent joins) and again (a prefix-cache hit) gives the same text
+    and logprobs, exactly."""
     path = _path(arch, fmt)
-    with Llama(str(path), n_ctx=2048, batch_invariant=True, logits_all=True, verbose=False) as solo:
+    with Llama(str(path), n_ctx=2048, logits_all=True, verbose=False) as solo:
         want = {q: _answer(solo, q) for q in QUESTIONS}
     got: dict[str, tuple[str, list[float]]] = {}
-    with Llama(str(path), n_ctx=4096, n_parallel=4, batch_invariant=True, verbose=False) as many:
+    with Llama(str(path), n_ctx=4096, n_parallel=4, verbose=False) as many:
         def ask(i: int, q: str) -> None:
             time.sleep(0.02 * i)  # joins while the others prefill or decode
             got[q] = _answer(many, q)
@@ -292,10 +293,10 @@ def test_speculative_verification_among_eight_bit_for_bit(arch, fmt):
     logprobs of the same question alone without drafts."""
     from pyllama_ssm.llama_speculative import LlamaPromptLookupDecoding
     path = _path(arch, fmt)
-    with Llama(str(path), n_ctx=2048, batch_invariant=True, logits_all=True, verbose=False) as solo:
+    with Llama(str(path), n_ctx=2048, logits_all=True, verbose=False) as solo:
         want = {q: _answer(solo, q) for q in COPYING}
     got: dict[str, tuple[str, list[float]]] = {}
-    with Llama(str(path), n_ctx=8192, n_parallel=8, batch_invariant=True, verbose=False, draft_max_seqs=8,
+    with Llama(str(path), n_ctx=8192, n_parallel=8, verbose=False, draft_max_seqs=8,
                draft_model=LlamaPromptLookupDecoding(num_pred_tokens=3)) as spec:
         def ask(i: int, q: str) -> None:
             time.sleep(0.02 * i)
