@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import completion as completion_mod
-from . import embeddings, llama_chat_format, llama_setup
+from . import embeddings, fim, llama_chat_format, llama_setup
 from .bindings import ffi, has, lib
 from .cancellation import Cancellation, CompletionStream, cancellation_scope, current_cancellation
 from .context import Context, default_threads
@@ -241,6 +241,18 @@ class Llama:
     def session(self) -> Optional[Session]:
         """The single sequence when n_parallel = 1 (what eval, sample, generate... run on); None otherwise."""
         return self._session
+
+    @property
+    def fim_tokens(self) -> fim.FimTokens:
+        """The vocabulary's fill-in-the-middle tokens (-1 for each it lacks)."""
+        return fim.FimTokens.of(self._core_model.vocab)
+
+    def infill_tokens(self, prefix: Union[str, list[int]], suffix: str, *, prompt: str = "", extra=(),
+                      spm: Optional[bool] = None, limits: Optional[fim.Limits] = None) -> list[int]:
+        """The fill-in-the-middle prompt as token ids (pyllama_ssm.fim.infill_tokens; spm None: spm_infill).
+        A ValueError names the FIM tokens the vocabulary lacks."""
+        return fim.infill_tokens(self._core_model, prefix, suffix, prompt=prompt, extra=extra,
+                                 spm=self.spm_infill if spm is None else spm, limits=limits)
 
     @property
     def _context(self) -> Optional[Context]:

@@ -33,7 +33,7 @@ from .generation import generate, named_event, note_ignored, registry_of
 from .openai import chat_call
 from .parsing import arguments_as_objects
 from .registry import ServedModel
-from .schemas import CreateChatCompletionRequest, NonEmptyStr, _Body, _ignored
+from .schemas import CreateChatCompletionRequest, NonEmptyStr, StrictBody, ignored_field
 
 MESSAGES, COUNT_TOKENS = "/v1/messages", "/v1/messages/count_tokens"
 
@@ -100,8 +100,8 @@ class ToolUseBlock(_Block):
     id: NonEmptyStr
     name: NonEmptyStr
     input: dict[str, Any]
-    caller: Optional[dict[str, Any]] = _ignored()
-    toolset_name: Optional[str] = _ignored()
+    caller: Optional[dict[str, Any]] = ignored_field()
+    toolset_name: Optional[str] = ignored_field()
 
 
 class ToolResultBlock(_Block):
@@ -109,7 +109,7 @@ class ToolResultBlock(_Block):
     tool_use_id: NonEmptyStr
     content: Optional[Union[str, list[TextBlock]]] = None
     is_error: Optional[bool] = None
-    toolset_name: Optional[str] = _ignored()
+    toolset_name: Optional[str] = ignored_field()
 
 
 Block = Annotated[Union[TextBlock, ThinkingBlock, RedactedThinkingBlock, ToolUseBlock, ToolResultBlock],
@@ -126,11 +126,11 @@ class Tool(_Block):
     name: NonEmptyStr
     description: Optional[str] = None
     input_schema: dict[str, Any]
-    strict: Optional[bool] = _ignored()
-    allowed_callers: Optional[list[str]] = _ignored()
-    defer_loading: Optional[bool] = _ignored()
-    eager_input_streaming: Optional[bool] = _ignored()
-    input_examples: Optional[list[dict[str, Any]]] = _ignored()
+    strict: Optional[bool] = ignored_field()
+    allowed_callers: Optional[list[str]] = ignored_field()
+    defer_loading: Optional[bool] = ignored_field()
+    eager_input_streaming: Optional[bool] = ignored_field()
+    input_examples: Optional[list[dict[str, Any]]] = ignored_field()
 
 
 class ToolChoice(_Part):
@@ -150,20 +150,20 @@ class JsonFormat(_Part):
 
 
 class OutputConfig(_Part):
-    effort: Optional[Literal["low", "medium", "high", "xhigh", "max"]] = _ignored()
+    effort: Optional[Literal["low", "medium", "high", "xhigh", "max"]] = ignored_field()
     format: Optional[JsonFormat] = Field(default=None, description="Structured output: the text is JSON of this "
                                                                    "schema.")
 
 
-class CountTokensRequest(_Body):
+class CountTokensRequest(StrictBody):
     model: Optional[str] = Field(default=None, description="The alias of a configured model (a server of one "
                                                           "model answers under any name).")
     messages: list[Message] = Field(min_length=1, description="The conversation so far.")
     system: Optional[Union[str, list[TextBlock]]] = Field(default=None, description="The system prompt.")
     tools: Optional[list[Tool]] = None
     tool_choice: Optional[ToolChoice] = None
-    thinking: Optional[dict[str, Any]] = _ignored()
-    mcp_servers: Optional[list[dict[str, Any]]] = _ignored()
+    thinking: Optional[dict[str, Any]] = ignored_field()
+    mcp_servers: Optional[list[dict[str, Any]]] = ignored_field()
 
 
 class CreateMessageRequest(CountTokensRequest):
@@ -178,15 +178,15 @@ class CreateMessageRequest(CountTokensRequest):
     top_p: Optional[float] = Field(default=None, **limit("top_p"))
     top_k: Optional[int] = Field(default=None, **limit("top_k"))
     output_config: Optional[OutputConfig] = None
-    metadata: Optional[dict[str, Any]] = _ignored()
-    service_tier: Optional[str] = _ignored()
-    container: Optional[Union[str, dict[str, Any]]] = _ignored()
-    cache_control: Optional[dict[str, Any]] = _ignored()
-    diagnostics: Optional[dict[str, Any]] = _ignored()
-    inference_geo: Optional[str] = _ignored()
-    speed: Optional[str] = _ignored()
-    user_profile_id: Optional[str] = _ignored()
-    workspace_id: Optional[str] = _ignored()
+    metadata: Optional[dict[str, Any]] = ignored_field()
+    service_tier: Optional[str] = ignored_field()
+    container: Optional[Union[str, dict[str, Any]]] = ignored_field()
+    cache_control: Optional[dict[str, Any]] = ignored_field()
+    diagnostics: Optional[dict[str, Any]] = ignored_field()
+    inference_geo: Optional[str] = ignored_field()
+    speed: Optional[str] = ignored_field()
+    user_profile_id: Optional[str] = ignored_field()
+    workspace_id: Optional[str] = ignored_field()
     # llama.cpp's
     min_p: Optional[float] = Field(default=None, **limit("min_p"))
     repeat_penalty: Optional[float] = Field(default=None, **limit("repeat_penalty"))

@@ -30,17 +30,17 @@ from ..llama import LlamaGrammar, LogitsProcessorList
 from .chat import MappedStream
 from .errors import ERROR_RESPONSES, bad_request
 from .generation import capped_max_tokens, generate, note_ignored, registry_of
-from .schemas import _Body, _ignored
+from .schemas import StrictBody, ignored_field
 
 router = APIRouter(responses=ERROR_RESPONSES)
 
 
-class ExtraChunk(_Body):
+class ExtraChunk(StrictBody):
     filename: str = Field(default="tmp", description="The file the text comes from.")
     text: str = Field(description="Its text (context for the completion).")
 
 
-class InfillRequest(_Body):
+class InfillRequest(StrictBody):
     model: Optional[str] = Field(default=None, description="The alias of a configured model (a server of one model "
                                                           "answers under any name).")
     input_prefix: str = Field(description="The code before the cursor.")
@@ -74,11 +74,11 @@ class InfillRequest(_Body):
     response_fields: Optional[list[str]] = Field(default=None, description="Only these fields, by path "
                                                                            "(\"timings/prompt_n\").")
     # sent by llama.vim / llama.vscode; nothing to do here
-    cache_prompt: Optional[bool] = _ignored()
-    id_slot: Optional[int] = _ignored(ge=-1, le=INT32_MAX)
-    samplers: Optional[list[str]] = _ignored()
-    t_max_prompt_ms: Optional[int] = _ignored(ge=0, le=INT32_MAX)
-    timings_per_token: Optional[bool] = _ignored()
+    cache_prompt: Optional[bool] = ignored_field()
+    id_slot: Optional[int] = ignored_field(ge=-1, le=INT32_MAX)
+    samplers: Optional[list[str]] = ignored_field()
+    t_max_prompt_ms: Optional[int] = ignored_field(ge=0, le=INT32_MAX)
+    timings_per_token: Optional[bool] = ignored_field()
 
 
 class _Halt:
@@ -246,9 +246,9 @@ async def infill(request: Request, body: InfillRequest) -> Any:
     note_ignored(request, body)
     llama, settings = served.llama, served.settings
     try:
-        tokens = fim.infill_tokens(llama._model, body.input_prefix, body.input_suffix, prompt=body.prompt,
-                                   extra=[chunk.model_dump() for chunk in body.input_extra], spm=settings.spm_infill,
-                                   limits=fim.Limits(settings.n_batch, llama.n_ctx()))
+        tokens = llama.infill_tokens(body.input_prefix, body.input_suffix, prompt=body.prompt,
+                                     extra=[chunk.model_dump() for chunk in body.input_extra], spm=settings.spm_infill,
+                                     limits=fim.Limits(settings.n_batch, llama.n_ctx()))
     except ValueError as e:
         raise bad_request("model", f"{served.alias!r} cannot fill in the middle: "
                                    f"{str(e).removeprefix('suffix: ')}", code="not_supported") from None

@@ -15,7 +15,6 @@ import anyio
 import numpy as np
 from fastapi import APIRouter, Request
 
-from .. import fim
 from ..llama_chat_format import TEMPLATE_REFUSED
 from ..llama_grammar import LlamaGrammar, grammar_for_response_format
 from . import responses
@@ -46,8 +45,7 @@ async def create_completion(request: Request, body: CreateCompletionRequest) -> 
     kwargs = generation_kwargs(request, served, body)
     if kwargs.pop("suffix", None) is not None:  # fill-in-the-middle: the prompt is the prefix
         try:
-            kwargs["prompt"] = fim.infill_tokens(served.llama._model, body.prompt, body.suffix,
-                                                 spm=served.settings.spm_infill)
+            kwargs["prompt"] = served.llama.infill_tokens(body.prompt, body.suffix, spm=served.settings.spm_infill)
         except ValueError as e:
             raise bad_request("suffix", str(e).removeprefix("suffix: ")) from None
     return await generate(request, served, body, served.llama.create_completion, kwargs)

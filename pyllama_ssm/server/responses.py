@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..limits import field as limit
 from .chat import MappedStream
 from .parsing import Delta, OutputParser
-from .schemas import NonEmptyStr, _Body, _ignored
+from .schemas import NonEmptyStr, StrictBody, ignored_field
 
 
 # -- the request -------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ class TextOptions(_Item):
     verbosity: Optional[Literal["low", "medium", "high"]] = None
 
 
-class CreateResponseRequest(_Body):
+class CreateResponseRequest(StrictBody):
     model: Optional[str] = Field(default=None, description="The alias of a configured model (default: the first; "
                                                            "a server of one model answers under any name).")
     input: Union[NonEmptyStr, Annotated[list[InputItem], Field(min_length=1)]] = Field(
@@ -114,7 +114,7 @@ class CreateResponseRequest(_Body):
     previous_response_id: Optional[str] = Field(default=None, description="Continue a stored response.")
     store: bool = Field(default=True, description="Keep the response (and its state) for previous_response_id.")
     stream: bool = Field(default=False, description="Stream the Responses events as server-sent events.")
-    stream_options: Optional[dict[str, Any]] = _ignored()
+    stream_options: Optional[dict[str, Any]] = ignored_field()
     max_output_tokens: Optional[int] = Field(default=None, **limit("max_tokens"),
                                              json_schema_extra={"x-limit": "max_tokens"})
     temperature: Optional[float] = Field(default=None, **limit("temperature", ge=0.0, le=2.0))
@@ -125,17 +125,17 @@ class CreateResponseRequest(_Body):
     tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
     text: Optional[TextOptions] = None
-    reasoning: Optional[dict[str, Any]] = _ignored()
+    reasoning: Optional[dict[str, Any]] = ignored_field()
     metadata: Optional[dict[str, str]] = Field(default=None, description="Returned with the response.")
     user: Optional[str] = None
-    truncation: Optional[Literal["auto", "disabled"]] = _ignored()
-    include: Optional[list[str]] = _ignored()
-    service_tier: Optional[str] = _ignored()
-    top_logprobs: Optional[int] = _ignored(ge=0, le=20)
-    prompt_cache_key: Optional[str] = _ignored()
-    safety_identifier: Optional[str] = _ignored()
-    max_tool_calls: Optional[int] = _ignored(ge=0, le=2**31 - 1)
-    background: Optional[bool] = _ignored()  # answered at once, never in the background
+    truncation: Optional[Literal["auto", "disabled"]] = ignored_field()
+    include: Optional[list[str]] = ignored_field()
+    service_tier: Optional[str] = ignored_field()
+    top_logprobs: Optional[int] = ignored_field(ge=0, le=20)
+    prompt_cache_key: Optional[str] = ignored_field()
+    safety_identifier: Optional[str] = ignored_field()
+    max_tool_calls: Optional[int] = ignored_field(ge=0, le=2**31 - 1)
+    background: Optional[bool] = ignored_field()  # answered at once, never in the background
     # llama.cpp's
     top_k: Optional[int] = Field(default=None, **limit("top_k"))
     min_p: Optional[float] = Field(default=None, **limit("min_p"))
