@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..limits import field as limit
 from ..llama_chat_format import TEMPLATE_REFUSED
+from ..results import ChatResult, CompletionResult, Usage
 from .chat import MappedStream, ParsedChatStream, parse_completion
 from .errors import ERROR_RESPONSES, ApiError, bad_request, shape_errors
 from .generation import generate, named_event, note_ignored, registry_of
@@ -365,40 +366,39 @@ class MessageWriter:
                 yield {"type": "content_block_delta", "index": self.blocks.index(block),
                        "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}}
 
-    def _stop(self, finish_reason: str, counted: Optional[dict[str, int]],
-              tokens: Optional[list[int]]) -> tuple[str, Optional[str]]:
+    def _stop(self, finish_reason: str, counted: Optional[Usage],
+              tokens: Optional[tuple[int, ...]]) -> tuple[str, Optional[str]]:
         """stop_reason and stop_sequence: the stop sequence is the first of them in the generated text.  A call
         forced by tool_choice reports "tool_calls" even when cut off: its token count tells."""
         if finish_reason == "length" or (self.max_tokens and counted and
-                                         counted["completion_tokens"] >= self.max_tokens):
+                                         counted.completion_tokens >= self.max_tokens):
             return "max_tokens", None
         if self.calls or finish_reason == "tool_calls":
             return "tool_use", None
         if self.stops and tokens:
-            text = self.detokenize(tokens)
+            text = self.detokenize(list(tokens))
             found = [(text.find(s), i, s) for i, s in enumerate(self.stops) if s in text]
             if found:
                 return "stop_sequence", min(found)[2]
         return "end_turn", None
 
     @staticmethod
-    def usage(counted: Optional[dict[str, int]]) -> dict[str, int]:
-        counted = counted or {"prompt_tokens": 0, "completion_tokens": 0}
-        cached = min(counted.get("cached_tokens", 0), counted["prompt_tokens"])
-        return {"input_tokens": counted["prompt_tokens"] - cached, "output_tokens": counted["completion_tokens"],
+    def usage(counted: Optional[Usage]) -> dict[str, int]:
+        counted = counted or Usage(0, 0)
+        cached = min(counted.cached_tokens, counted.prompt_tokens)
+        return {"input_tokens": counted.prompt_tokens - cached, "output_tokens": counted.completion_tokens,
                 "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
 
-    def finish(self, finish_reason: str, counted: Optional[dict[str, int]],
-               tokens: Optional[list[int]]) -> Iterator[dict[str, Any]]:
+    def finish(self, finish_reason: str, result: Optional[CompletionResult]) -> Iterator[dict[str, Any]]:
         yield from self._close()
+        counted, tokens = (result.usage, result.tokens) if result is not None else (None, None)
         stop_reason, stop_sequence = self._stop(finish_reason, counted, tokens)
         yield {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                "usage": self.usage(counted)}
         yield {"type": "message_stop"}
 
-    def whole(self, result: dict[str, Any], counted: Optional[dict[str, int]],
-              tokens: Optional[list[int]]) -> dict[str, Any]:
-        """The message answering a completed (parsed) chat completion."""
+    def whole(self, result: dict[str, Any], completion: Optional[CompletionResult]) -> dict[str, Any]:
+        """The message answering a completed (parsed) chat completion; completion: the one behind it."""
         choice = result["choices"][0]
         message = choice["message"]
         calls = [{"index": i, "id": call.get("id"), "function": call["function"]}
@@ -406,7 +406,9 @@ class MessageWriter:
         for _ in self.feed({"reasoning_content": message.get("reasoning_content"), "content": message.get("content"),
                             "tool_calls": calls}):
             pass
-        counted = counted or result.get("usage")
+        counted, tokens = (completion.usage, completion.tokens) if completion is not None else (None, None)
+        if counted is None and result.get("usage"):  # a handler that ran its completion elsewhere
+            counted = Usage(result["usage"]["prompt_tokens"], result["usage"]["completion_tokens"])
         stop_reason, stop_sequence = self._stop(choice["finish_reason"], counted, tokens)
         content = [{**block, "input": _arguments(block["input"])} if block["type"] == "tool_use" else block
                    for block in self.blocks]
@@ -441,7 +443,7 @@ class MessageEvents(MappedStream):
             chunk = next(self._chunks, None)
         if self._chunks.cancelled:
             return
-        yield from writer.finish(reason, self._chunks.usage, self.tokens)
+        yield from writer.finish(reason, self._chunks.result)
 
 
 # -- routes ------------------------------------------------------------------------------------------
@@ -469,18 +471,17 @@ async def create_message(request: Request, body: CreateMessageRequest) -> Any:
                     writer.input_tokens = prompt_tokens(served, body)
                 except ApiError:
                     pass  # the call below refuses these messages with its own error
-            chunks = llama.create_chat_completion(**kw)
+            chunks = llama.chat_complete(**kw)
             return MessageEvents(ParsedChatStream(chunks, parser) if parser is not None else chunks, writer)
 
         return await generate(request, served, chat, stream, kwargs, event=named_event, done=False,
                               error_event=error_event)
 
-    def whole(result: dict[str, Any], cancellation) -> dict[str, Any]:
-        if parser is not None:
-            result = parse_completion(result, parser)
-        return writer.whole(result, cancellation.usage, cancellation.tokens)
+    def whole(answer: ChatResult) -> dict[str, Any]:
+        result = parse_completion(answer.response, parser) if parser is not None else answer.response
+        return writer.whole(result, answer.completion)
 
-    return await generate(request, served, chat, llama.create_chat_completion, kwargs, on_result=whole)
+    return await generate(request, served, chat, llama.chat_complete, kwargs, on_result=whole)
 
 
 @router.post(COUNT_TOKENS, summary="Count message tokens (Anthropic)", tags=["Anthropic"])
