@@ -2,8 +2,10 @@
 
 Llama.create_completion checks the arguments once into a CompletionRequest; the request is then run
 by the Engine (n_parallel > 1, engine_responses here) or by the Session's own loop (n_parallel = 1,
-pyllama_ssm.session), and both shape what they produce with the request's methods below: the chunks,
-the usage, the logprobs (OpenAI's layout, scored by pyllama_ssm.output's rules).
+pyllama_ssm.session), and both shape what they produce with the request's methods below into typed
+results (pyllama_ssm.results: a CompletionResult, or CompletionEvents when streamed) with the usage and
+the logprobs (OpenAI's layout, scored by pyllama_ssm.output's rules); Llama makes llama-cpp-python's
+dicts of them.
 """
 
 from __future__ import annotations
@@ -19,13 +21,19 @@ import numpy as np
 
 from . import fim, llama_grammar
 from .bindings import lib
-from .cancellation import Cancellation, current_cancellation
+from .cancellation import Cancellation
 from .llama_callbacks import StopOnTokenIds
-from .llama_types import CompletionLogprobs, CreateCompletionStreamResponse
+from .llama_types import CompletionLogprobs
 from .model import Model
+from .results import CompletionEvent, CompletionResult, Usage
 from .sampling import SamplingParams
 
 UNLIMITED = (None, 0, -1)  # max_tokens values meaning "up to the context size" (llama-cpp-python)
+# create_completion's arguments that request() checks, and those of the sampler chain (sampling_params's names)
+REQUEST_ARGUMENTS = ("prompt", "suffix", "max_tokens", "stop", "logprobs", "echo", "stream", "seed",
+                     "prefix_checkpoints")
+SAMPLING_ARGUMENTS = ("top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "frequency_penalty", "presence_penalty",
+                      "mirostat_mode", "mirostat_tau", "mirostat_eta", "grammar", "logit_bias", "logits_processor")
 
 
 def prompt_tokens(model: Model, prompt: Union[str, list[int]], tokenize: Callable[..., list[int]],
@@ -56,10 +64,10 @@ def prompt_tokens(model: Model, prompt: Union[str, list[int]], tokenize: Callabl
 def request(model: Model, tokenize: Callable[..., list[int]], detokenize: Callable[..., bytes], n_ctx: int,
             prompt: Union[str, list[int]], *, suffix: Optional[str], spm_infill: bool, max_tokens: Optional[int],
             stop, logprobs: Optional[int], echo: bool, stream: bool, seed: Optional[int], logits_all: bool,
-            checkpoints: Sequence[int], name: str) -> "CompletionRequest":
+            prefix_checkpoints: Sequence[int], name: str, cancellation: Cancellation) -> "CompletionRequest":
     """create_completion's arguments checked (ValueError/TypeError before anything runs) into a request;
-    logits_all: whether logprobs can be had.  Its cancellation: the chat stream's, inside
-    create_chat_completion."""
+    logits_all: whether logprobs can be had; cancellation: the caller's (a chat call's is shared by the
+    completions its handler runs)."""
     prefix = prompt
     if suffix is not None:  # fill-in-the-middle: the prompt is the prefix (text, or token ids as given)
         if not isinstance(suffix, str):
@@ -84,7 +92,7 @@ def request(model: Model, tokenize: Callable[..., list[int]], detokenize: Callab
     echo_text = "" if not echo else prefix if isinstance(prefix, str) else \
         detokenize(tokens).decode("utf-8", errors="ignore")
     return CompletionRequest(prompt, tokens, min(max_tokens, room), stops, logprobs, echo, echo_text, stream,
-                             current_cancellation() or Cancellation(), tuple(checkpoints),
+                             cancellation, tuple(prefix_checkpoints),
                              (f"cmpl-{uuid.uuid4()}", int(time.time()), name), detokenize, model.token_bos)
 
 
@@ -120,13 +128,6 @@ def sampling_params(model: Model, *, temp: float, top_k: int, top_p: float, min_
                           seed=seed, logits_processor=processor)
 
 
-def usage(prompt: int, completion: int, cached: Optional[int] = None) -> dict[str, int]:
-    out = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-    if cached is not None:
-        out["cached_tokens"] = cached
-    return out
-
-
 @dataclass
 class CompletionRequest:
     """One completion's checked arguments, and how its answers are shaped."""
@@ -145,20 +146,14 @@ class CompletionRequest:
     detokenize: Callable[..., bytes] = field(default=lambda tokens, **kw: b"", repr=False)  # Llama.detokenize
     bos: int = -1
 
-    def chunk(self, text: str, logprobs=None, finish_reason: Optional[str] = None) -> CreateCompletionStreamResponse:
-        cid, created, model = self.head
-        return {"id": cid, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish_reason}]}
+    def event(self, text: str, logprobs=None, result: Optional[CompletionResult] = None) -> CompletionEvent:
+        return CompletionEvent(*self.head, text, logprobs, result)
 
-    def response(self, text: str, logprobs, finish_reason: Optional[str], n_completion: int) -> dict[str, Any]:
-        """The whole (not streamed) response."""
-        return {**self.chunk(self.echo_text + text, logprobs, finish_reason),
-                "usage": usage(len(self.prompt_tokens), n_completion)}
-
-    def ended(self, completion: list[int], cached: Optional[int]) -> None:
-        """What a server reads of the finished completion (Cancellation.usage, .tokens)."""
-        self.cancellation.tokens = list(completion)
-        self.cancellation.usage = usage(len(self.prompt_tokens), len(completion), cached)
+    def result(self, text: str, completion: list[int], finish_reason: str, cached: int,
+               logprobs=None) -> CompletionResult:
+        """The finished completion (`completion`: its tokens without the end-of-generation token)."""
+        return CompletionResult(*self.head, text, tuple(completion), finish_reason,
+                                Usage(len(self.prompt_tokens), len(completion), cached), logprobs, self.echo_text)
 
     def text(self, token: int) -> str:
         return self.detokenize([token]).decode("utf-8", errors="ignore")
@@ -206,7 +201,7 @@ class CompletionRequest:
 # -- on the Engine -------------------------------------------------------------------------------
 def engine_completion(engine, model: Model, r: CompletionRequest, params: SamplingParams,
                       stopping_criteria: Optional[Sequence] = None) -> Iterator[Any]:
-    """The request as one sequence of the Engine, shaped as llama-cpp-python's responses."""
+    """The request as one sequence of the Engine: a CompletionResult, or CompletionEvents when streamed."""
     for criteria in stopping_criteria or []:
         # the Engine ends a sequence at any end-of-generation token; other criteria need Python per token
         if not (isinstance(criteria, StopOnTokenIds) and all(map(model.is_eog, criteria.token_ids))):
@@ -241,25 +236,25 @@ def _engine_responses(engine, model: Model, r: CompletionRequest, params: Sampli
                     return
                 if echo:  # the prompt is scored once its prefill ended, before the first token
                     echo = False
-                    yield r.chunk(r.echo_text, _echo_logprobs(r, req))
+                    yield r.event(r.echo_text, _echo_logprobs(r, req))
                 lp = None
                 if r.logprobs is not None and chunk.logprob is not None:
                     lp = r.stream_logprobs(chunk.token, len(r.prompt) + sent, chunk.logprob,
                                            chunk.top_logprobs.items())
                 if chunk.text or lp is not None:
                     sent += len(chunk.text)
-                    yield r.chunk(chunk.text, lp)
+                    yield r.event(chunk.text, lp)
             if r.cancellation.is_set:
                 return
             result = req.result()
             if echo:  # no token came (max_tokens=0)
-                yield r.chunk(r.echo_text, _echo_logprobs(r, req))
-            r.ended(_completion_of(model, result), result.usage.cached_tokens)
-            yield r.chunk("", finish_reason=result.finish_reason)
+                yield r.event(r.echo_text, _echo_logprobs(r, req))
+            ended = r.result(result.text, _completion_of(model, result), result.finish_reason,
+                             result.usage.cached_tokens)
+            yield r.event("", result=ended)
             return
         result = req.result()
         completion = _completion_of(model, result)
-        r.ended(completion, result.usage.cached_tokens)
         lp = None
         if r.logprobs is not None:
             scored = [(lp_, top.items()) for lp_, top in zip(result.logprobs, result.top_logprobs)]
@@ -268,7 +263,7 @@ def _engine_responses(engine, model: Model, r: CompletionRequest, params: Sampli
                           zip(result.prompt_logprobs, result.prompt_top_logprobs)] + scored
             end = result.tokens[-1] if len(result.tokens) > len(completion) else None
             lp = r.logprobs_of(completion, scored, end)
-        yield r.response(result.text, lp, result.finish_reason, len(completion))
+        yield r.result(result.text, completion, result.finish_reason, result.usage.cached_tokens, lp)
     finally:
         if not req.done:  # the caller stopped reading: free the sequence
             req.cancel()

@@ -10,8 +10,9 @@ facade: the signature, the lifetime of what it loads, and the dispatch of each c
 - n_parallel>1: completions are requests to an Engine (continuous batching, a shared prefix cache),
   so calls from several threads run at once; the single-sequence methods say they need n_parallel=1.
 
-A completion is checked and shaped by pyllama_ssm.completion on both paths; streamed, it is a
-CompletionStream whose cancel() works from any thread.  Embeddings: pyllama_ssm.embeddings; the setup
+A completion is checked and shaped by pyllama_ssm.completion on both paths into typed results (results),
+made llama-cpp-python's dicts by create_completion and returned as they are by complete() (chats: chat_call);
+streamed, a CompletionStream whose cancel() works from any thread.  Embeddings: pyllama_ssm.embeddings; the setup
 from llama-cpp-python's arguments: pyllama_ssm.llama_setup.  Not supported, with a clear error: lora_base.
 What llama_cpp.llama defines beside the class lives in modules of its own and is re-exported here:
 llama_callbacks, llama_tokenizer, llama_cache and cancellation.
@@ -32,9 +33,9 @@ import numpy as np
 import numpy.typing as npt
 
 from . import completion as completion_mod
-from . import embeddings, llama_chat_format, llama_setup
+from . import chat_call, embeddings, fim, llama_chat_format, llama_setup
 from .bindings import ffi, has, lib
-from .cancellation import Cancellation, CompletionStream, cancellation_scope, current_cancellation
+from .cancellation import Cancellation, CompletionStream
 from .context import Context, default_threads
 from .engine import Engine
 from .llama_cache import BaseLlamaCache, LlamaCache, LlamaDiskCache, LlamaRAMCache, LlamaState, longest_token_prefix
@@ -49,8 +50,9 @@ from .llama_types import (ChatCompletionFunction, ChatCompletionRequestFunctionC
                           CreateCompletionResponse, CreateCompletionStreamResponse, CreateEmbeddingResponse)
 from .model import Model
 from .output import log_softmax
+from .results import CompletionEvent
 from .sampling import SamplingParams
-from .session import Session
+from .session import Session, state_property as _session_state
 from .stock_handles import BatchHandle, ContextHandle, ModelHandle, pointer
 
 __all__ = ["Llama", "LlamaState", "LlamaTokenizer", "LogitsProcessor", "LogitsProcessorList", "StoppingCriteria",
@@ -58,15 +60,6 @@ __all__ = ["Llama", "LlamaState", "LlamaTokenizer", "LogitsProcessor", "LogitsPr
            "LlamaCache", "LlamaRAMCache", "LlamaDiskCache", "CompletionStream"]
 
 _Cancellation = Cancellation  # the name it had here before it moved to cancellation.py
-
-
-def _session_state(name: str, doc: str, settable: bool = True) -> property:
-    """A Llama attribute that is the Session's (n_parallel=1 only; stock's multimodal handlers set some)."""
-    def get(self):
-        if self._session is None:
-            raise AttributeError(f"{name}: the single-sequence state needs n_parallel=1")
-        return getattr(self._session, name)
-    return property(get, (lambda self, value: setattr(self._single(name), name, value)) if settable else None, doc=doc)
 
 
 class Llama:
@@ -241,6 +234,16 @@ class Llama:
     def session(self) -> Optional[Session]:
         """The single sequence when n_parallel = 1 (what eval, sample, generate... run on); None otherwise."""
         return self._session
+
+    @property
+    def fim_tokens(self) -> fim.FimTokens:
+        """The vocabulary's fill-in-the-middle tokens (-1 for each it lacks)."""
+        return fim.FimTokens.of(self._core_model.vocab)
+
+    def infill_tokens(self, prefix: Union[str, list[int]], suffix: str, spm: Optional[bool] = None,
+                      **kw: Any) -> list[int]:
+        """The fill-in-the-middle prompt as token ids: fim.infill_tokens's (spm None: spm_infill)."""
+        return fim.infill_tokens(self._core_model, prefix, suffix, spm=self.spm_infill if spm is None else spm, **kw)
 
     @property
     def _context(self) -> Optional[Context]:
@@ -418,26 +421,36 @@ class Llama:
         prompts are likely to part from this one, kept in the prefix cache (chat handlers pass the
         end of the system message and of the last turn).
         """
+        arguments = {k: v for k, v in locals().items() if k != "self"}
+        return self._run(arguments, Cancellation(), typed=False)
+
+    def complete(self, *args: Any, cancellation: Optional[Cancellation] = None, **kwargs: Any) -> Any:
+        """create_completion's call answered with typed results: a CompletionResult, or with stream=True a
+        CompletionStream of CompletionEvents (the last carries it).  cancellation: stops it, set from any thread."""
+        arguments = chat_call.arguments(Llama.create_completion, self, args, kwargs)
+        return self._run(arguments, cancellation or Cancellation(), typed=True)
+
+    def _run(self, a: dict[str, Any], cancellation: Cancellation, typed: bool) -> Any:
         self._require_context("create_completion")
         request = completion_mod.request(
-            self._core_model, self.tokenize, self.detokenize, self._n_ctx, prompt, suffix=suffix,
-            spm_infill=self.spm_infill, max_tokens=max_tokens, stop=stop, logprobs=logprobs, echo=echo, stream=stream,
-            seed=seed, logits_all=self._engine is not None or self._logits_all, checkpoints=prefix_checkpoints,
-            name=model if model is not None else self.model_path)
+            self._core_model, self.tokenize, self.detokenize, self._n_ctx, spm_infill=self.spm_infill,
+            logits_all=self._engine is not None or self._logits_all, cancellation=cancellation,
+            name=a["model"] if a["model"] is not None else self.model_path,
+            **{k: a[k] for k in completion_mod.REQUEST_ARGUMENTS})
         with self._seed_lock:  # llama-cpp-python draws each call's seed from the previous one
-            call_seed = seed if seed is not None else random.Random(self._seed).randint(0, 2**32)
-            params = self._sampling_params(
-                temp=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-                repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-                mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, grammar=grammar,
-                logit_bias=logit_bias, logits_processor=logits_processor, prompt_tokens=request.prompt_tokens,
-                seed=call_seed)
+            call_seed = a["seed"] if a["seed"] is not None else random.Random(self._seed).randint(0, 2**32)
+            params = self._sampling_params(temp=a["temperature"], prompt_tokens=request.prompt_tokens, seed=call_seed,
+                                           **{k: a[k] for k in completion_mod.SAMPLING_ARGUMENTS})
             self._seed = call_seed
         if self._engine is not None:
-            out = completion_mod.engine_completion(self._engine, self._core_model, request, params, stopping_criteria)
+            events = completion_mod.engine_completion(self._engine, self._core_model, request, params,
+                                                      a["stopping_criteria"])
         else:
-            out = self._single("create_completion").complete(self, request, params, stopping_criteria)
-        return CompletionStream(out, request.cancellation) if stream else next(out)
+            events = self._single("create_completion").complete(self, request, params, a["stopping_criteria"])
+        if a["stream"]:
+            return CompletionStream(events, cancellation, shape=None if typed else CompletionEvent.as_chunk)
+        result = next(events)
+        return result if typed else result.as_response()
 
     __call__ = create_completion
 
@@ -460,32 +473,23 @@ class Llama:
         response_format {"type": "json_object"} or {"type": "json_schema", ...} and a named
         tool_choice constrain the output with a grammar.
         """
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise TypeError("messages: expected a list of {'role': ..., 'content': ...} dicts")
+        arguments = {k: v for k, v in locals().items() if k != "self"}
+        return self._chat(arguments, Cancellation(), typed=False)
+
+    def chat_complete(self, *args: Any, cancellation: Optional[Cancellation] = None, **kwargs: Any) -> Any:
+        """create_chat_completion's call with the completion behind the answer (the handler's last): a ChatResult,
+        or with stream=True a CompletionStream of chat chunks whose `result` it is once ended (cancellation: ditto)."""
+        arguments = chat_call.arguments(Llama.create_chat_completion, self, args, kwargs)
+        return self._chat(arguments, cancellation or Cancellation(), typed=True)
+
+    def _chat(self, a: dict[str, Any], cancellation: Cancellation, typed: bool) -> Any:
         handler = (self.chat_handler or self._chat_handlers.get(self.chat_format)
                    or llama_chat_format.get_chat_completion_handler(self.chat_format))
-        # the completions the handler starts share the chat stream's cancellation
-        with cancellation_scope(current_cancellation() or Cancellation()) as cancellation:
-            out = handler(
-                llama=self, messages=messages, functions=functions, function_call=function_call, tools=tools,
-                tool_choice=tool_choice, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                typical_p=typical_p, logprobs=logprobs, top_logprobs=top_logprobs, stream=stream, stop=stop,
-                seed=seed, response_format=response_format, max_tokens=max_tokens, presence_penalty=presence_penalty,
-                frequency_penalty=frequency_penalty, repeat_penalty=repeat_penalty, tfs_z=tfs_z,
-                mirostat_mode=mirostat_mode, mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, model=model,
-                logits_processor=logits_processor, grammar=grammar, logit_bias=logit_bias,
-                **self.chat_template_kwargs)
-            return CompletionStream(out, cancellation) if stream else out
+        return chat_call.run(self, handler, a, self.chat_template_kwargs, cancellation, typed)
 
     def create_chat_completion_openai_v1(self, *args: Any, **kwargs: Any):
         """create_chat_completion() as the openai package's ChatCompletion (or chunk) objects."""
-        try:
-            from openai.types.chat import ChatCompletion, ChatCompletionChunk
-        except ImportError:
-            raise ImportError("create_chat_completion_openai_v1 needs the openai package: pip install openai") from None
-        if kwargs.get("stream", False):
-            return (ChatCompletionChunk(**chunk) for chunk in self.create_chat_completion(*args, **kwargs))
-        return ChatCompletion(**self.create_chat_completion(*args, **kwargs))
+        return chat_call.openai_v1(self.create_chat_completion, args, kwargs)
 
     # -- helpers llama-cpp-python exposes -------------------------------------------------------
     @staticmethod
@@ -503,3 +507,4 @@ class Llama:
         """Download a GGUF file (glob `filename`) from the Hugging Face hub, then load it."""
         return cls(model_path=llama_setup.download(repo_id, filename, additional_files, local_dir,
                                                    local_dir_use_symlinks, cache_dir), **kwargs)
+

@@ -11,8 +11,8 @@ in llama-cpp-python; threads that share it anyway take turns per call (`lock`). 
 Engine thread: stock's handlers call llama.cpp on Llama._ctx from the caller's thread between eval()s,
 and scores, stopping criteria and logits processors read this object's state synchronously per token.
 What it shares with the Engine: the sampler chain (sampling.Sampler), the text rules
-(output.TextStream, policy STOCK), the logprob arithmetic (output) and the response shaping
-(completion.CompletionRequest); its speculative undo is engine.speculative's rewind().
+(output.TextStream, policy STOCK), the logprob arithmetic (output) and the shaping of its typed
+results (completion.CompletionRequest); its speculative undo is engine.speculative's rewind().
 An n_parallel>1 Llama has no Session: its Engine serves every completion.
 
 Completions with n_parallel=1 still run this loop, not the Engine's (issue #27 wants one): the Engine
@@ -40,6 +40,15 @@ from .llama_cache import LlamaState, longest_token_prefix
 from .model import Model
 from .output import STOCK, TextStream, log_softmax, top_logprobs
 from .sampling import Sampler, SamplingParams
+
+
+def state_property(name: str, doc: str, settable: bool = True) -> property:
+    """A Llama attribute that is its Session's (n_parallel=1 only; stock's multimodal handlers set some)."""
+    def get(self):
+        if self._session is None:
+            raise AttributeError(f"{name}: the single-sequence state needs n_parallel=1")
+        return getattr(self._session, name)
+    return property(get, (lambda self, value: setattr(self._single(name), name, value)) if settable else None, doc=doc)
 
 
 class Session:
@@ -253,8 +262,9 @@ class Session:
 
     # -- llama-cpp-python's completion loop ---------------------------------------------------------
     def complete(self, llama, r: CompletionRequest, params: SamplingParams, stopping_criteria) -> Iterator[Any]:
-        """llama-cpp-python's completion loop on the single sequence, token for token.  The cache goes
-        through llama.load_state and llama.save_state, as stock's does."""
+        """llama-cpp-python's completion loop on the single sequence, token for token: a CompletionResult, or
+        CompletionEvents when streamed.  The cache goes through llama.load_state and llama.save_state, as
+        stock's does."""
         if self.cache is not None:
             self._resume_from_cache(llama, r.prompt_tokens)
         model, detokenize = self.model, r.detokenize
@@ -267,7 +277,7 @@ class Session:
                 return
             if echo:
                 echo = False
-                yield r.chunk(r.echo_text, self._logprobs(r, []) if r.logprobs is not None else None)
+                yield r.event(r.echo_text, self._logprobs(r, []) if r.logprobs is not None else None)
             if model.is_eog(token):
                 stream.finish(detokenize(completion, prev_tokens=r.prompt_tokens))
                 finish_reason, end = "stop", token
@@ -291,19 +301,19 @@ class Session:
         if stopping_criteria is not None and stopping_criteria(self.evaluated, self.evaluated_scores[-1, :]):
             stream.finish(detokenize(completion, prev_tokens=r.prompt_tokens))
             finish_reason = "stop"
-        r.ended(completion, self.reused)
         if echo:  # stopped before its first token
-            yield r.chunk(r.echo_text)
+            yield r.event(r.echo_text)
         if r.stream:
             yield from self._stream(r, completion, stream)
-            yield r.chunk("", finish_reason=finish_reason)
+            yield r.event("", result=r.result(stream.text.decode("utf-8", errors="ignore"), completion,
+                                              finish_reason, self.reused))
         if self.cache is not None:
             self.cache[r.prompt_tokens + completion] = llama.save_state()
         if r.stream:
             return
         text = stream.text.decode("utf-8", errors="ignore")
-        yield r.response(text, self._logprobs(r, completion, end) if r.logprobs is not None else None,
-                         finish_reason, len(completion))
+        yield r.result(text, completion, finish_reason, self.reused,
+                       self._logprobs(r, completion, end) if r.logprobs is not None else None)
 
     def _resume_from_cache(self, llama, prompt_tokens: list[int]) -> None:
         try:
@@ -321,13 +331,13 @@ class Session:
         if r.logprobs is None:
             piece = stream.take()
             if piece:
-                yield r.chunk(piece)
+                yield r.event(piece)
             return
         # with logprobs, one chunk per token (the last one cut at the end of the final text)
         for i, shown, offset in stream.by_token(completion, lambda token: r.detokenize([token])):
             token = completion[i]
             row = log_softmax(self.evaluated_scores[len(r.prompt_tokens) + i - 1, :])
-            yield r.chunk(shown, r.stream_logprobs(token, len(r.prompt) + offset, row[token],
+            yield r.event(shown, r.stream_logprobs(token, len(r.prompt) + offset, row[token],
                                                    top_logprobs(row, r.logprobs)))
 
     def _logprobs(self, r: CompletionRequest, completion: list[int], end: Optional[int] = None):

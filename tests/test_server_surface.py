@@ -89,6 +89,15 @@ def test_include_usage_and_cached_tokens(client):
     assert all(c.choices for c in plain)  # no usage chunk unless asked for
 
 
+def test_a_repeated_chat_reports_its_cached_tokens(client):
+    """The chat route's usage comes from the completion behind the chat (Llama.chat_complete's result)."""
+    messages = [{"role": "system", "content": "Answer in one word. " * 12}, MESSAGES[1]]
+    first = client.chat.completions.create(model="qwen", messages=messages, temperature=0, max_tokens=2)
+    again = client.chat.completions.create(model="qwen", messages=messages, temperature=0, max_tokens=2)
+    assert again.usage.prompt_tokens == first.usage.prompt_tokens
+    assert 0 < again.usage.prompt_tokens_details.cached_tokens <= again.usage.prompt_tokens
+
+
 # -- reasoning and tool calls (the grammar makes the random model write the template's markup) ------------------
 WEATHER = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]

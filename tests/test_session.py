@@ -15,7 +15,6 @@ import pytest
 from conftest import ROOT, zoo_path
 from pyllama_ssm import Llama
 from pyllama_ssm.batch import Batch
-from pyllama_ssm.cancellation import Cancellation, cancellation_scope
 from pyllama_ssm.context import Context
 from pyllama_ssm.engine import speculative
 from pyllama_ssm.model import Model
@@ -54,13 +53,12 @@ def test_the_single_sequence_state_is_the_sessions(llm):
 
 
 def test_a_completion_is_the_sessions_generate(llm):
-    """create_completion runs on the Session: its tokens are generate()'s, and afterwards the Session holds
+    """A completion runs on the Session: its tokens are generate()'s, and afterwards the Session holds
     the prompt and what was evaluated of them (stock's state after a completion)."""
     prompt_tokens = llm.tokenize(PROMPT.encode())
-    with cancellation_scope(Cancellation()) as done:
-        out = llm.create_completion(PROMPT, max_tokens=8, temperature=0)
-    completion, finish = done.tokens, out["choices"][0]["finish_reason"]
-    assert completion and out["usage"]["completion_tokens"] == len(completion)
+    done = llm.complete(PROMPT, max_tokens=8, temperature=0)
+    completion, finish = list(done.tokens), done.finish_reason
+    assert completion and done.usage.completion_tokens == len(completion)
     evaluated = completion[:-1] if finish == "length" else completion  # an end token is sampled, not evaluated
     assert llm.session.evaluated.tolist() == prompt_tokens + evaluated
     llm.reset()

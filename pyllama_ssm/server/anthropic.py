@@ -27,13 +27,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..limits import field as limit
 from ..llama_chat_format import TEMPLATE_REFUSED
+from ..results import ChatResult, CompletionResult, Usage
 from .chat import MappedStream, ParsedChatStream, parse_completion
 from .errors import ERROR_RESPONSES, ApiError, bad_request, shape_errors
 from .generation import generate, named_event, note_ignored, registry_of
 from .openai import chat_call
 from .parsing import arguments_as_objects
 from .registry import ServedModel
-from .schemas import CreateChatCompletionRequest, NonEmptyStr, _Body, _ignored
+from .schemas import CreateChatCompletionRequest, NonEmptyStr, StrictBody, ignored_field
 
 MESSAGES, COUNT_TOKENS = "/v1/messages", "/v1/messages/count_tokens"
 
@@ -100,8 +101,8 @@ class ToolUseBlock(_Block):
     id: NonEmptyStr
     name: NonEmptyStr
     input: dict[str, Any]
-    caller: Optional[dict[str, Any]] = _ignored()
-    toolset_name: Optional[str] = _ignored()
+    caller: Optional[dict[str, Any]] = ignored_field()
+    toolset_name: Optional[str] = ignored_field()
 
 
 class ToolResultBlock(_Block):
@@ -109,7 +110,7 @@ class ToolResultBlock(_Block):
     tool_use_id: NonEmptyStr
     content: Optional[Union[str, list[TextBlock]]] = None
     is_error: Optional[bool] = None
-    toolset_name: Optional[str] = _ignored()
+    toolset_name: Optional[str] = ignored_field()
 
 
 Block = Annotated[Union[TextBlock, ThinkingBlock, RedactedThinkingBlock, ToolUseBlock, ToolResultBlock],
@@ -126,11 +127,11 @@ class Tool(_Block):
     name: NonEmptyStr
     description: Optional[str] = None
     input_schema: dict[str, Any]
-    strict: Optional[bool] = _ignored()
-    allowed_callers: Optional[list[str]] = _ignored()
-    defer_loading: Optional[bool] = _ignored()
-    eager_input_streaming: Optional[bool] = _ignored()
-    input_examples: Optional[list[dict[str, Any]]] = _ignored()
+    strict: Optional[bool] = ignored_field()
+    allowed_callers: Optional[list[str]] = ignored_field()
+    defer_loading: Optional[bool] = ignored_field()
+    eager_input_streaming: Optional[bool] = ignored_field()
+    input_examples: Optional[list[dict[str, Any]]] = ignored_field()
 
 
 class ToolChoice(_Part):
@@ -150,20 +151,20 @@ class JsonFormat(_Part):
 
 
 class OutputConfig(_Part):
-    effort: Optional[Literal["low", "medium", "high", "xhigh", "max"]] = _ignored()
+    effort: Optional[Literal["low", "medium", "high", "xhigh", "max"]] = ignored_field()
     format: Optional[JsonFormat] = Field(default=None, description="Structured output: the text is JSON of this "
                                                                    "schema.")
 
 
-class CountTokensRequest(_Body):
+class CountTokensRequest(StrictBody):
     model: Optional[str] = Field(default=None, description="The alias of a configured model (a server of one "
                                                           "model answers under any name).")
     messages: list[Message] = Field(min_length=1, description="The conversation so far.")
     system: Optional[Union[str, list[TextBlock]]] = Field(default=None, description="The system prompt.")
     tools: Optional[list[Tool]] = None
     tool_choice: Optional[ToolChoice] = None
-    thinking: Optional[dict[str, Any]] = _ignored()
-    mcp_servers: Optional[list[dict[str, Any]]] = _ignored()
+    thinking: Optional[dict[str, Any]] = ignored_field()
+    mcp_servers: Optional[list[dict[str, Any]]] = ignored_field()
 
 
 class CreateMessageRequest(CountTokensRequest):
@@ -178,15 +179,15 @@ class CreateMessageRequest(CountTokensRequest):
     top_p: Optional[float] = Field(default=None, **limit("top_p"))
     top_k: Optional[int] = Field(default=None, **limit("top_k"))
     output_config: Optional[OutputConfig] = None
-    metadata: Optional[dict[str, Any]] = _ignored()
-    service_tier: Optional[str] = _ignored()
-    container: Optional[Union[str, dict[str, Any]]] = _ignored()
-    cache_control: Optional[dict[str, Any]] = _ignored()
-    diagnostics: Optional[dict[str, Any]] = _ignored()
-    inference_geo: Optional[str] = _ignored()
-    speed: Optional[str] = _ignored()
-    user_profile_id: Optional[str] = _ignored()
-    workspace_id: Optional[str] = _ignored()
+    metadata: Optional[dict[str, Any]] = ignored_field()
+    service_tier: Optional[str] = ignored_field()
+    container: Optional[Union[str, dict[str, Any]]] = ignored_field()
+    cache_control: Optional[dict[str, Any]] = ignored_field()
+    diagnostics: Optional[dict[str, Any]] = ignored_field()
+    inference_geo: Optional[str] = ignored_field()
+    speed: Optional[str] = ignored_field()
+    user_profile_id: Optional[str] = ignored_field()
+    workspace_id: Optional[str] = ignored_field()
     # llama.cpp's
     min_p: Optional[float] = Field(default=None, **limit("min_p"))
     repeat_penalty: Optional[float] = Field(default=None, **limit("repeat_penalty"))
@@ -365,40 +366,39 @@ class MessageWriter:
                 yield {"type": "content_block_delta", "index": self.blocks.index(block),
                        "delta": {"type": "input_json_delta", "partial_json": function["arguments"]}}
 
-    def _stop(self, finish_reason: str, counted: Optional[dict[str, int]],
-              tokens: Optional[list[int]]) -> tuple[str, Optional[str]]:
+    def _stop(self, finish_reason: str, counted: Optional[Usage],
+              tokens: Optional[tuple[int, ...]]) -> tuple[str, Optional[str]]:
         """stop_reason and stop_sequence: the stop sequence is the first of them in the generated text.  A call
         forced by tool_choice reports "tool_calls" even when cut off: its token count tells."""
         if finish_reason == "length" or (self.max_tokens and counted and
-                                         counted["completion_tokens"] >= self.max_tokens):
+                                         counted.completion_tokens >= self.max_tokens):
             return "max_tokens", None
         if self.calls or finish_reason == "tool_calls":
             return "tool_use", None
         if self.stops and tokens:
-            text = self.detokenize(tokens)
+            text = self.detokenize(list(tokens))
             found = [(text.find(s), i, s) for i, s in enumerate(self.stops) if s in text]
             if found:
                 return "stop_sequence", min(found)[2]
         return "end_turn", None
 
     @staticmethod
-    def usage(counted: Optional[dict[str, int]]) -> dict[str, int]:
-        counted = counted or {"prompt_tokens": 0, "completion_tokens": 0}
-        cached = min(counted.get("cached_tokens", 0), counted["prompt_tokens"])
-        return {"input_tokens": counted["prompt_tokens"] - cached, "output_tokens": counted["completion_tokens"],
+    def usage(counted: Optional[Usage]) -> dict[str, int]:
+        counted = counted or Usage(0, 0)
+        cached = min(counted.cached_tokens, counted.prompt_tokens)
+        return {"input_tokens": counted.prompt_tokens - cached, "output_tokens": counted.completion_tokens,
                 "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
 
-    def finish(self, finish_reason: str, counted: Optional[dict[str, int]],
-               tokens: Optional[list[int]]) -> Iterator[dict[str, Any]]:
+    def finish(self, finish_reason: str, result: Optional[CompletionResult]) -> Iterator[dict[str, Any]]:
         yield from self._close()
+        counted, tokens = (result.usage, result.tokens) if result is not None else (None, None)
         stop_reason, stop_sequence = self._stop(finish_reason, counted, tokens)
         yield {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                "usage": self.usage(counted)}
         yield {"type": "message_stop"}
 
-    def whole(self, result: dict[str, Any], counted: Optional[dict[str, int]],
-              tokens: Optional[list[int]]) -> dict[str, Any]:
-        """The message answering a completed (parsed) chat completion."""
+    def whole(self, result: dict[str, Any], completion: Optional[CompletionResult]) -> dict[str, Any]:
+        """The message answering a completed (parsed) chat completion; completion: the one behind it."""
         choice = result["choices"][0]
         message = choice["message"]
         calls = [{"index": i, "id": call.get("id"), "function": call["function"]}
@@ -406,7 +406,9 @@ class MessageWriter:
         for _ in self.feed({"reasoning_content": message.get("reasoning_content"), "content": message.get("content"),
                             "tool_calls": calls}):
             pass
-        counted = counted or result.get("usage")
+        counted, tokens = (completion.usage, completion.tokens) if completion is not None else (None, None)
+        if counted is None and result.get("usage"):  # a handler that ran its completion elsewhere
+            counted = Usage(result["usage"]["prompt_tokens"], result["usage"]["completion_tokens"])
         stop_reason, stop_sequence = self._stop(choice["finish_reason"], counted, tokens)
         content = [{**block, "input": _arguments(block["input"])} if block["type"] == "tool_use" else block
                    for block in self.blocks]
@@ -441,7 +443,7 @@ class MessageEvents(MappedStream):
             chunk = next(self._chunks, None)
         if self._chunks.cancelled:
             return
-        yield from writer.finish(reason, self._chunks.usage, self.tokens)
+        yield from writer.finish(reason, self._chunks.result)
 
 
 # -- routes ------------------------------------------------------------------------------------------
@@ -469,18 +471,17 @@ async def create_message(request: Request, body: CreateMessageRequest) -> Any:
                     writer.input_tokens = prompt_tokens(served, body)
                 except ApiError:
                     pass  # the call below refuses these messages with its own error
-            chunks = llama.create_chat_completion(**kw)
+            chunks = llama.chat_complete(**kw)
             return MessageEvents(ParsedChatStream(chunks, parser) if parser is not None else chunks, writer)
 
         return await generate(request, served, chat, stream, kwargs, event=named_event, done=False,
                               error_event=error_event)
 
-    def whole(result: dict[str, Any], cancellation) -> dict[str, Any]:
-        if parser is not None:
-            result = parse_completion(result, parser)
-        return writer.whole(result, cancellation.usage, cancellation.tokens)
+    def whole(answer: ChatResult) -> dict[str, Any]:
+        result = parse_completion(answer.response, parser) if parser is not None else answer.response
+        return writer.whole(result, answer.completion)
 
-    return await generate(request, served, chat, llama.create_chat_completion, kwargs, on_result=whole)
+    return await generate(request, served, chat, llama.chat_complete, kwargs, on_result=whole)
 
 
 @router.post(COUNT_TOKENS, summary="Count message tokens (Anthropic)", tags=["Anthropic"])

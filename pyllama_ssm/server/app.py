@@ -24,7 +24,7 @@ import anyio
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from .. import __version__, fim
+from .. import __version__
 from ..bindings import lib
 from . import anthropic, errors, extras, infill, openai, props, responses, ui
 from .registry import ModelRegistry, ServedModel
@@ -121,7 +121,7 @@ def _add_model_rules(schema: dict[str, Any], models: list[ServedModel], n_vocab:
 
 def served_fim(served: ServedModel) -> bool:
     """Whether the model's vocabulary has the tokens fill-in-the-middle needs."""
-    return not fim.FimTokens.of(served.llama._model.vocab).missing
+    return not served.llama.fim_tokens.missing
 
 
 def _numbers_below(n: int) -> str:

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from ..llama import Llama
 from ..llama_chat_format import Jinja2ChatFormatter
+from ..results import CompletionResult
 from .parsing import Markup, OutputParser, arguments_as_objects
 
 
@@ -105,19 +106,23 @@ class MappedStream:
         return self._chunks.cancelled
 
     @property
-    def usage(self) -> Optional[dict[str, int]]:
-        return self._chunks.usage
-
-    @property
-    def tokens(self) -> Optional[list[int]]:
-        """The generated token ids once the generation ended (see CompletionStream.tokens)."""
-        return self._chunks.tokens
+    def result(self) -> Optional[CompletionResult]:
+        """The finished completion (its usage, token ids), once it ended (see CompletionStream.result)."""
+        return self._chunks.result
 
     def cancel(self) -> None:
         self._chunks.cancel()
 
     def close(self) -> None:
         self._chunks.close()
+
+
+class CompletionChunks(MappedStream):
+    """Llama.complete(stream=True)'s events as OpenAI's text completion chunks."""
+
+    def _map(self) -> Iterator[dict[str, Any]]:
+        for event in self._chunks:
+            yield event.as_chunk()
 
 
 class ParsedChatStream(MappedStream):

@@ -8,6 +8,11 @@ server-sent events.  A client that goes away cancels its request, streaming or
 not, which frees the sequence at the Engine's next step; a failure becomes the
 API error it means (api_error).  The OpenAI routes (openai.py), the Anthropic
 Messages route, /infill and /props all run on these helpers.
+
+The Llama answers with typed results (Llama.complete, Llama.chat_complete:
+pyllama_ssm.results) and the routes build each API's JSON from them, here at the
+edge: the cached prompt tokens and the generated token ids come with the result,
+and the call's Cancellation is handed to it, with no thread-local between them.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ from fastapi import Request
 from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from ..cancellation import Cancellation, CompletionStream, cancellation_scope
+from ..cancellation import Cancellation, CompletionStream
 from ..errors import EngineError
 from ..llama_callbacks import LogitsProcessorList, MinTokensLogitsProcessor
 from ..llama_chat_format import TEMPLATE_REFUSED
 from ..llama_grammar import LlamaGrammar
+from ..results import ChatResult, CompletionResult
 from . import errors
 from .errors import ApiError, bad_request, from_exception
 from .registry import ModelRegistry, ServedModel
@@ -138,12 +144,12 @@ def _error_event(error: ApiError) -> dict[str, str]:
 
 
 async def generate(request: Request, served: ServedModel, body: Any, call: Callable[..., Any],
-                    kwargs: dict[str, Any], on_result: Callable[[Any, Cancellation], Any] | None = None,
+                    kwargs: dict[str, Any], on_result: Callable[[Any], Any] | None = None,
                     event: Callable[[Any], dict[str, str]] = _chunk_event, done: bool = True,
                     error_event: Callable[[ApiError], dict[str, str]] = _error_event) -> Any:
-    """Run one admitted completion: a JSON answer (on_result(result, its Cancellation) when given), or an
-    SSE stream when body.stream (each item as event(item), then `data: [DONE]` when done; a failure after
-    the first event is the last event, error_event(error))."""
+    """Run one admitted completion: call(cancellation=..., **kwargs)'s typed result made JSON by on_result, or
+    an SSE stream when body.stream (call(**kwargs)'s items as event(item), then `data: [DONE]` when done; a
+    failure after the first event is the last event, error_event(error))."""
     fields = set(type(body).model_fields)
     admission = contextlib.ExitStack()
     admission.enter_context(served.admit())
@@ -153,13 +159,9 @@ async def generate(request: Request, served: ServedModel, body: Any, call: Calla
             admission.callback(served.generation_lock.release)
         if not body.stream:
             with admission:
-                cancellation = Cancellation()
-                result = await _until_done_or_gone(request, served, lambda: call(**kwargs), fields, cancellation)
-                if on_result is not None:
-                    return on_result(result, cancellation)
-                if isinstance(result, dict) and "usage" in result:
-                    result["usage"] = openai_usage(result["usage"], cancellation.usage)
-                return result
+                result = await _until_done_or_gone(
+                    request, served, lambda cancellation: call(cancellation=cancellation, **kwargs), fields)
+                return on_result(result) if on_result is not None else result
         options = getattr(body, "stream_options", None)
         stream = _Stream(request, served, admission, fields, bool(getattr(options, "include_usage", False)), event,
                          done, error_event)
@@ -180,21 +182,34 @@ async def _on_disconnect(request: Request, hook: Callable[[], None]) -> None:
     hook()
 
 
-def openai_usage(usage: dict[str, int], counted: dict[str, int] | None) -> dict[str, Any]:
+def openai_usage(usage: dict[str, int], cached: int) -> dict[str, Any]:
     """llama-cpp-python's usage with OpenAI's prompt_tokens_details.cached_tokens (prompt tokens whose
     state came from a cache, not computed)."""
-    cached = (counted or {}).get("cached_tokens", 0)
     return {**usage, "prompt_tokens_details": {"cached_tokens": min(cached, usage["prompt_tokens"])}}
 
 
-async def _until_done_or_gone(request: Request, served: ServedModel, work: Callable[[], Any],
-                              fields: set[str], cancellation: Cancellation | None = None) -> Any:
-    """work()'s result on a worker thread; a client that hangs up meanwhile cancels it (and gets 499)."""
-    cancellation = cancellation or Cancellation()
+def completion_json(result: CompletionResult) -> dict[str, Any]:
+    """OpenAI's text completion."""
+    return {**result.as_response(), "usage": openai_usage(result.usage.as_dict(), result.usage.cached_tokens)}
+
+
+def chat_json(chat: ChatResult) -> dict[str, Any]:
+    """OpenAI's chat completion: the handler's, its usage with the cached prompt tokens of its completion."""
+    response = chat.response
+    if "usage" in response:
+        cached = chat.completion.usage.cached_tokens if chat.completion is not None else 0
+        response["usage"] = openai_usage(response["usage"], cached)
+    return response
+
+
+async def _until_done_or_gone(request: Request, served: ServedModel, work: Callable[[Cancellation], Any],
+                              fields: set[str]) -> Any:
+    """work(cancellation)'s result on a worker thread; a client that hangs up meanwhile sets the cancellation
+    (and gets 499)."""
+    cancellation = Cancellation()
 
     def run() -> Any:
-        with cancellation_scope(cancellation):
-            return work()
+        return work(cancellation)
 
     result: Any = None
     failure: BaseException | None = None
@@ -277,12 +292,12 @@ class _Stream:
                 except Exception as e:  # headers are sent: the failure is the last event
                     yield self.error_event(api_error(self.request, e, self.fields))
                     return
-            counted = self.chunks.usage if self.chunks is not None else None
-            if self.include_usage and last is not None and counted is not None:
+            result = self.chunks.result if self.chunks is not None else None
+            if self.include_usage and last is not None and result is not None:
                 # OpenAI's stream_options.include_usage: one more chunk, no choices, the usage
-                usage = {k: counted[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+                usage = openai_usage(result.usage.as_dict(), result.usage.cached_tokens)
                 yield {"data": json.dumps({**{k: last[k] for k in ("id", "object", "created", "model")},
-                                           "choices": [], "usage": openai_usage(usage, counted)})}
+                                           "choices": [], "usage": usage})}
             if self.done:
                 yield {"data": "[DONE]"}
         finally:

@@ -27,20 +27,21 @@ from .. import fim
 from ..limits import INT32_MAX
 from ..limits import field as limit
 from ..llama import LlamaGrammar, LogitsProcessorList
+from ..results import CompletionResult, Usage
 from .chat import MappedStream
 from .errors import ERROR_RESPONSES, bad_request
 from .generation import capped_max_tokens, generate, note_ignored, registry_of
-from .schemas import _Body, _ignored
+from .schemas import StrictBody, ignored_field
 
 router = APIRouter(responses=ERROR_RESPONSES)
 
 
-class ExtraChunk(_Body):
+class ExtraChunk(StrictBody):
     filename: str = Field(default="tmp", description="The file the text comes from.")
     text: str = Field(description="Its text (context for the completion).")
 
 
-class InfillRequest(_Body):
+class InfillRequest(StrictBody):
     model: Optional[str] = Field(default=None, description="The alias of a configured model (a server of one model "
                                                           "answers under any name).")
     input_prefix: str = Field(description="The code before the cursor.")
@@ -74,11 +75,11 @@ class InfillRequest(_Body):
     response_fields: Optional[list[str]] = Field(default=None, description="Only these fields, by path "
                                                                            "(\"timings/prompt_n\").")
     # sent by llama.vim / llama.vscode; nothing to do here
-    cache_prompt: Optional[bool] = _ignored()
-    id_slot: Optional[int] = _ignored(ge=-1, le=INT32_MAX)
-    samplers: Optional[list[str]] = _ignored()
-    t_max_prompt_ms: Optional[int] = _ignored(ge=0, le=INT32_MAX)
-    timings_per_token: Optional[bool] = _ignored()
+    cache_prompt: Optional[bool] = ignored_field()
+    id_slot: Optional[int] = ignored_field(ge=-1, le=INT32_MAX)
+    samplers: Optional[list[str]] = ignored_field()
+    t_max_prompt_ms: Optional[int] = ignored_field(ge=0, le=INT32_MAX)
+    timings_per_token: Optional[bool] = ignored_field()
 
 
 class _Halt:
@@ -149,24 +150,24 @@ class InfillRun:
         return {"index": 0, "content": content, "tokens": [], "stop": False, "id_slot": -1,
                 "tokens_predicted": n_predicted, "tokens_evaluated": self.n_prompt}
 
-    def final(self, finish_reason: str, counted: Optional[dict[str, int]], tokens: Optional[list[int]],
-              content: str) -> dict[str, Any]:
+    def final(self, finish_reason: str, result: Optional[CompletionResult], content: str) -> dict[str, Any]:
         t_end = time.perf_counter()
         t_first = self.t_first or t_end
-        counted = counted or {"prompt_tokens": self.n_prompt, "completion_tokens": 0}
-        cached = min(counted.get("cached_tokens", 0), counted["prompt_tokens"])
-        n_gen = counted["completion_tokens"]
+        counted = result.usage if result is not None else Usage(self.n_prompt, 0)
+        tokens = list(result.tokens) if result is not None else []
+        cached = min(counted.cached_tokens, counted.prompt_tokens)
+        n_gen = counted.completion_tokens
         stop_type, word = "limit", ""
         if finish_reason == "stop" and not self.early:
-            full = self.detokenize(tokens or [])
+            full = self.detokenize(tokens)
             found = [(full.find(s), s) for s in self.body.stop if s and s in full]
             stop_type, word = ("word", min(found)[1]) if found else ("eos", "")
         prompt_ms, predicted_ms = (t_first - self.t_start) * 1000, (t_end - t_first) * 1000
-        n_prompt = counted["prompt_tokens"] - cached
+        n_prompt = counted.prompt_tokens - cached
         b = self.body
         answer = {
-            "index": 0, "content": content, "tokens": list(tokens or []) if b.return_tokens else [], "id_slot": -1,
-            "stop": True, "model": self.alias, "tokens_predicted": n_gen, "tokens_evaluated": counted["prompt_tokens"],
+            "index": 0, "content": content, "tokens": tokens if b.return_tokens else [], "id_slot": -1,
+            "stop": True, "model": self.alias, "tokens_predicted": n_gen, "tokens_evaluated": counted.prompt_tokens,
             "generation_settings": {
                 "n_predict": b.n_predict, "seed": b.seed if b.seed is not None else -1, "temperature": b.temperature,
                 "top_k": b.top_k, "top_p": b.top_p, "min_p": b.min_p, "typical_p": b.typical_p,
@@ -175,7 +176,7 @@ class InfillRun:
                 "mirostat_eta": b.mirostat_eta, "stop": b.stop, "n_indent": b.n_indent,
                 "t_max_predict_ms": b.t_max_predict_ms, "stream": b.stream, "grammar": b.grammar or ""},
             "prompt": self.prompt, "has_new_line": "\n" in self.text, "truncated": False, "stop_type": stop_type,
-            "stopping_word": word, "tokens_cached": counted["prompt_tokens"] + n_gen,
+            "stopping_word": word, "tokens_cached": counted.prompt_tokens + n_gen,
             "timings": {"cache_n": cached, "prompt_n": n_prompt, "prompt_ms": prompt_ms,
                         "prompt_per_token_ms": prompt_ms / n_prompt if n_prompt else 0.0,
                         "prompt_per_second": n_prompt / prompt_ms * 1000 if prompt_ms > 0 else 0.0,
@@ -200,7 +201,7 @@ def _fields(answer: dict[str, Any], paths: list[str]) -> dict[str, Any]:
 
 
 class InfillStream(MappedStream):
-    """A completion stream as llama-server's /infill chunks: the pieces, then the final answer."""
+    """Llama.complete(stream=True)'s events as llama-server's /infill chunks: the pieces, then the final answer."""
 
     def __init__(self, chunks: Any, run: InfillRun):
         self._run = run
@@ -208,18 +209,17 @@ class InfillStream(MappedStream):
 
     def _map(self) -> Iterator[dict[str, Any]]:
         run, reason, n = self._run, "stop", 0
-        for chunk in self._chunks:
-            choice = chunk["choices"][0]
-            if choice["text"]:
+        for event in self._chunks:
+            if event.text:
                 n += 1
-                out = run.take(choice["text"])
+                out = run.take(event.text)
                 if out and run.body.stream:
                     yield run.piece(out, n)
-            if choice.get("finish_reason") is not None:
-                reason = choice["finish_reason"]
+            if event.finish_reason is not None:
+                reason = event.finish_reason
         if self._chunks.cancelled:
             return
-        yield run.final(reason, self._chunks.usage, self.tokens, "" if run.body.stream else run.text)
+        yield run.final(reason, self.result, "" if run.body.stream else run.text)
 
 
 def _last(stream: InfillStream) -> Optional[dict[str, Any]]:
@@ -246,9 +246,9 @@ async def infill(request: Request, body: InfillRequest) -> Any:
     note_ignored(request, body)
     llama, settings = served.llama, served.settings
     try:
-        tokens = fim.infill_tokens(llama._model, body.input_prefix, body.input_suffix, prompt=body.prompt,
-                                   extra=[chunk.model_dump() for chunk in body.input_extra], spm=settings.spm_infill,
-                                   limits=fim.Limits(settings.n_batch, llama.n_ctx()))
+        tokens = llama.infill_tokens(body.input_prefix, body.input_suffix, prompt=body.prompt,
+                                     extra=[chunk.model_dump() for chunk in body.input_extra], spm=settings.spm_infill,
+                                     limits=fim.Limits(settings.n_batch, llama.n_ctx()))
     except ValueError as e:
         raise bad_request("model", f"{served.alias!r} cannot fill in the middle: "
                                    f"{str(e).removeprefix('suffix: ')}", code="not_supported") from None
@@ -276,8 +276,7 @@ async def infill(request: Request, body: InfillRequest) -> Any:
         return llama.detokenize(ids).decode("utf-8", errors="ignore")
 
     def run(**kw: Any) -> InfillStream:
-        return InfillStream(llama.create_completion(**kw), InfillRun(body, served.alias, prompt, len(tokens), halt,
-                                                                      detokenize))
+        return InfillStream(llama.complete(**kw), InfillRun(body, served.alias, prompt, len(tokens), halt, detokenize))
 
     if body.stream:
         return await generate(request, served, body, run, kwargs, done=False,

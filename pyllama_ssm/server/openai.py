@@ -15,14 +15,13 @@ import anyio
 import numpy as np
 from fastapi import APIRouter, Request
 
-from .. import fim
 from ..llama_chat_format import TEMPLATE_REFUSED
 from ..llama_grammar import LlamaGrammar, grammar_for_response_format
 from . import responses
-from .chat import ParsedChatStream, parse_completion
+from .chat import CompletionChunks, ParsedChatStream, parse_completion
 from .errors import ERROR_RESPONSES, ApiError, bad_request
-from .generation import (api_error, capped_max_tokens, check_tokens, generate, generation_kwargs, named_event,
-                         note_ignored, registry_of)
+from .generation import (api_error, capped_max_tokens, chat_json, check_tokens, completion_json, generate,
+                         generation_kwargs, named_event, note_ignored, registry_of)
 from .parsing import OutputParser, arguments_as_objects
 from .registry import ServedModel
 from .responses import CreateResponseRequest, ResponseStore
@@ -46,11 +45,13 @@ async def create_completion(request: Request, body: CreateCompletionRequest) -> 
     kwargs = generation_kwargs(request, served, body)
     if kwargs.pop("suffix", None) is not None:  # fill-in-the-middle: the prompt is the prefix
         try:
-            kwargs["prompt"] = fim.infill_tokens(served.llama._model, body.prompt, body.suffix,
-                                                 spm=served.settings.spm_infill)
+            kwargs["prompt"] = served.llama.infill_tokens(body.prompt, body.suffix, spm=served.settings.spm_infill)
         except ValueError as e:
             raise bad_request("suffix", str(e).removeprefix("suffix: ")) from None
-    return await generate(request, served, body, served.llama.create_completion, kwargs)
+    if body.stream:
+        return await generate(request, served, body, lambda **kw: CompletionChunks(served.llama.complete(**kw)),
+                              kwargs)
+    return await generate(request, served, body, served.llama.complete, kwargs, on_result=completion_json)
 
 
 def chat_call(request: Request, served: ServedModel,
@@ -76,13 +77,13 @@ def chat_call(request: Request, served: ServedModel,
 async def create_chat_completion(request: Request, body: CreateChatCompletionRequest) -> Any:
     served = registry_of(request).get(body.model)
     kwargs, parser = chat_call(request, served, body)
-    if parser is None:
-        return await generate(request, served, body, served.llama.create_chat_completion, kwargs)
+    llama = served.llama
     if body.stream:
-        return await generate(request, served, body, lambda **kw: ParsedChatStream(
-            served.llama.create_chat_completion(**kw), parser), kwargs)
-    return parse_completion(await generate(request, served, body, served.llama.create_chat_completion, kwargs),
-                            parser)
+        call = llama.chat_complete if parser is None else \
+            lambda **kw: ParsedChatStream(llama.chat_complete(**kw), parser)
+        return await generate(request, served, body, call, kwargs)
+    answer = chat_json if parser is None else lambda chat: parse_completion(chat_json(chat), parser)
+    return await generate(request, served, body, llama.chat_complete, kwargs, on_result=answer)
 
 
 @router.post("/v1/responses", summary="Response", tags=["OpenAI V1"], responses={
@@ -148,9 +149,8 @@ async def create_response(request: Request, body: CreateResponseRequest) -> Any:
                           lambda text: tokenize(text))
     if body.stream:
         return await generate(request, served, body, lambda **kw: responses.ResponseEvents(
-            llama.create_completion(**kw), turn), kwargs, event=named_event, done=False)
-    return await generate(request, served, body, llama.create_completion, kwargs,
-                           on_result=lambda result, c: turn.whole(result, c.usage, c.tokens))
+            llama.complete(**kw), turn), kwargs, event=named_event, done=False)
+    return await generate(request, served, body, llama.complete, kwargs, on_result=turn.whole)
 
 
 # one route for both methods, so that a 405 on the path lists both in Allow

@@ -20,7 +20,6 @@ from .. import __version__
 from ..bindings import BUILD, ffi, lib
 from ..context import invariant_by_default
 from ..engine import SlotView
-from ..fim import FimTokens
 from .errors import ERROR_RESPONSES, unavailable
 from .generation import registry_of, settings_of
 from .registry import ServedModel
@@ -38,8 +37,8 @@ def _token_text(served: ServedModel, token: int) -> str:
 def _flash_attn(served: ServedModel) -> str:
     """What the context was created with: "auto" (llama.cpp enables it where the backend can), "enabled" or
     "disabled"."""
-    context = served.llama._context  # the one completions run on (the Engine's with n_parallel > 1)
-    return ffi.string(lib.llama_flash_attn_type_name(context.params.flash_attn_type)).decode()
+    params = served.llama.context_params  # of the context completions run on (the Engine's with n_parallel > 1)
+    return ffi.string(lib.llama_flash_attn_type_name(params.flash_attn_type)).decode()
 
 
 def props(request: Request, served: ServedModel) -> dict[str, Any]:
@@ -54,7 +53,7 @@ def props(request: Request, served: ServedModel) -> dict[str, Any]:
     params.update(n_predict=limit if limit is not None else -1, seed=settings.seed, mirostat=0,
                   stream=False, spm_infill=settings.spm_infill)
     engine = served.engine
-    fim = FimTokens.of(llama._model.vocab)
+    fim = llama.fim_tokens
     return {
         "default_generation_settings": {"params": params, "n_ctx": llama.n_ctx()},
         "total_slots": settings.n_parallel,

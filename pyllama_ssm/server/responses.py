@@ -24,9 +24,10 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..limits import field as limit
+from ..results import CompletionResult, Usage
 from .chat import MappedStream
 from .parsing import Delta, OutputParser
-from .schemas import NonEmptyStr, _Body, _ignored
+from .schemas import NonEmptyStr, StrictBody, ignored_field
 
 
 # -- the request -------------------------------------------------------------------------------------
@@ -105,7 +106,7 @@ class TextOptions(_Item):
     verbosity: Optional[Literal["low", "medium", "high"]] = None
 
 
-class CreateResponseRequest(_Body):
+class CreateResponseRequest(StrictBody):
     model: Optional[str] = Field(default=None, description="The alias of a configured model (default: the first; "
                                                            "a server of one model answers under any name).")
     input: Union[NonEmptyStr, Annotated[list[InputItem], Field(min_length=1)]] = Field(
@@ -114,7 +115,7 @@ class CreateResponseRequest(_Body):
     previous_response_id: Optional[str] = Field(default=None, description="Continue a stored response.")
     store: bool = Field(default=True, description="Keep the response (and its state) for previous_response_id.")
     stream: bool = Field(default=False, description="Stream the Responses events as server-sent events.")
-    stream_options: Optional[dict[str, Any]] = _ignored()
+    stream_options: Optional[dict[str, Any]] = ignored_field()
     max_output_tokens: Optional[int] = Field(default=None, **limit("max_tokens"),
                                              json_schema_extra={"x-limit": "max_tokens"})
     temperature: Optional[float] = Field(default=None, **limit("temperature", ge=0.0, le=2.0))
@@ -125,17 +126,17 @@ class CreateResponseRequest(_Body):
     tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
     parallel_tool_calls: Optional[bool] = None
     text: Optional[TextOptions] = None
-    reasoning: Optional[dict[str, Any]] = _ignored()
+    reasoning: Optional[dict[str, Any]] = ignored_field()
     metadata: Optional[dict[str, str]] = Field(default=None, description="Returned with the response.")
     user: Optional[str] = None
-    truncation: Optional[Literal["auto", "disabled"]] = _ignored()
-    include: Optional[list[str]] = _ignored()
-    service_tier: Optional[str] = _ignored()
-    top_logprobs: Optional[int] = _ignored(ge=0, le=20)
-    prompt_cache_key: Optional[str] = _ignored()
-    safety_identifier: Optional[str] = _ignored()
-    max_tool_calls: Optional[int] = _ignored(ge=0, le=2**31 - 1)
-    background: Optional[bool] = _ignored()  # answered at once, never in the background
+    truncation: Optional[Literal["auto", "disabled"]] = ignored_field()
+    include: Optional[list[str]] = ignored_field()
+    service_tier: Optional[str] = ignored_field()
+    top_logprobs: Optional[int] = ignored_field(ge=0, le=20)
+    prompt_cache_key: Optional[str] = ignored_field()
+    safety_identifier: Optional[str] = ignored_field()
+    max_tool_calls: Optional[int] = ignored_field(ge=0, le=2**31 - 1)
+    background: Optional[bool] = ignored_field()  # answered at once, never in the background
     # llama.cpp's
     top_k: Optional[int] = Field(default=None, **limit("top_k"))
     min_p: Optional[float] = Field(default=None, **limit("min_p"))
@@ -292,12 +293,12 @@ def response_object(rid: str, body: CreateResponseRequest, model: str, created: 
             "metadata": body.metadata or {}}
 
 
-def usage_of(counted: dict[str, int], reasoning_tokens: int) -> dict[str, Any]:
-    return {"input_tokens": counted["prompt_tokens"],
-            "input_tokens_details": {"cached_tokens": min(counted.get("cached_tokens", 0), counted["prompt_tokens"])},
-            "output_tokens": counted["completion_tokens"],
-            "output_tokens_details": {"reasoning_tokens": min(reasoning_tokens, counted["completion_tokens"])},
-            "total_tokens": counted["prompt_tokens"] + counted["completion_tokens"]}
+def usage_of(counted: Usage, reasoning_tokens: int) -> dict[str, Any]:
+    return {"input_tokens": counted.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": min(counted.cached_tokens, counted.prompt_tokens)},
+            "output_tokens": counted.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": min(reasoning_tokens, counted.completion_tokens)},
+            "total_tokens": counted.total_tokens}
 
 
 class EventWriter:
@@ -440,25 +441,22 @@ class Turn:
     store: ResponseStore
     tokenize: Any
 
-    def finish(self, text: str, finish_reason: str, counted: Optional[dict[str, int]],
-               generated: Optional[list[int]]) -> dict[str, Any]:
+    def finish(self, text: str, finish_reason: str, result: Optional[CompletionResult]) -> dict[str, Any]:
         """The response object once the answer is complete; stored when the request asks."""
         reasoning_tokens = len(self.tokenize(self.parser.reasoning)) if self.parser.reasoning else 0
-        counted = counted or {"prompt_tokens": len(self.tokens), "completion_tokens": 0}
+        counted = result.usage if result is not None else Usage(len(self.tokens), 0)
         response = self.writer.finish(finish_reason, usage_of(counted, reasoning_tokens))
-        if self.body.store and generated is not None:
+        if self.body.store and result is not None:
             history = self.messages[1:] if self.body.instructions else self.messages
             self.store.put(self.rid, Stored(self.alias, history + [self.parser.message()], self.prompt,
-                                            self.tokens + generated, text, response))
+                                            self.tokens + list(result.tokens), text, response))
         return response
 
-    def whole(self, result: dict[str, Any], counted: Optional[dict[str, int]],
-              generated: Optional[list[int]]) -> dict[str, Any]:
+    def whole(self, result: CompletionResult) -> dict[str, Any]:
         """The response to a completed (non-streamed) completion."""
-        choice = result["choices"][0]
-        self.writer.feed(self.parser.feed(choice["text"]))
+        self.writer.feed(self.parser.feed(result.text))
         self.writer.feed(self.parser.finish())
-        return self.finish(choice["text"], choice["finish_reason"], counted, generated)
+        return self.finish(result.text, result.finish_reason, result)
 
 
 class ResponseEvents(MappedStream):
@@ -474,18 +472,17 @@ class ResponseEvents(MappedStream):
         writer.start()
         chunk = first
         while chunk is not None:
-            choice = chunk["choices"][0]
-            if choice["text"]:
-                text += choice["text"]
-                writer.feed(turn.parser.feed(choice["text"]))
-            if choice.get("finish_reason") is not None:
-                reason = choice["finish_reason"]
+            if chunk.text:
+                text += chunk.text
+                writer.feed(turn.parser.feed(chunk.text))
+            if chunk.finish_reason is not None:
+                reason = chunk.finish_reason
             yield from self._take()
             chunk = next(self._chunks, None)
         if self._chunks.cancelled:
             return
         writer.feed(turn.parser.finish())
-        turn.finish(text, reason, self._chunks.usage, self._chunks.tokens)
+        turn.finish(text, reason, self._chunks.result)
         yield from self._take()
 
     def _take(self):

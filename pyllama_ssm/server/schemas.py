@@ -29,7 +29,8 @@ TokenId = Annotated[int, Field(**limit("token"), json_schema_extra={"x-limit": "
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
-class _Body(BaseModel):
+class StrictBody(BaseModel):
+    """A request body: unknown fields and numbers sent as strings are refused."""
     # strict: a number sent as a string ("16") is refused, as the schema's types say
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False, strict=True)
 
@@ -39,7 +40,7 @@ class _Body(BaseModel):
         return _whole(value)
 
 
-class _Sampling(_Body):
+class _Sampling(StrictBody):
     """The sampling fields shared by completions and chat completions."""
 
     model: Optional[str] = Field(default=None, description="The alias of a configured model (default: the first; "
@@ -81,7 +82,7 @@ class _Sampling(_Body):
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
-class StreamOptions(_Body):
+class StreamOptions(StrictBody):
     include_usage: Optional[bool] = Field(default=None, description="A last chunk with `usage` and no choices.")
     include_obfuscation: Optional[bool] = Field(default=None, description="Accepted, ignored (no padding is sent).")
 
@@ -90,7 +91,8 @@ class StreamOptions(_Body):
 IGNORED_NOTE = "Accepted for OpenAI compatibility; ignored by this server."
 
 
-def _ignored(**bounds: Any) -> Any:
+def ignored_field(**bounds: Any) -> Any:
+    """A field accepted for compatibility and ignored (noted in the log, marked x-ignored in the schema)."""
     return Field(default=None, description=IGNORED_NOTE, json_schema_extra={"x-ignored": True}, **bounds)
 
 
@@ -144,7 +146,7 @@ class ChatMessage(BaseModel):
     content: Optional[Union[str, list[dict[str, Any]]]] = None
 
 
-class ResponseFormat(_Body):
+class ResponseFormat(StrictBody):
     type: Literal["text", "json_object", "json_schema"]
     schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
     json_schema: Optional[dict[str, Any]] = None
@@ -168,19 +170,19 @@ class CreateChatCompletionRequest(_Sampling):
         default=None, **limit("max_tokens"), json_schema_extra={"x-limit": "max_tokens"},
         description="OpenAI's current name of max_tokens; it wins when both are given.")
     stream_options: Optional[StreamOptions] = Field(default=None, description="With stream=true.")
-    parallel_tool_calls: Optional[bool] = _ignored()  # every call the model writes is parsed and returned
-    store: Optional[bool] = _ignored()
-    metadata: Optional[dict[str, str]] = _ignored()
-    modalities: Optional[list[Literal["text", "audio"]]] = _ignored()
-    audio: Optional[dict[str, Any]] = _ignored()
-    prediction: Optional[dict[str, Any]] = _ignored()
-    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = _ignored()
-    service_tier: Optional[str] = _ignored()
-    verbosity: Optional[Literal["low", "medium", "high"]] = _ignored()
-    web_search_options: Optional[dict[str, Any]] = _ignored()
-    prompt_cache_key: Optional[str] = _ignored()
-    prompt_cache_retention: Optional[str] = _ignored()
-    safety_identifier: Optional[str] = _ignored()
+    parallel_tool_calls: Optional[bool] = ignored_field()  # every call the model writes is parsed and returned
+    store: Optional[bool] = ignored_field()
+    metadata: Optional[dict[str, str]] = ignored_field()
+    modalities: Optional[list[Literal["text", "audio"]]] = ignored_field()
+    audio: Optional[dict[str, Any]] = ignored_field()
+    prediction: Optional[dict[str, Any]] = ignored_field()
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = ignored_field()
+    service_tier: Optional[str] = ignored_field()
+    verbosity: Optional[Literal["low", "medium", "high"]] = ignored_field()
+    web_search_options: Optional[dict[str, Any]] = ignored_field()
+    prompt_cache_key: Optional[str] = ignored_field()
+    prompt_cache_retention: Optional[str] = ignored_field()
+    safety_identifier: Optional[str] = ignored_field()
     logprobs: Optional[bool] = Field(default=False)
     top_logprobs: Optional[int] = Field(default=None, **limit("top_logprobs"))
     response_format: Optional[ResponseFormat] = None
@@ -196,7 +198,7 @@ class CreateChatCompletionRequest(_Sampling):
         return self
 
 
-class CreateEmbeddingRequest(_Body):
+class CreateEmbeddingRequest(StrictBody):
     model: Optional[str] = Field(default=None)
     input: Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(min_length=1)]] = Field(
         description="The text (or texts) to embed.")
@@ -212,11 +214,11 @@ class CreateEmbeddingRequest(_Body):
         return value
 
 
-class TokenizeInputRequest(_Body):
+class TokenizeInputRequest(StrictBody):
     model: Optional[str] = Field(default=None)
     input: str = Field(description="The text to tokenize.")
 
 
-class DetokenizeInputRequest(_Body):
+class DetokenizeInputRequest(StrictBody):
     model: Optional[str] = Field(default=None)
     tokens: list[TokenId] = Field(description="The token ids to turn into text.")

@@ -1,0 +1,87 @@
+"""Typed results of one completion: what the runtime produces, before anybody's JSON.
+
+The Session's loop and the Engine path (pyllama_ssm.completion) produce a CompletionResult, or when
+streamed CompletionEvents whose last one carries it.  Llama.create_completion turns them into
+llama-cpp-python's dicts (as_response, as_chunk); Llama.complete and Llama.chat_complete hand them to
+callers that need more than those dicts, as the server does: it builds the OpenAI, Anthropic, Responses
+and llama-server answers from them, with the cached prompt tokens and the generated token ids that
+llama-cpp-python's shapes do not carry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .llama_types import CompletionLogprobs
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One completion's token counts."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose state came from a cache (prefix reuse), not computed
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        """llama-cpp-python's usage (no cached_tokens: stock has none)."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.total_tokens}
+
+
+@dataclass(frozen=True)
+class CompletionResult:
+    """A finished completion."""
+
+    id: str
+    created: int
+    model: str
+    text: str                   # the generated text (after stop strings are cut), without the echoed prompt
+    tokens: tuple[int, ...]     # the generated token ids, without the end-of-generation token
+    finish_reason: str          # "stop" or "length"
+    usage: Usage
+    logprobs: Optional[CompletionLogprobs] = None  # OpenAI's layout; streamed: None (the events carry them)
+    echo: str = ""              # the prompt's text when echo=True
+
+    def as_response(self) -> dict[str, Any]:
+        """llama-cpp-python's whole (not streamed) response."""
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"text": self.echo + self.text, "index": 0, "logprobs": self.logprobs,
+                             "finish_reason": self.finish_reason}],
+                "usage": self.usage.as_dict()}
+
+
+@dataclass(frozen=True)
+class CompletionEvent:
+    """One streamed piece of a completion; the last one has its finish_reason and carries the result."""
+
+    id: str
+    created: int
+    model: str
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    result: Optional[CompletionResult] = None
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return self.result.finish_reason if self.result is not None else None
+
+    def as_chunk(self) -> dict[str, Any]:
+        """llama-cpp-python's chunk."""
+        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": [{"text": self.text, "index": 0, "logprobs": self.logprobs,
+                             "finish_reason": self.finish_reason}]}
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """A chat completion (not streamed): the handler's answer, and the completion it ran (the last one, where
+    a handler runs several; None for a handler that ran none through the Llama it was given)."""
+
+    response: dict[str, Any]
+    completion: Optional[CompletionResult]
