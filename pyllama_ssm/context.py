@@ -38,12 +38,12 @@ def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-
 def invariant_by_default(batch_invariant: bool | None) -> bool:
     """batch_invariant=None, the default above the bindings: on wherever the build has it (patch 0007), so
     an answer does not depend on load, on the prefix cache or on n_parallel; False is the documented switch
     back to llama.cpp's fastest kernel per shape (and what parity with stock llama-cpp-python needs)."""
     return has("llama_set_batch_invariant") if batch_invariant is None else bool(batch_invariant)
+
 
 class Context:
     """An inference context over a Model.

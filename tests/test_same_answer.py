@@ -192,8 +192,8 @@ def test_zoo_concurrent_requests_equal_lone_logprobs(name):
 
 def direct_prompt_logprobs(model, tokens: list[int]) -> list[float]:
     """log P(token i | tokens before it) for i >= 1, straight from the library's logits, on the kernels the
-    Llama under test runs (batch_invariant: ggml's reference ones; the default ones are other sums, and
-    on SmolLM2 their logprobs differ by up to 0.2 from those)."""
+    Llama under test runs (the batch-invariant ones; llama.cpp's fastest are other sums, and on SmolLM2
+    their logprobs differ by up to 0.2 from those)."""
     with ps.Context(model, n_ctx=512, flash_attn=True, batch_invariant=True) as ctx, ps.Batch(512, 1) as batch:
         batch.add_sequence(tokens, 0, 0, logits_last=False)
         for i in range(len(tokens)):
