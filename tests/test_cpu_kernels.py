@@ -1,4 +1,4 @@
-"""The CPU kernels users' machines pick: ggml's AMX path (patch 0008) and the quantized formats.
+"""The CPU kernels users' machines pick: ggml's AMX path (patches 0008, 0010) and the quantized formats.
 
 On Sapphire Rapids class CPUs (amx_int8), ggml moves Q4_0, Q4_1, Q8_0 and K-quant weights into an
 AMX buffer: prompts (several rows) run on AMX tiles, single-row steps on its AVX512-VNNI gemv.
@@ -43,8 +43,9 @@ with ps.Model(path, overrides={"use_extra_bufts": extra}) as m, \
         out.append(int(logits.argmax()))
         rows.append([float(x) for x in logits])
         logits = ctx.decode_tokens([t], seq_id=0, pos0=len(toks) + i)
-bufs = sorted({r.split(" model buffer size")[0].split(":")[-1].strip() for r in records if "model buffer size" in r})
-print(json.dumps({"tokens": out, "logits": rows, "buffers": bufs}))
+sizes = {r.split(" model buffer size")[0].split(":")[-1].strip(): float(r.split("=")[-1].split()[0])
+         for r in records if "model buffer size" in r}
+print(json.dumps({"tokens": out, "logits": rows, "buffers": sorted(sizes), "buffer_mib": sizes}))
 """
 
 
@@ -95,6 +96,24 @@ def test_fast_cpu_kernels_are_as_accurate_as_the_plain_ones(path, original, caps
     assert e_fast <= 1.25 * e_plain + 0.05, f"fast kernels {e_fast:.3f} from f16, plain ones {e_plain:.3f}"
 
 
+@pytest.mark.skipif(not AMX, reason="ggml's AMX buffer needs a CPU with AMX (amx_int8)")
+def test_q5_0_weights_run_on_amx():
+    """Patch 0010: a Q4_K_M model's Q5_0 tensors (SmolLM2's 576-wide projections, whose rows K-quants
+    cannot hold) go to ggml's AMX buffer, packed as Q8_0 (34 bytes per 32 weights), with the rest of
+    its products; before, only its Q4_K/Q6_K/Q8_0 tensors did and the Q5_0 ones ran ggml's per-row
+    vec_dot.  Their results: test_fast_cpu_kernels_are_as_accurate_as_the_plain_ones."""
+    import graft
+    from pyllama_ssm import gguf
+    path = graft.graft_path("smollm2", "q4_k_m")
+    if not path.exists():
+        pytest.skip(f"{path.name} missing: run `make models`")
+    q5_0 = sum(t.nbytes for t in gguf.read(path, check_data=False).tensors if t.type.name == "q5_0")
+    assert q5_0 > 0, f"{path.name}: no Q5_0 tensor to place"
+    amx = run(path, True)["buffer_mib"].get("AMX", 0.0) * (1 << 20)
+    assert amx >= q5_0 * 34 / 22, f"AMX buffer {amx / (1 << 20):.1f} MiB, the Q5_0 weights as Q8_0 alone " \
+        f"{q5_0 * 34 / 22 / (1 << 20):.1f} MiB"
+
+
 def test_pristine_build_runs_the_same_fast_kernels():
     """The parity reference carries the AMX fix too (patches/pristine): it runs SmolLM2 on the same
     kernels without a fault, bit for bit what the patched build computes for one sequence."""
@@ -138,7 +157,7 @@ def attention_run(path, flash_attn: bool, build: str = "patched") -> np.ndarray:
 
 def test_decode_attention_is_as_accurate_as_upstreams():
     """Decode steps of several sequences (patch 0009: one pass per KV head for the query heads sharing it,
-    masked cells dropped first, F32 accumulation) stay as close to the unfused attention (flash
+    over each query's visible cells, F32 accumulation) stay as close to the unfused attention (flash
     attention off: KQ, softmax and KQV as separate F32 operations) as upstream's flash attention
     kernel does (F16 accumulation).  SmolLM2 f16: 9 query heads on 3 KV heads; a wrong head, cell or
     mask is off by whole logits.  On a Xeon: 0.020 from the unfused logits, upstream's 0.032."""
