@@ -1,8 +1,9 @@
 """One completion of the drop-in Llama, from its checked arguments to llama-cpp-python's responses.
 
 Llama.create_completion checks the arguments once into a CompletionRequest; the request is then run
-by the Engine (n_parallel > 1, engine_responses here) or by the Session's own loop (n_parallel = 1,
-pyllama_ssm.session), and both shape what they produce with the request's methods below into typed
+by the Engine (n_parallel > 1, engine_responses here) or by the Session (n_parallel = 1,
+pyllama_ssm.session: stock's loop over the tokens of its own inline Engine), and both shape what they
+produce with the request's methods below into typed
 results (pyllama_ssm.results: a CompletionResult, or CompletionEvents when streamed) with the usage and
 the logprobs (OpenAI's layout, scored by pyllama_ssm.output's rules); Llama makes llama-cpp-python's
 dicts of them.

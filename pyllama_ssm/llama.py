@@ -5,8 +5,8 @@ n_parallel; an unknown keyword is ignored with a warning, as llama-cpp-python ig
 facade: the signature, the lifetime of what it loads, and the dispatch of each call:
 
 - n_parallel=1: a Session (pyllama_ssm.session) drives the one context and its one sequence as
-  llama-cpp-python does (eval, sample, generate, n_tokens, input_ids, scores, prefix reuse,
-  save_state/load_state, set_cache), so the same calls give the same tokens.  One call at a time.
+  llama-cpp-python does (eval, sample, generate, n_tokens, input_ids, scores, prefix reuse, save/load_state,
+  set_cache): the same calls, the same tokens, one call at a time; completions go to its inline Engine.
 - n_parallel>1: completions are requests to an Engine (continuous batching, a shared prefix cache),
   so calls from several threads run at once; the single-sequence methods say they need n_parallel=1.
 
@@ -58,8 +58,6 @@ from .stock_handles import BatchHandle, ContextHandle, ModelHandle, pointer
 __all__ = ["Llama", "LlamaState", "LlamaTokenizer", "LogitsProcessor", "LogitsProcessorList", "StoppingCriteria",
            "StoppingCriteriaList", "MinTokensLogitsProcessor", "StopOnTokenIds", "LlamaGrammar", "BaseLlamaCache",
            "LlamaCache", "LlamaRAMCache", "LlamaDiskCache", "CompletionStream"]
-
-_Cancellation = Cancellation  # the name it had here before it moved to cancellation.py
 
 
 class Llama:
@@ -142,7 +140,7 @@ class Llama:
             # a rejected draft token is undone on recurrent memory from a snapshot of the pool (patched build)
             draft_snapshots = draft_model is not None and has("llama_memory_rs_snapshot") and \
                 (self._core_model.is_recurrent or self._core_model.is_hybrid)
-            self._core_ctx, self._core_batch, self._engine = llama_setup.open_runtime(
+            self._core_ctx, self._core_batch, single, self._engine = llama_setup.open_runtime(
                 stack, self._core_model, n_parallel=n_parallel, n_ctx=n_ctx, n_batch=self.n_batch, n_ubatch=n_ubatch,
                 n_threads=self.n_threads, n_threads_batch=self.n_threads_batch, embedding=embedding,
                 vocab_only=vocab_only, flash_attn=flash_attn_mode, batch_invariant=batch_invariant,
@@ -167,7 +165,7 @@ class Llama:
             self._session = Session(
                 self._core_model, self._core_ctx, self._core_batch, n_batch=self.n_batch,
                 logits_all=self._logits_all, score_rows=self._n_ctx if logits_all else self.n_batch,
-                draft_model=draft_model, draft_snapshots=draft_snapshots,
+                draft_model=draft_model, draft_snapshots=draft_snapshots, engine=single,
                 say=lambda message: (llama := ref()) is not None and llama._say(message))
         self.metadata = self._core_model.metadata()
         self._chat_handlers = llama_setup.chat_handlers(self._core_model, self.metadata)
@@ -189,6 +187,8 @@ class Llama:
             return
         if self._engine is not None:
             self._engine.close()
+        if self._session is not None and self._session.engine is not None:
+            self._session.engine.close()
         if self._core_batch is not None:
             self._core_batch.close()
         if self._core_ctx is not None:
@@ -331,11 +331,11 @@ class Llama:
         """Decode tokens after the n_tokens already evaluated."""
         self._single("eval").eval(tokens)
 
-    def _sampling_params(self, *, seed: Optional[int] = None, prompt_tokens: Sequence[int] = (),
+    def _sampling_params(self, *, seed: Optional[int] = None, prompt_tokens: Optional[Sequence[int]] = None,
                          **arguments: Any) -> SamplingParams:
         """The sampler chain llama-cpp-python builds for these arguments, seeded with the current seed.  A logits
-        processor sees the evaluated tokens (n_parallel=1) or the prompt and the tokens generated (n_parallel>1)."""
-        if self._engine is None:
+        processor sees the evaluated tokens (sample, generate) or a completion's prompt and tokens generated."""
+        if prompt_tokens is None:
             seen = lambda generated: self._input_ids  # noqa: E731
         else:
             prompt = np.asarray(prompt_tokens, dtype=np.intc)

@@ -176,11 +176,12 @@ def context_overrides(arguments: dict[str, Any]) -> dict[str, Any]:
 def open_runtime(stack, model: Model, *, n_parallel: int, n_ctx: int, n_batch: int, n_ubatch: int, n_threads: int,
                  n_threads_batch: int, embedding: bool, vocab_only: bool, flash_attn, batch_invariant: Optional[bool],
                  overrides: dict[str, Any], draft_snapshots: bool, engine: dict[str, Any]):
-    """(the single-sequence or embedding context, its batch, the Engine): what Llama runs on, each closed
-    by `stack` (an ExitStack) should a later step fail.  n_parallel == 1 (or embeddings): a context of its
-    own; n_parallel > 1: an Engine.  vocab_only: a tokenizer; with n_parallel == 1 a context too, as stock
-    makes one (it holds no weights and costs nothing), so _ctx.ctx exists for low-level callers."""
-    ctx = batch = runner = None
+    """(the single-sequence or embedding context, its batch, the inline Engine of one sequence on it that
+    runs the Session's completions, the Engine): what Llama runs on, each closed by `stack` (an ExitStack)
+    should a later step fail.  n_parallel == 1 (or embeddings): a context of its own; n_parallel > 1: an
+    Engine.  vocab_only: a tokenizer; with n_parallel == 1 a context too, as stock makes one (it holds no
+    weights and costs nothing), so _ctx.ctx exists for low-level callers."""
+    ctx = batch = single = runner = None
     if (n_parallel == 1 or embedding) and not (vocab_only and n_parallel > 1):
         # embeddings batch many inputs as sequences of one context, as llama-cpp-python does
         ctx = Context(model, n_ctx=n_ctx if n_parallel == 1 else n_batch, n_batch=n_batch,
@@ -192,6 +193,12 @@ def open_runtime(stack, model: Model, *, n_parallel: int, n_ctx: int, n_batch: i
         stack.callback(ctx.close)
         batch = Batch(n_batch, 1)
         stack.callback(batch.close)
+        if n_parallel == 1 and not vocab_only:  # the Session's completions: one sequence, memory kept by it
+            single = Engine(model, EngineConfig(
+                n_ctx=ctx.n_ctx, parallel=1, n_batch=n_batch, n_threads=n_threads, n_threads_batch=n_threads_batch,
+                flash_attn=flash_attn, batch_invariant=batch_invariant, prefix_cache=0,
+                draft_model=engine["draft_model"], draft_max_seqs=engine["draft_max_seqs"]), context=ctx, inline=True)
+            stack.callback(single.close)
     if not vocab_only and n_parallel > 1:
         # flash attention unless refused (llama-server's default): with batch_invariant, a request's
         # output then does not depend on the other sequences of the shared KV cache
@@ -200,4 +207,4 @@ def open_runtime(stack, model: Model, *, n_parallel: int, n_ctx: int, n_batch: i
             n_threads_batch=n_threads_batch, flash_attn=flash_attn, batch_invariant=batch_invariant,
             context_overrides=overrides, **engine))
         stack.callback(runner.close)
-    return ctx, batch, runner
+    return ctx, batch, single, runner

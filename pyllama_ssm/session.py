@@ -5,24 +5,25 @@ scores, reset, save_state/load_state, the prefix reuse between calls and the cac
 (set_cache), and llama-cpp-python's completion loop over them, so that the same calls give the same
 tokens and chunks as stock.  Llama delegates to it (Llama.session) and keeps only the facade.
 
-The choice: the Session owns the n_parallel=1 context (the Llama makes it, with the batch that stock's
-multimodal handlers reach as Llama._batch) and drives it on the caller's thread, one call at a time as
-in llama-cpp-python; threads that share it anyway take turns per call (`lock`).  It does not run on an
-Engine thread: stock's handlers call llama.cpp on Llama._ctx from the caller's thread between eval()s,
-and scores, stopping criteria and logits processors read this object's state synchronously per token.
-What it shares with the Engine: the sampler chain (sampling.Sampler), the text rules
-(output.TextStream, policy STOCK), the logprob arithmetic (output) and the shaping of its typed
-results (completion.CompletionRequest); its speculative undo is engine.speculative's rewind().
-An n_parallel>1 Llama has no Session: its Engine serves every completion.
+The Session owns the n_parallel=1 context (the Llama makes it, with the batch that stock's multimodal
+handlers reach as Llama._batch), driven on the caller's thread one call at a time as in
+llama-cpp-python; threads that share it anyway take turns per call (`lock`).
 
-Completions with n_parallel=1 still run this loop, not the Engine's (issue #27 wants one): the Engine
-does not yet keep a finished sequence in memory for the next call (stock's prefix reuse, save_state or
-the cache after a completion, usage's cached_tokens), run arbitrary stopping criteria, fill scores
-(logits_all), or follow stock's text rules (TextStream STOCK: max_tokens checked on whole characters).
+A completion is a request to an Engine, as with n_parallel > 1: an inline Engine of one sequence on this
+context (no thread: the caller's runs its steps as it reads the tokens, since stock's handlers call
+llama.cpp on Llama._ctx from that thread between calls).  Its request continues from what the sequence
+holds (the prefix reuse below) and leaves its memory there, the logits of every position in scores with
+logits_all, stock's stopping criteria asked after each sample (engine.request.Continuation).  So a
+completion's tokens come from the one runtime (scheduler, runner, sampler, drafts); this module shapes
+them as stock's loop does (output.TextStream, policy STOCK; completion.CompletionRequest's results).
+The low-level generate() keeps stock's own loop over eval() and sample(), which callers drive token by
+token (send() appends tokens); its rejected drafts are undone by engine.speculative's rewind().
+An n_parallel>1 Llama has no Session: its Engine serves every completion.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -35,6 +36,8 @@ from .batch import Batch
 from .bindings import ffi, lib
 from .completion import CompletionRequest
 from .context import Context
+from .engine import Engine
+from .engine.request import Continuation
 from .engine.speculative import rewind, snapshot_or_none
 from .llama_cache import LlamaState, longest_token_prefix
 from .model import Model
@@ -56,8 +59,9 @@ class Session:
 
     def __init__(self, model: Model, ctx: Context, batch: Batch, *, n_batch: int, logits_all: bool,
                  score_rows: int, draft_model: Any = None, draft_snapshots: bool = False,
-                 say: Callable[[str], None] = lambda message: None):
+                 engine: Optional[Engine] = None, say: Callable[[str], None] = lambda message: None):
         self.model, self.ctx, self.batch = model, ctx, batch
+        self.engine = engine  # inline, on ctx: what runs completions (None: a vocabulary only)
         self.n_ctx, self.n_vocab, self.n_batch = ctx.n_ctx, model.n_vocab, n_batch
         self.logits_all = logits_all  # every position's logits kept in scores (stock's logits_all, or drafts)
         self.draft_model = draft_model
@@ -192,25 +196,31 @@ class Session:
                 self.sampler = None
             sampler.close()
 
-    def _generate(self, sampler: Sampler, tokens: list[int], reset: bool, stopping_criteria) -> Iterator[int]:
-        if reset and self.n_tokens > 0:
+    def _reuse(self, tokens: list[int]) -> tuple[int, bool]:
+        """Keep the longest prefix of tokens that the memory holds and can be cut after (recurrent memory
+        cannot: it is cleared), forget the rest: (how many tokens it kept, whether those are all of tokens
+        and their last logits are live, to sample from at once)."""
+        if self.n_tokens > 0:
             longest = longest_token_prefix(self.evaluated.tolist(), tokens)
             consumed = longest == len(tokens)
             if consumed and self.n_tokens == len(tokens) and not self.requires_eval:
-                reset, tokens, reuse = False, [], 0  # the logits of the whole prompt are live: sample at once
                 self.reused = longest
                 self.say("generate: full prompt already evaluated")
-            else:  # with nothing left to decode, replay one token to refresh the logits
-                reuse = longest - 1 if consumed else longest
+                return longest, True
+            reuse = longest - 1 if consumed else longest  # with nothing left to decode, one token replays
             if reuse > 0 and self.ctx.seq_rm(0, reuse, -1):
-                self.reused = reuse
-                reset, tokens = False, tokens[reuse:]
-                self.n_tokens = reuse
+                self.reused = self.n_tokens = reuse
                 self.requires_eval = True
-                self.say(f"generate: {reuse} prefix tokens reused, {len(tokens)} to evaluate")
+                self.say(f"generate: {reuse} prefix tokens reused, {len(tokens) - reuse} to evaluate")
+                return reuse, False
+        self.reset()
+        self.reused = 0
+        return 0, False
+
+    def _generate(self, sampler: Sampler, tokens: list[int], reset: bool, stopping_criteria) -> Iterator[int]:
         if reset:
-            self.reset()
-            self.reused = 0
+            kept, live = self._reuse(tokens)
+            tokens = [] if live else tokens[kept:]
         sample_idx = self.n_tokens + len(tokens) - 1
         drafted = False
         while True:
@@ -272,32 +282,34 @@ class Session:
         stream = TextStream(r.stop, policy=STOCK)  # the text, detokenized whole at each token as stock does
         echo = r.stream and r.echo  # streamed echo: the prompt's chunk comes once the prompt is evaluated
         finish_reason, end = "length", None
-        for token in self.generate(r.prompt_tokens, params, stopping_criteria=stopping_criteria):
-            if r.cancellation.is_set:
-                return
-            if echo:
-                echo = False
-                yield r.event(r.echo_text, self._logprobs(r, []) if r.logprobs is not None else None)
-            if model.is_eog(token):
-                stream.finish(detokenize(completion, prev_tokens=r.prompt_tokens))
-                finish_reason, end = "stop", token
-                break
-            completion.append(token)
-            # stock skips a token whose text ends inside a multi-byte character (the max_tokens check too),
-            # but not past the context: the next token would have no logits row (nor a cell)
-            if not stream.update(detokenize(completion, prev_tokens=r.prompt_tokens),
-                                 can_wait=len(r.prompt_tokens) + len(completion) < self.n_ctx):
-                continue
-            if stream.stopped:
-                finish_reason = "stop"
-                break
-            if r.stream:
-                yield from self._stream(r, completion, stream)
-            if len(completion) >= r.max_tokens:
-                stream.finish()
-                break
-        else:  # the generation ended itself (a stopping criterion): stock's text is empty but for the check below
-            stream.finish(b"")
+        tokens = self._completion_tokens(r.prompt_tokens, params, stopping_criteria)
+        with contextlib.closing(tokens):  # its request ends (the memory kept) before the state is read below
+            for token in tokens:
+                if r.cancellation.is_set:
+                    return
+                if echo:
+                    echo = False
+                    yield r.event(r.echo_text, self._logprobs(r, []) if r.logprobs is not None else None)
+                if model.is_eog(token):
+                    stream.finish(detokenize(completion, prev_tokens=r.prompt_tokens))
+                    finish_reason, end = "stop", token
+                    break
+                completion.append(token)
+                # stock skips a token whose text ends inside a multi-byte character (the max_tokens check too),
+                # but not past the context: the next token would have no logits row (nor a cell)
+                if not stream.update(detokenize(completion, prev_tokens=r.prompt_tokens),
+                                     can_wait=len(r.prompt_tokens) + len(completion) < self.n_ctx):
+                    continue
+                if stream.stopped:
+                    finish_reason = "stop"
+                    break
+                if r.stream:
+                    yield from self._stream(r, completion, stream)
+                if len(completion) >= r.max_tokens:
+                    stream.finish()
+                    break
+            else:  # the generation ended itself (a stopping criterion): stock's text is empty but for the check below
+                stream.finish(b"")
         if stopping_criteria is not None and stopping_criteria(self.evaluated, self.evaluated_scores[-1, :]):
             stream.finish(detokenize(completion, prev_tokens=r.prompt_tokens))
             finish_reason = "stop"
@@ -314,6 +326,63 @@ class Session:
         text = stream.text.decode("utf-8", errors="ignore")
         yield r.result(text, completion, finish_reason, self.reused,
                        self._logprobs(r, completion, end) if r.logprobs is not None else None)
+
+    def _completion_tokens(self, prompt: list[int], params: SamplingParams, stopping_criteria) -> Iterator[int]:
+        """generate(prompt)'s tokens, made by the inline Engine: a request that continues from the prefix the
+        memory holds (_reuse) and leaves its memory as stock's loop does, which is this object's state once
+        the generator is closed.  An end-of-generation token comes last, as generate() yields it."""
+        if self.engine is None:
+            raise ValueError("create_completion: this Llama holds only a vocabulary (vocab_only=True)")
+        if self.generating == threading.get_ident():
+            raise RuntimeError("a generation of this Llama is still open on this thread (finish or close its "
+                               "stream first; n_parallel > 1 serves several at once)")
+        with self.lock:
+            self.generating = threading.get_ident()
+            req = None
+            try:
+                kept, live = self._reuse(prompt)
+                self.ctx.seq_rm(0, kept, -1)  # attention memory past the kept prefix (reset() clears recurrent)
+                self.input_ids[:len(prompt)] = prompt
+                criteria = None
+                if stopping_criteria is not None:  # stock asks them with the logits row its own loop indexes
+                    criteria = lambda generated: bool(stopping_criteria(  # noqa: E731
+                        np.asarray(prompt + generated, dtype=np.intc), self.scores[0, :]))
+                req = self.engine.submit(prompt, params, max_tokens=self.n_ctx - len(prompt), continues=Continuation(
+                    kept, live, on_logits=self._keep_row if self.logits_all else None, stop=criteria))
+                for k, chunk in enumerate(req):
+                    # what stock's loop has evaluated when it yields token k: the prompt and the k before it
+                    self.n_tokens = len(prompt) + k
+                    self.input_ids[self.n_tokens] = chunk.token
+                    yield chunk.token
+                ended = req.result()
+                if ended.tokens and self.model.is_eog(ended.tokens[-1]):
+                    yield ended.tokens[-1]
+            finally:
+                if req is not None:
+                    self._settle(req, prompt)
+                self.generating = None
+
+    def _keep_row(self, position: int, logits: np.ndarray) -> None:
+        if position < len(self.scores):
+            self.scores[position, :] = logits
+
+    def _settle(self, req, prompt: list[int]) -> None:
+        """The request ends (closed early: cancelled, its memory kept) and this object's state becomes what
+        its memory holds: stock's after its loop (the prompt and what was evaluated of the completion)."""
+        if not req.done:
+            req.cancel()
+        with contextlib.suppress(Exception):  # its error, if any, reached the reader already
+            req.result()
+        ended = req._completion
+        if req.error is not None or ended is None:  # its memory is gone (or undefined)
+            self.n_tokens, self.requires_eval = 0, True
+            self.ctx.clear(True)
+            return
+        fed = (prompt + ended.tokens)[:ended.n_past]
+        self.input_ids[:len(fed)] = fed
+        self.n_tokens = len(fed)
+        # the last logits are the last fed token's unless a rejected draft was undone after them
+        self.requires_eval = self.draft_model is not None
 
     def _resume_from_cache(self, llama, prompt_tokens: list[int]) -> None:
         try:
@@ -336,7 +405,7 @@ class Session:
         # with logprobs, one chunk per token (the last one cut at the end of the final text)
         for i, shown, offset in stream.by_token(completion, lambda token: r.detokenize([token])):
             token = completion[i]
-            row = log_softmax(self.evaluated_scores[len(r.prompt_tokens) + i - 1, :])
+            row = log_softmax(self.scores[len(r.prompt_tokens) + i - 1, :])
             yield r.event(shown, r.stream_logprobs(token, len(r.prompt) + offset, row[token],
                                                    top_logprobs(row, r.logprobs)))
 

@@ -20,6 +20,11 @@ that request only. Should the thread itself meet an exception it cannot pin on
 a request, every waiting request fails at once with EngineError (its cause
 attached), and so does every later one: nothing ever waits on a dead Engine.
 
+An inline Engine (inline=True) has no thread: whoever reads a request runs the steps, on the caller's
+thread.  The single-sequence Llama serves its completions so (pyllama_ssm.session), on its own context,
+which stock's code also reaches from the caller's thread between calls; its requests continue from
+what the sequence's memory holds and leave it there (request.Continuation).
+
 This module is the thread, its loop and the life of a request (admission,
 finish, preemption); it asks scheduler.py and retention.py what to do, and
 leaves the batch and the sampling to runner.py, the drafts to speculative.py.
@@ -37,17 +42,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from .. import memory as memory_mod
 from ..batch import Batch
 from ..context import MAX_SEQ, Context
 from ..errors import EngineError, MemoryFullError, StateError
 from ..model import Model
 from ..sampling import Sampler, SamplingParams
-from . import retention
+from . import reports, retention
 from .config import EngineConfig, Sizing
 from .prefix_cache import HolderStore, PoolStore, PrefixCache
 from .reports import EngineMemory, EngineStats, PrefixEntryView, SlotView
-from .request import Completion, Generation, Request
+from .request import Completion, Continuation, Generation, Request, check_submission
 from .runner import Runner
 from .scheduler import drafts_pay, plan_step, preemption_victim, waits_for
 from .sequence import Slot
@@ -58,9 +62,12 @@ from .trace import Trace
 class Engine:
     """Serve `parallel` sequences at once from one model and one context."""
 
-    def __init__(self, model: Model | str, config: EngineConfig | None = None, **settings: Any):
+    def __init__(self, model: Model | str, config: EngineConfig | None = None, *, context: Context | None = None,
+                 inline: bool = False, **settings: Any):
         """Engine(model, EngineConfig(...)), or Engine(model, n_ctx=..., parallel=...) with EngineConfig's
-        field names (an unknown one is a TypeError naming it)."""
+        field names (an unknown one is a TypeError naming it).  context: run on this one (the caller's to
+        close; it must hold the sequences the config sizes) instead of making one from the config.  inline:
+        no thread of its own, the steps run on the thread that reads a request (see the module's note)."""
         self.config = cfg = replace(config or EngineConfig(), **settings)
         parallel, n_batch = cfg.parallel, cfg.n_batch
         self._own_model = not isinstance(model, Model)
@@ -76,10 +83,17 @@ class Engine:
         self.n_cache = size.n_cache
         self._n_outputs = size.n_outputs
         n_holders = size.n_holders
-        self.ctx = Context(self.model, n_ctx=cfg.n_ctx, n_seq_max=parallel + n_holders, n_rs_pool=size.n_rs_pool,
-                           n_batch=n_batch, n_ubatch=min(cfg.n_ubatch or n_batch, n_batch), n_threads=cfg.n_threads,
-                           n_threads_batch=cfg.n_threads_batch, kv_unified=True,
-                           flash_attn=cfg.flash_attn, batch_invariant=cfg.batch_invariant, overrides=size.overrides)
+        self._own_ctx = context is None
+        if context is None:
+            context = Context(self.model, n_ctx=cfg.n_ctx, n_seq_max=parallel + n_holders, n_rs_pool=size.n_rs_pool,
+                              n_batch=n_batch, n_ubatch=min(cfg.n_ubatch or n_batch, n_batch),
+                              n_threads=cfg.n_threads, n_threads_batch=cfg.n_threads_batch, kv_unified=True,
+                              flash_attn=cfg.flash_attn, batch_invariant=cfg.batch_invariant, overrides=size.overrides)
+        elif context.n_seq_max < parallel + n_holders:
+            raise ValueError(f"context: holds {context.n_seq_max} sequences, this config needs {parallel + n_holders}")
+        else:  # its output rows are its own: llama.cpp's default, n_batch, unless it was given fewer
+            self._n_outputs = getattr(context.params, "n_outputs_max", 0) or context.n_batch
+        self.ctx = context
         self.parallel = parallel
         self.n_ctx = self.ctx.n_ctx
         self.n_batch = self.ctx.n_batch
@@ -106,43 +120,35 @@ class Engine:
         self._speculator = Speculator(self.ctx, self.model, cfg.draft_model, size.draft_max, size.stateful,
                                       self._batch, self._counters)
         self._runner = Runner(self.ctx, self.model, self._batch, self._speculator, self._counters, self._trace)
-        self._thread = threading.Thread(target=self._loop, name="pyllama-ssm-engine", daemon=True)
-        self._thread.start()
+        self.inline = inline
+        self._thread: threading.Thread | None = None
+        if not inline:
+            self._thread = threading.Thread(target=self._loop, name="pyllama-ssm-engine", daemon=True)
+            self._thread.start()
 
     # -- public API ------------------------------------------------------------------------
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None, *, max_tokens: int = 128,
                stop: list[str] | str | None = None, add_special: bool = True,
                logprobs: int | None = None, prompt_logprobs: bool = False,
-               checkpoints: Iterable[int] = ()) -> Request:
+               checkpoints: Iterable[int] = (), continues: Continuation | None = None) -> Request:
         """Queue a generation.  logprobs=k reports each token's log-probability and the k most
         likely alternatives (from the model's raw logits, as llama-cpp-python does).
         prompt_logprobs=True scores the prompt too, each token by the logits of the position
         before it (the prompt is then computed whole, not taken from the prefix cache).
         checkpoints: prompt positions (1..len(prompt)) where later prompts are likely to part from
         this one, e.g. a chat's turn boundaries: its prefill stops there and keeps a prefix-cache
-        entry (recurrent memory exists only where it was saved; attention cells serve any prefix)."""
+        entry (recurrent memory exists only where it was saved; attention cells serve any prefix).
+        continues: the request goes on from what sequence 0 holds and leaves its memory there (an inline
+        Engine of one sequence and no prefix cache: the single-sequence Llama's)."""
         if self.failure is not None:
             raise self._failed()
         if self._closing:
             raise RuntimeError("engine is closed")
         tokens = self.model.tokenize(prompt, add_special=add_special) if isinstance(prompt, str) else list(prompt)
-        if not tokens:
-            raise ValueError("prompt: empty (no tokens)")
-        for t in tokens:
-            self.model.check_token(t)
-        if len(tokens) >= self.n_ctx:
-            raise ValueError(f"prompt of {len(tokens)} tokens does not fit the context of {self.n_ctx} "
-                             f"(one position must remain for generation)")
-        if not isinstance(max_tokens, int) or max_tokens < 0:
-            raise ValueError(f"max_tokens={max_tokens!r}: must be an int >= 0")
-        if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= self.model.n_vocab):
-            raise ValueError(f"logprobs={logprobs}: must be in 0..{self.model.n_vocab}")
-        checkpoints = tuple(checkpoints)
-        if not all(isinstance(p, int) and 0 < p <= len(tokens) for p in checkpoints):
-            raise ValueError(f"checkpoints={list(checkpoints)}: must be prompt positions in 1..{len(tokens)}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        checkpoints, stops = tuple(checkpoints), [stop] if isinstance(stop, str) else list(stop or [])
+        check_submission(self, tokens, max_tokens, logprobs, checkpoints, continues)
         req = Request(self, tokens, params or SamplingParams(), max_tokens, stops, logprobs, prompt_logprobs,
-                      checkpoints if self.takes_checkpoints else ())
+                      checkpoints if self.takes_checkpoints else (), continues)
         if max_tokens == 0 and not prompt_logprobs:
             req._finish("length")
             return req
@@ -162,57 +168,34 @@ class Engine:
         return self.submit(prompt, params, **kw).result()
 
     def stats(self) -> EngineStats:
-        c = self._counters
-        elapsed = max(time.perf_counter() - self._t_start, 1e-9)
-        return EngineStats(
-            queued=len(self._pending) + sum(isinstance(x, Request) for x in list(self._inbox)),
-            running=len(self._running), preempted=len(self._preempted),
-            steps=c["steps"], tokens_decoded=c["decoded"], tokens_generated=c["generated"],
-            tokens_per_second=c["generated"] / elapsed, decode_seconds=self._t_decode, step_seconds=self._t_step,
-            prefix_hits=self.cache.hits, prefix_misses=self.cache.misses, cached_prefixes=len(self.cache.entries),
-            draft_tokens=c["drafted"], draft_accepted=c["accepted"])
+        return reports.stats(self)
 
     def slots(self) -> list[SlotView | None]:
         """What each sequence (index = sequence id) is doing: the request it runs, or None when idle (a
         request swapped out to host memory holds none).  Read on the engine thread, between two steps."""
-        def read() -> list[SlotView | None]:
-            out: list[SlotView | None] = [None] * self.parallel
-            for seq, slot in self._running.items():
-                req, gen = slot.req, slot.gen
-                out[seq] = SlotView(seq, req.id, "prefill" if slot.cursor < len(req.prompt) else "decode",
-                                    len(req.prompt), slot.cursor, gen.usage.cached_tokens, len(gen.tokens),
-                                    req.max_tokens)
-            return out
-        return self.call(read)
+        return self.call(lambda: reports.slots(self))
 
     def prefix_entries(self) -> list[PrefixEntryView]:
         """The prefix cache's entries, least recently added first.  Read on the engine thread."""
-        if not self.n_cache:
-            return []
-        return self.call(lambda: [PrefixEntryView(len(key), self.cache.entry_bytes(len(key)), entry.hits)
-                                  for key, entry in self.cache.entries.items()])
+        return self.call(lambda: reports.prefix_entries(self)) if self.n_cache else []
 
     def memory(self) -> EngineMemory:
-        report = pool = None
-        if memory_mod.available():
-            report = self.call(self.ctx.memory_report)
-            if self.n_cache:
-                pool = self.call(self.ctx.pool_stats)
-        swapped = sum(len(state) for _, state in list(self._preempted))
-        cached, tokens = self.call(lambda: (self.cache.bytes, self.cache.tokens)) if self.n_cache else (0, 0)
-        return EngineMemory(report, swapped, len(self.cache.entries), cached, pool, tokens,
-                            self.n_cache, self.cache.max_bytes if self.n_cache else 0)
+        return reports.memory(self)
 
     def close(self) -> None:
         if self._closing:
             return
         self._closing = True
         self._event.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            self._shut_down()
         self._trace.close()
         self.cache.clear()
         self._batch.close()
-        self.ctx.close()
+        if self._own_ctx:
+            self.ctx.close()
         if self._own_model:
             self.model.close()
 
@@ -229,7 +212,7 @@ class Engine:
     def call(self, fn):
         """Run fn on the engine thread, between steps, and return its result: the way for anything
         that touches llama.cpp after start-up (context reads, adapters) to do so."""
-        if threading.current_thread() is self._thread or not self._thread.is_alive():
+        if self._thread is None or threading.current_thread() is self._thread or not self._thread.is_alive():
             return fn()
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._inbox.append((fn, future))
@@ -274,6 +257,31 @@ class Engine:
                 self._event.clear()
                 with contextlib.suppress(BaseException):  # a failing read must not stop the answers
                     self._take_inbox()
+        self._shut_down()
+
+    def pump(self, req: Request, whole: bool) -> None:
+        """An inline Engine's steps, run by the thread that reads req: until req has a chunk to read
+        (whole: until it ended).  One request's failure fails it alone, as on the thread; an exception that
+        interrupts a step (KeyboardInterrupt) fails every running request, whose memory it left undefined."""
+        while not req.done and (whole or not req._chunks):
+            self._event.clear()
+            self._take_inbox()
+            if req.done:
+                break
+            if not (self._pending or self._running or self._preempted):
+                raise RuntimeError(f"request {req.id}: not queued on this engine")
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - as _loop: no single request to blame
+                for slot in list(self._running.values()):
+                    self._release(slot, "error", e)
+            except BaseException as e:
+                for slot in list(self._running.values()):
+                    self._release(slot, "error", e)
+                raise
+
+    def _shut_down(self) -> None:
+        """What is left when the Engine closes: calls answered, requests ended."""
         self._take_inbox()  # calls posted while closing still get their answer
         for req in list(self._pending):
             req._finish("cancelled", RuntimeError("engine closed"))
@@ -391,10 +399,17 @@ class Engine:
                 slot.gen.restored_from = hit.entry.tokens[:hit.n_tokens]
                 slot.resumed_entry = hit.entry.tokens
             slot.share_at.update(p for p in req.checkpoints if p > slot.cursor)
+            if req.continues is not None:  # sequence 0 holds the first `resident` prompt tokens already
+                self._continue(slot, req.continues)
             if self._trace.on:
                 self._trace.event("start", req=req.id, seq=slot.seq, cached=slot.cursor, queued=len(self._pending))
         except Exception as e:  # noqa: BLE001
             self._release(slot, "error", e)
+
+    def _continue(self, slot: Slot, cont: Continuation) -> None:
+        slot.cursor = slot.pos = slot.gen.usage.cached_tokens = cont.resident
+        if cont.live and (reason := self._runner.sample_live(slot)) is not None:
+            self._finish(slot, reason)
 
     # -- the step ------------------------------------------------------------------------------
     def _step(self) -> None:
@@ -462,12 +477,15 @@ class Engine:
         for slot, idx in outputs:
             if slot.seq not in self._running:  # failed while scoring its prompt
                 continue
-            if slot.next_token is not None:
+            fed = slot.next_token is not None
+            if fed:
                 slot.pos += 1
             if slot.req.max_tokens == 0:  # prompt logprobs only
                 self._release(slot, "length")
                 continue
             try:
+                if fed:
+                    runner.keep_logits(slot, idx)
                 if (reason := runner.sample(slot, idx)) is not None:
                     self._finish(slot, reason)
                 for k, draft_idx in enumerate(verify.get(slot.seq, ())):
@@ -476,6 +494,7 @@ class Engine:
                         break
                     self._counters["accepted"] += 1
                     slot.pos += 1
+                    runner.keep_logits(slot, draft_idx)
                     if (reason := runner.sample(slot, draft_idx)) is not None:
                         self._finish(slot, reason)
             except Exception as e:  # the request's own logits processor or grammar: it alone fails
@@ -530,10 +549,12 @@ class Engine:
         del self._running[slot.seq]
         if self._trace.on:
             self._trace.event("end", req=slot.req.id, reason=reason, tokens=len(slot.gen.tokens))
+        slot.gen.n_past = slot.pos
         try:
             self._speculator.drop(slot)
-            self.ctx.seq_rm(slot.seq)
-            self._free.append(slot.seq)  # only a cleared sequence id is used again
+            if slot.req.continues is None or error is not None:
+                self.ctx.seq_rm(slot.seq)
+            self._free.append(slot.seq)  # only a cleared sequence id is used again (or the continued one)
         finally:
             slot.sampler.close()
             self._resume_blocked = False

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .. import memory as memory_mod
+
+if TYPE_CHECKING:
+    from .core import Engine
 
 
 @dataclass
@@ -69,3 +73,42 @@ class PrefixEntryView:
     n_tokens: int
     bytes: int          # what it adds to the memory: its recurrent state cell (0 on attention-only models)
     hits: int           # requests that resumed from it
+
+
+# -- read from an Engine's state (slots and prefix_entries on its thread, between steps) ----------------
+def stats(engine: "Engine") -> EngineStats:
+    c, cache = engine._counters, engine.cache
+    elapsed = max(time.perf_counter() - engine._t_start, 1e-9)
+    queued = len(engine._pending) + sum(not isinstance(x, tuple) for x in list(engine._inbox))
+    return EngineStats(
+        queued=queued, running=len(engine._running), preempted=len(engine._preempted),
+        steps=c["steps"], tokens_decoded=c["decoded"], tokens_generated=c["generated"],
+        tokens_per_second=c["generated"] / elapsed, decode_seconds=engine._t_decode, step_seconds=engine._t_step,
+        prefix_hits=cache.hits, prefix_misses=cache.misses, cached_prefixes=len(cache.entries),
+        draft_tokens=c["drafted"], draft_accepted=c["accepted"])
+
+
+def slots(engine: "Engine") -> list[SlotView | None]:
+    out: list[SlotView | None] = [None] * engine.parallel
+    for seq, slot in engine._running.items():
+        req, gen = slot.req, slot.gen
+        out[seq] = SlotView(seq, req.id, "prefill" if slot.cursor < len(req.prompt) else "decode", len(req.prompt),
+                            slot.cursor, gen.usage.cached_tokens, len(gen.tokens), req.max_tokens)
+    return out
+
+
+def prefix_entries(engine: "Engine") -> list[PrefixEntryView]:
+    cache = engine.cache
+    return [PrefixEntryView(len(key), cache.entry_bytes(len(key)), entry.hits) for key, entry in cache.entries.items()]
+
+
+def memory(engine: "Engine") -> EngineMemory:
+    report = pool = None
+    if memory_mod.available():
+        report = engine.call(engine.ctx.memory_report)
+        if engine.n_cache:
+            pool = engine.call(engine.ctx.pool_stats)
+    swapped = sum(len(state) for _, state in list(engine._preempted))
+    cached, tokens = engine.call(lambda: (engine.cache.bytes, engine.cache.tokens)) if engine.n_cache else (0, 0)
+    return EngineMemory(report, swapped, len(engine.cache.entries), cached, pool, tokens,
+                        engine.n_cache, engine.cache.max_bytes if engine.n_cache else 0)

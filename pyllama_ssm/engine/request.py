@@ -11,9 +11,11 @@ import asyncio
 import collections
 import itertools
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
 
 from ..output import TextStream
 from ..sampling import SamplingParams
@@ -38,6 +40,21 @@ class Usage:
     cached_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """A request that goes on from what the sequence's memory holds, and leaves it there: the single-sequence
+    Llama's completions (pyllama_ssm.session) on its inline Engine of one sequence, which keep between calls
+    what llama-cpp-python keeps (the evaluated tokens, their logits with logits_all)."""
+
+    resident: int = 0   # prompt tokens sequence 0 holds already: the prefill starts after them
+    live: bool = False  # all of the prompt is resident and its last logits are the context's last: sample at once
+    # logits_all: called with (position, logits after the token there) for every position the request evaluates
+    on_logits: Callable[[int, np.ndarray], None] | None = None
+    # llama-cpp-python's stopping_criteria, asked with the tokens generated before each new one: True ends the
+    # request ("stop") without that token
+    stop: Callable[[list[int]], bool] | None = None
+
+
 @dataclass
 class Completion:
     text: str
@@ -51,6 +68,7 @@ class Completion:
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
     restored_from: tuple[int, ...] | None = None  # the prefix-cache entry's tokens it resumed from
     preemptions: int = 0                          # times it was swapped out to host memory
+    n_past: int = 0                               # positions its sequence's memory held when it ended
 
 
 @dataclass
@@ -68,6 +86,7 @@ class Generation:
     prompt_top_logprobs: list[dict[int, float] | None] | None = None
     restored_from: tuple[int, ...] | None = None
     preemptions: int = 0
+    n_past: int = 0
 
     @property
     def text(self) -> str:
@@ -83,7 +102,33 @@ class Generation:
 
     def completion(self, finish_reason: str) -> Completion:
         return Completion(self.text, list(self.tokens), finish_reason, self.usage, self.logprobs, self.top_logprobs,
-                          self.prompt_logprobs, self.prompt_top_logprobs, self.restored_from, self.preemptions)
+                          self.prompt_logprobs, self.prompt_top_logprobs, self.restored_from, self.preemptions,
+                          self.n_past)
+
+
+def check_submission(engine: "Engine", tokens: list[int], max_tokens: int, logprobs: int | None,
+                     checkpoints: tuple[int, ...], continues: Continuation | None) -> None:
+    """Engine.submit's arguments: ValueError (TokenError) naming the wrong one, before anything is queued."""
+    model, n_ctx = engine.model, engine.n_ctx
+    if not tokens:
+        raise ValueError("prompt: empty (no tokens)")
+    for t in tokens:
+        model.check_token(t)
+    if len(tokens) >= n_ctx:
+        raise ValueError(f"prompt of {len(tokens)} tokens does not fit the context of {n_ctx} "
+                         f"(one position must remain for generation)")
+    if not isinstance(max_tokens, int) or max_tokens < 0:
+        raise ValueError(f"max_tokens={max_tokens!r}: must be an int >= 0")
+    if logprobs is not None and not (isinstance(logprobs, int) and 0 <= logprobs <= model.n_vocab):
+        raise ValueError(f"logprobs={logprobs}: must be in 0..{model.n_vocab}")
+    if not all(isinstance(p, int) and 0 < p <= len(tokens) for p in checkpoints):
+        raise ValueError(f"checkpoints={list(checkpoints)}: must be prompt positions in 1..{len(tokens)}")
+    if continues is not None:
+        if not (engine.inline and engine.parallel == 1 and not engine.n_cache):
+            raise ValueError("continues: needs an inline Engine of one sequence without a prefix cache")
+        if not 0 <= continues.resident <= len(tokens) or (continues.resident == len(tokens)) != continues.live:
+            raise ValueError(f"continues: {continues.resident} resident tokens of a {len(tokens)}-token prompt "
+                             f"(all of it exactly when its logits are live)")
 
 
 class Request:
@@ -95,7 +140,7 @@ class Request:
 
     def __init__(self, engine: "Engine", prompt: list[int], params: SamplingParams, max_tokens: int,
                  stop: list[str], logprobs: int | None = None, prompt_logprobs: bool = False,
-                 checkpoints: tuple[int, ...] = ()):
+                 checkpoints: tuple[int, ...] = (), continues: Continuation | None = None):
         self.id = next(self._ids)
         self.engine = engine
         self.prompt = prompt
@@ -105,6 +150,7 @@ class Request:
         self.n_logprobs = logprobs
         self.score_prompt = prompt_logprobs
         self.checkpoints = checkpoints
+        self.continues = continues
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self._completion: Completion | None = None
@@ -158,6 +204,8 @@ class Request:
         self.engine._wake()
 
     def _next(self, timeout: float | None) -> Chunk | None:
+        if self.engine.inline:  # no engine thread: the reader's runs the steps
+            self.engine.pump(self, whole=False)
         with self._cond:
             self._waiting += 1
             try:
@@ -188,6 +236,8 @@ class Request:
             yield chunk
 
     def result(self, timeout: float | None = None) -> Completion:
+        if self.engine.inline:
+            self.engine.pump(self, whole=True)
         with self._cond:
             if not self._cond.wait_for(lambda: self.finish_reason is not None, timeout):
                 raise TimeoutError(f"request {self.id}: not finished within {timeout}s")

@@ -99,6 +99,8 @@ class Runner:
             tok = int(best[(idx if rows is None else rows[idx]) - lo])
         else:
             tok = slot.sampler.sample(self.ctx.ptr, idx)
+        if req.continues is not None and req.continues.stop is not None and req.continues.stop(gen.tokens):
+            return "stop"  # stock's stopping criteria: the request ends without the token
         self.counters["generated"] += 1
         if raw is not None:
             lp, top = token_logprobs(raw, tok, req.n_logprobs)
@@ -120,10 +122,29 @@ class Runner:
         slot.next_token = tok
         return None
 
+    def sample_live(self, slot: Slot) -> str | None:
+        """sample() from the context's last logits row, which a continued request's resident prompt left
+        there (request.Continuation.live)."""
+        self._greedy = None  # another step's
+        return self.sample(slot, -1)
+
+    def keep_logits(self, slot: Slot, idx: int) -> None:
+        """Hand batch row idx, the logits after the token slot fed last (position slot.pos - 1), to a
+        continued request that keeps every position's (logits_all)."""
+        cont = slot.req.continues
+        if cont is not None and cont.on_logits is not None:
+            cont.on_logits(slot.pos - 1, self.ctx.logits(idx, copy=False))
+
     def score_prompt(self, slot: Slot, first: int, n: int) -> None:
         """Batch rows first..first+n-1 hold the logits after prompt tokens cursor..cursor+n-1:
-        they score the prompt tokens one position later."""
+        they score the prompt tokens one position later (and go to a continued request's on_logits)."""
         req, gen = slot.req, slot.gen
+        cont = req.continues
+        if cont is not None and cont.on_logits is not None:
+            for k in range(n):
+                cont.on_logits(slot.cursor + k, self.ctx.logits(first + k, copy=False))
+        if not req.score_prompt:
+            return
         for k in range(n):
             target = slot.cursor + k + 1
             if target < len(req.prompt):

@@ -41,6 +41,8 @@ class Slot:
     def facts(self, steps: int) -> SeqFacts:
         """What the scheduler is told of it, `steps` being the engine's step count now (share_at is
         shared, not copied: the scheduler only reads it)."""
-        return SeqFacts(self.seq, self.admitted, self.req.prompt, self.cursor, self.next_token is not None,
-                        self.req.score_prompt, self.share_at, len(self.draft),
-                        waited=steps - self.since_step, turns=bool(self.req.checkpoints))
+        req = self.req
+        all_logits = req.score_prompt or (req.continues is not None and req.continues.on_logits is not None)
+        return SeqFacts(self.seq, self.admitted, req.prompt, self.cursor, self.next_token is not None,
+                        all_logits, self.share_at, len(self.draft),
+                        waited=steps - self.since_step, turns=bool(req.checkpoints))
