@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
 
 import numpy as np
 
@@ -34,6 +36,68 @@ _FLASH_ATTN = {"auto": lib.LLAMA_FLASH_ATTN_TYPE_AUTO, True: lib.LLAMA_FLASH_ATT
                False: lib.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 
 
+@dataclass(frozen=True)
+class ContextParams:
+    """The llama_context_params a caller sets beside the sizes the runtime works out (n_ctx, batches, sequences,
+    threads, flash attention, which Context takes by name): llama-cpp-python's Llama arguments of the same
+    names, typed and checked once, where they are made (Llama, EngineConfig, the server's flags through
+    Llama).  None: llama.cpp's default.  Context's `overrides` also takes a raw mapping of any field (a
+    callback, a field of this build only); above it these are the settings."""
+
+    rope_scaling_type: Optional[int] = None  # LLAMA_ROPE_SCALING_TYPE_*, -1 unspecified (the model's)
+    pooling_type: Optional[int] = None       # LLAMA_POOLING_TYPE_*, -1 unspecified
+    attention_type: Optional[int] = None     # LLAMA_ATTENTION_TYPE_*, -1 unspecified
+    rope_freq_base: Optional[float] = None   # 0: the model's
+    rope_freq_scale: Optional[float] = None
+    yarn_ext_factor: Optional[float] = None
+    yarn_attn_factor: Optional[float] = None
+    yarn_beta_fast: Optional[float] = None
+    yarn_beta_slow: Optional[float] = None
+    yarn_orig_ctx: Optional[int] = None
+    offload_kqv: Optional[bool] = None
+    no_perf: Optional[bool] = None
+    op_offload: Optional[bool] = None
+    swa_full: Optional[bool] = None
+    type_k: Optional[int] = None             # ggml_type of the KV cache's K and V
+    type_v: Optional[int] = None
+    n_outputs_max: Optional[int] = None      # logits rows a decode may ask for (0: n_batch)
+
+    def __post_init__(self) -> None:
+        enums = {"rope_scaling_type": lib.LLAMA_ROPE_SCALING_TYPE_MAX_VALUE, "pooling_type": lib.LLAMA_POOLING_TYPE_RANK,
+                 "attention_type": lib.LLAMA_ATTENTION_TYPE_NON_CAUSAL}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if f.name in enums or f.name in ("yarn_orig_ctx", "n_outputs_max", "type_k", "type_v"):
+                lo, hi = (-1, enums[f.name]) if f.name in enums else \
+                    (0, lib.GGML_TYPE_COUNT - 1) if f.name.startswith("type_") else (0, MAX_TOKENS)
+                if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                    raise ContextError(f"{f.name}={value!r}: must be an integer in {lo}..{hi}")
+            elif "float" in f.type:
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                    raise ContextError(f"{f.name}={value!r}: must be a finite number")
+            elif value in (0, 1) and isinstance(value, int):  # as llama-cpp-python (ctypes), 0 and 1 too
+                object.__setattr__(self, f.name, bool(value))
+            else:
+                raise ContextError(f"{f.name}={value!r}: must be True or False")
+
+    @classmethod
+    def of(cls, values: "ContextParams | Mapping[str, Any] | None") -> "ContextParams":
+        """These settings from a mapping by name (an unknown name is a TypeError naming it)."""
+        if values is None or isinstance(values, ContextParams):
+            return values or cls()
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"context settings: no setting {', '.join(map(repr, unknown))} "
+                            f"(settings: {', '.join(f.name for f in fields(cls))})")
+        return cls(**values)
+
+    def fields(self) -> dict[str, Any]:
+        """The llama_context_params fields to set (those left None keep llama.cpp's default)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
@@ -58,7 +122,7 @@ class Context:
                  n_seq_max: int = 1, n_rs_seq: int = 0, n_rs_pool: int = 0, n_threads: int | None = None,
                  n_threads_batch: int | None = None, kv_unified: bool = True,
                  flash_attn: bool | str = "auto", embeddings: bool = False, swa_full: bool = True,
-                 batch_invariant: bool | None = False, overrides: Mapping[str, Any] | None = None):
+                 batch_invariant: bool | None = False, overrides: ContextParams | Mapping[str, Any] | None = None):
         """batch_invariant: each sequence's logits do not depend on the other sequences of a step
         or on how its tokens were split into steps (patch 0007; with flash attention, which skips
         other sequences' cells).  Off: llama.cpp's fastest kernel for each shape.  None: on where the
@@ -89,7 +153,9 @@ class Context:
         p.flash_attn_type = _FLASH_ATTN[flash_attn]
         p.embeddings = embeddings
         p.swa_full = swa_full
-        set_fields(p, overrides or {}, "llama_context_params")  # rope, yarn, type_k/v, pooling, ...
+        # rope, yarn, type_k/v, pooling, ...: the settings, or any field by name
+        set_fields(p, overrides.fields() if isinstance(overrides, ContextParams) else overrides or {},
+                   "llama_context_params")
         if 0 < p.n_outputs_max < n_seq_max:  # llama.cpp asserts (aborts) on this at the first decode
             raise ContextError(f"n_outputs_max={p.n_outputs_max}: must be 0 (= n_batch) or >= n_seq_max={n_seq_max}")
         self.params = p

@@ -110,6 +110,7 @@ class Llama:
         self.verbose = verbose
         llama_setup.check_arguments(n_parallel, n_ctx, n_batch, n_ubatch, draft_model, lora_base, tensor_split,
                                     last_n_tokens_size)
+        context_params = llama_setup.context_params(self._init_kwargs)  # checked before anything loads
         self.model_path, self.n_parallel = model_path, n_parallel
         self.numa = llama_setup.init_numa(numa)
         self.tensor_split, self.kv_overrides = tensor_split, kv_overrides
@@ -144,7 +145,7 @@ class Llama:
                 stack, self._core_model, n_parallel=n_parallel, n_ctx=n_ctx, n_batch=self.n_batch, n_ubatch=n_ubatch,
                 n_threads=self.n_threads, n_threads_batch=self.n_threads_batch, embedding=embedding,
                 vocab_only=vocab_only, flash_attn=flash_attn_mode, batch_invariant=batch_invariant,
-                overrides=llama_setup.context_overrides(self._init_kwargs), draft_snapshots=draft_snapshots,
+                overrides=context_params, draft_snapshots=draft_snapshots,
                 engine=dict(prefix_cache=prefix_cache, prefix_cache_bytes=prefix_cache_bytes,
                             draft_model=draft_model, draft_max_seqs=draft_max_seqs))
             if lora_path:
@@ -185,10 +186,9 @@ class Llama:
         """Free the context(s) and the model; the object is unusable afterwards."""
         if getattr(self, "_core_model", None) is None:
             return
-        if self._engine is not None:
-            self._engine.close()
-        if self._session is not None and self._session.engine is not None:
-            self._session.engine.close()
+        for runtime in (self._engine, self._session):  # before the context they run on
+            if runtime is not None:
+                runtime.close()
         if self._core_batch is not None:
             self._core_batch.close()
         if self._core_ctx is not None:

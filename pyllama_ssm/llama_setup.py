@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional, Union
 from . import llama_chat_format
 from .batch import Batch
 from .bindings import ffi, lib
-from .context import Context
+from .context import Context, ContextParams
 from .engine import Engine, EngineConfig
 from .model import Model
 
@@ -159,23 +159,20 @@ def check_arguments(n_parallel, n_ctx: int, n_batch: int, n_ubatch: int, draft_m
         raise ValueError(f"last_n_tokens_size={last_n_tokens_size}: must be >= -1")
 
 
-def context_overrides(arguments: dict[str, Any]) -> dict[str, Any]:
-    """llama_context_params fields from Llama's arguments (by their names there)."""
+def context_params(arguments: dict[str, Any]) -> ContextParams:
+    """The context settings among Llama's arguments (by their names there), checked (ContextError naming one)."""
     rope_scaling_type = arguments["rope_scaling_type"]
-    params = dict(rope_scaling_type=lib.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED if rope_scaling_type is None
-                  else rope_scaling_type)
-    for name in ("pooling_type", "attention_type", "rope_freq_base", "rope_freq_scale", "yarn_ext_factor",
-                 "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow", "yarn_orig_ctx", "offload_kqv", "no_perf"):
-        params[name] = arguments[name]
-    for name in ("op_offload", "swa_full", "type_k", "type_v"):
-        if arguments[name] is not None:
-            params[name] = arguments[name]
-    return params
+    return ContextParams.of({
+        "rope_scaling_type": lib.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED if rope_scaling_type is None else rope_scaling_type,
+        **{name: arguments[name] for name in ("pooling_type", "attention_type", "rope_freq_base", "rope_freq_scale",
+                                              "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow",
+                                              "yarn_orig_ctx", "offload_kqv", "no_perf", "op_offload", "swa_full",
+                                              "type_k", "type_v")}})
 
 
 def open_runtime(stack, model: Model, *, n_parallel: int, n_ctx: int, n_batch: int, n_ubatch: int, n_threads: int,
                  n_threads_batch: int, embedding: bool, vocab_only: bool, flash_attn, batch_invariant: Optional[bool],
-                 overrides: dict[str, Any], draft_snapshots: bool, engine: dict[str, Any]):
+                 overrides: ContextParams, draft_snapshots: bool, engine: dict[str, Any]):
     """(the single-sequence or embedding context, its batch, the inline Engine of one sequence on it that
     runs the Session's completions, the Engine): what Llama runs on, each closed by `stack` (an ExitStack)
     should a later step fail.  n_parallel == 1 (or embeddings): a context of its own; n_parallel > 1: an

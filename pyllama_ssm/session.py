@@ -79,6 +79,11 @@ class Session:
         self.input_ids: npt.NDArray[np.intc] = np.zeros((self.n_ctx,), dtype=np.intc)
         self.scores: npt.NDArray[np.single] = np.zeros((score_rows, self.n_vocab), dtype=np.single)
 
+    def close(self) -> None:
+        """Close its Engine (the context and batch are the Llama's)."""
+        if self.engine is not None:
+            self.engine.close()
+
     @property
     def evaluated(self) -> npt.NDArray[np.intc]:
         return self.input_ids[: self.n_tokens]

@@ -395,6 +395,34 @@ def test_one_configuration_reaches_the_context():
         assert (llm.engine.ctx.params.n_batch, llm.engine.ctx.params.n_ubatch) == (256, 64)
 
 
+def test_configuration_is_checked_once_into_typed_settings():
+    """EngineConfig checks every setting when it is made, and holds the context's other settings typed
+    (ContextParams); Llama makes the same objects from llama-cpp-python's arguments, and the server from
+    its flags through Llama's, so a wrong value is refused before a model loads, naming itself."""
+    from pyllama_ssm.context import ContextParams
+    from pyllama_ssm.engine import EngineConfig
+    from pyllama_ssm.server.registry import load_llama
+    from pyllama_ssm.server.settings import ModelSettings
+    for bad, match in (({"parallel": 0}, "parallel=0"), ({"n_batch": 0}, "n_batch=0"),
+                       ({"flash_attn": "yes"}, "flash_attn='yes'"), ({"draft_max_seqs": -1}, "draft_max_seqs=-1"),
+                       ({"context_overrides": {"type_k": 999}}, "type_k=999"),
+                       ({"context_overrides": {"rope_freq_base": float("nan")}}, "rope_freq_base=nan")):
+        with pytest.raises((ValueError, ps.ContextError), match=match):
+            EngineConfig(**bad)
+    with pytest.raises(TypeError, match="no setting 'type_kk'"):
+        EngineConfig(context_overrides={"type_kk": 1})
+    cfg = EngineConfig(context_overrides={"type_k": 1, "offload_kqv": 1})
+    assert cfg.context_overrides == ContextParams(type_k=1, offload_kqv=True)
+    path = str(zoo_model("qwen35").path)
+    with pytest.raises(ps.ContextError, match="type_v=99"):
+        ps.Llama(path, type_v=99, verbose=False)
+    settings = ModelSettings(model=path, n_parallel=2, n_ctx=512, type_k=1, type_v=1, rope_freq_base=1e4, verbose=False)
+    with load_llama(settings) as llm:  # the server's flags made a Llama
+        made = llm.engine.config.context_overrides
+        assert isinstance(made, ContextParams) and (made.type_k, made.type_v, made.rope_freq_base) == (1, 1, 1e4)
+        assert (llm.engine.ctx.params.type_k, llm.engine.ctx.params.rope_freq_base) == (1, 1e4)
+
+
 @pytest.mark.parametrize("name", [n for n in zoo_names() if n in ("llama", "qwen35")])
 def test_a_conversation_keeps_its_newest_tail_not_one_per_turn(name):
     """Each turn resumes from the previous turn's tail (prompt + answer, fed back as tokens), and that

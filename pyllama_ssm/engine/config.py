@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import memory as memory_mod
 from ..bindings import has, lib
-from ..context import MAX_SEQ
+from ..context import _FLASH_ATTN, MAX_SEQ, MAX_TOKENS, ContextParams
 from ..model import Model
 
 log = logging.getLogger("pyllama_ssm.engine")
@@ -48,7 +48,8 @@ class EngineConfig:
     prefix_cache_bytes: int | None = 256 << 20     # on its recurrent snapshots (prefix_cache.py); None: no bound
     flash_attn: bool | str = "auto"
     batch_invariant: bool | None = None
-    context_overrides: Mapping[str, Any] | None = None  # llama_context_params fields by name
+    # the context's other settings (rope, yarn, KV types, ...): typed, or a mapping of their names
+    context_overrides: ContextParams | Mapping[str, Any] | None = None
     n_gpu_layers: int = 0
     rpc_servers: str | Sequence[str] | None = None
     # speculative decoding: a llama_cpp.llama_speculative.LlamaDraftModel (any callable from the token
@@ -59,6 +60,31 @@ class EngineConfig:
     # when the model runs on the CPU (its steps are bound by arithmetic from a few sequences), any number
     # when its layers are offloaded
     draft_max_seqs: int | None = None
+
+    def __post_init__(self) -> None:
+        """Every setting checked here, once, when the config is made (and again by dataclasses.replace)."""
+        def whole(name: str, lo: int, hi: int, optional: bool = False) -> None:
+            value = getattr(self, name)
+            if optional and value is None:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise ValueError(f"{name}={value!r}: must be an int in {lo}..{hi}" + (", or None" if optional else ""))
+        whole("n_ctx", 0, MAX_TOKENS)
+        whole("parallel", 1, MAX_SEQ)
+        whole("n_batch", 1, MAX_TOKENS)
+        for name in ("n_ubatch", "n_threads", "n_threads_batch"):
+            whole(name, 1, MAX_TOKENS, optional=True)
+        whole("prefix_cache", 0, MAX_SEQ * 64, optional=True)
+        whole("prefix_cache_bytes", 0, 2**62, optional=True)
+        whole("n_gpu_layers", -1, 2**31 - 1)
+        if self.draft_max_seqs is not None and (not isinstance(self.draft_max_seqs, int) or isinstance(
+                self.draft_max_seqs, bool) or self.draft_max_seqs < 0):
+            raise ValueError(f"draft_max_seqs={self.draft_max_seqs!r}: must be an int >= 0 (0: no drafts), or None")
+        if self.flash_attn not in _FLASH_ATTN:
+            raise ValueError(f"flash_attn={self.flash_attn!r}: expected 'auto', True or False")
+        if self.draft_model is not None and not callable(self.draft_model):
+            raise ValueError(f"draft_model={self.draft_model!r}: expected a callable from token ids to proposed ids")
+        object.__setattr__(self, "context_overrides", ContextParams.of(self.context_overrides))
 
 
 @dataclass(frozen=True)
@@ -71,7 +97,7 @@ class Sizing:
     n_rs_pool: int                 # recurrent state pool cells (0: the context's default)
     draft_max: int                 # draft tokens per sequence and step (0: no speculative decoding)
     draft_seqs: int                # drafts while at most this many sequences decode
-    overrides: Mapping[str, Any]   # llama_context_params by name: the output rows, then the config's own
+    overrides: ContextParams       # the config's, with the output rows unless it sets them
     n_outputs: int                 # logits rows one step may ask for
 
     @classmethod
@@ -103,11 +129,10 @@ class Sizing:
         # draft_max among them, at least one each): size the output buffer to that (upstream sizes it
         # to n_batch rows of n_vocab floats: 300 MiB for 512 x 152k)
         draft_rows = max(draft_max, parallel) if draft_max else 0
-        overrides = {"n_outputs_max": parallel + draft_rows + n_holders, **(cfg.context_overrides or {})}
-        n_outputs = overrides["n_outputs_max"] or cfg.n_batch  # 0: llama.cpp's default, n_batch
-        if cfg.draft_max_seqs is not None and (not isinstance(cfg.draft_max_seqs, int) or isinstance(
-                cfg.draft_max_seqs, bool) or cfg.draft_max_seqs < 0):
-            raise ValueError(f"draft_max_seqs={cfg.draft_max_seqs!r}: must be an int >= 0 (0: no drafts), or None")
+        overrides = cfg.context_overrides
+        if overrides.n_outputs_max is None:
+            overrides = replace(overrides, n_outputs_max=parallel + draft_rows + n_holders)
+        n_outputs = overrides.n_outputs_max or cfg.n_batch  # 0: llama.cpp's default, n_batch
         offloaded = bool(model.n_gpu_layers) and lib.llama_supports_gpu_offload()
         draft_seqs = cfg.draft_max_seqs if cfg.draft_max_seqs is not None else parallel if offloaded else DRAFT_SEQS_CPU
         return cls(stateful, n_cache, n_holders, n_rs_pool, draft_max, draft_seqs, overrides, n_outputs)

@@ -43,7 +43,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..batch import Batch
-from ..context import MAX_SEQ, Context
+from ..context import Context
 from ..errors import EngineError, MemoryFullError, StateError
 from ..model import Model
 from ..sampling import Sampler, SamplingParams
@@ -77,8 +77,6 @@ class Engine:
         # kernels sum a row alike at any row count
         self.model = Model(model, n_gpu_layers=cfg.n_gpu_layers, rpc_servers=cfg.rpc_servers) \
             if self._own_model else model
-        if not 1 <= parallel <= MAX_SEQ:
-            raise ValueError(f"parallel={parallel}: must be in 1..{MAX_SEQ}")
         size = Sizing.of(self.model, cfg)
         self.n_cache = size.n_cache
         self._n_outputs = size.n_outputs
