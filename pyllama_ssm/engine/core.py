@@ -482,7 +482,7 @@ class Engine:
                 self._release(slot, "length")
                 continue
             try:
-                if fed:
+                if fed and slot.req.keeps_logits:
                     runner.keep_logits(slot, idx)
                 if (reason := runner.sample(slot, idx)) is not None:
                     self._finish(slot, reason)
@@ -492,7 +492,8 @@ class Engine:
                         break
                     self._counters["accepted"] += 1
                     slot.pos += 1
-                    runner.keep_logits(slot, draft_idx)
+                    if slot.req.keeps_logits:
+                        runner.keep_logits(slot, draft_idx)
                     if (reason := runner.sample(slot, draft_idx)) is not None:
                         self._finish(slot, reason)
             except Exception as e:  # the request's own logits processor or grammar: it alone fails

@@ -151,6 +151,7 @@ class Request:
         self.score_prompt = prompt_logprobs
         self.checkpoints = checkpoints
         self.continues = continues
+        self.keeps_logits = continues is not None and continues.on_logits is not None  # every position's, to it
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
         self._completion: Completion | None = None

@@ -130,19 +130,16 @@ class Runner:
 
     def keep_logits(self, slot: Slot, idx: int) -> None:
         """Hand batch row idx, the logits after the token slot fed last (position slot.pos - 1), to a
-        continued request that keeps every position's (logits_all)."""
-        cont = slot.req.continues
-        if cont is not None and cont.on_logits is not None:
-            cont.on_logits(slot.pos - 1, self.ctx.logits(idx, copy=False))
+        continued request that keeps every position's (logits_all: req.keeps_logits)."""
+        slot.req.continues.on_logits(slot.pos - 1, self.ctx.logits(idx, copy=False))
 
     def score_prompt(self, slot: Slot, first: int, n: int) -> None:
         """Batch rows first..first+n-1 hold the logits after prompt tokens cursor..cursor+n-1:
         they score the prompt tokens one position later (and go to a continued request's on_logits)."""
         req, gen = slot.req, slot.gen
-        cont = req.continues
-        if cont is not None and cont.on_logits is not None:
+        if req.keeps_logits:
             for k in range(n):
-                cont.on_logits(slot.cursor + k, self.ctx.logits(first + k, copy=False))
+                req.continues.on_logits(slot.cursor + k, self.ctx.logits(first + k, copy=False))
         if not req.score_prompt:
             return
         for k in range(n):

@@ -42,7 +42,6 @@ class Slot:
         """What the scheduler is told of it, `steps` being the engine's step count now (share_at is
         shared, not copied: the scheduler only reads it)."""
         req = self.req
-        all_logits = req.score_prompt or (req.continues is not None and req.continues.on_logits is not None)
         return SeqFacts(self.seq, self.admitted, req.prompt, self.cursor, self.next_token is not None,
-                        all_logits, self.share_at, len(self.draft),
+                        req.score_prompt or req.keeps_logits, self.share_at, len(self.draft),
                         waited=steps - self.since_step, turns=bool(req.checkpoints))
