@@ -32,11 +32,12 @@ reports (llama.cpp's context log, or our /props), the git commit (and whether th
 dirty, with a digest of the difference), the build keys, the CPU model and flags.
 
 Measured per server, model and U, for each round (the table: median over rounds [min-max]):
-time to first token (first streamed content) p50 for turn 1 and for turns 2..K (p95 and
-p50 by turn: every round's requests pooled); generated tokens/s over the run; prompt tokens
-the server computed / new prompt tokens (a turn's new tokens: its prompt less the previous
-turn's prompt and answer; turn 1: the whole prompt; prompts counted with the model's
-tokenizer and chat template here), from each server's own counters:
+time to first token (the first streamed text: content, or reasoning_content where the chat template
+opens a thinking block, as nemotron_h's does) p50 for turn 1 and for turns 2..K (p95 and p50 by
+turn: every round's requests pooled); generated tokens/s over the run; prompt tokens the server
+computed / new prompt tokens (a turn's new tokens: its prompt less the previous turn's prompt and
+answer; turn 1: the whole prompt; prompts counted with the model's tokenizer and chat template
+here), from each server's own counters:
   pyllama-ssm        /extras/stats: tokens decoded less tokens generated (whole run), and per turn the
                      prompt tokens less usage.prompt_tokens_details.cached_tokens (stream_options.include_usage)
   llama-server       timings.prompt_n of each response (per turn)
@@ -158,9 +159,14 @@ async def chat_turn(client: httpx.AsyncClient, messages: list[dict], max_tokens:
         usage = data.get("usage") or usage
         for choice in data.get("choices") or []:
             finish = choice.get("finish_reason") or finish
-            piece = (choice.get("delta") or {}).get("content")
+            delta = choice.get("delta") or {}
+            piece = delta.get("content")
+            # the first token's text, answer or reasoning: a thinking template's answer (every token of a
+            # random model's) streams as reasoning_content from both servers, and without it the first
+            # token would be timed at the end of the request
+            if ttft is None and (piece or delta.get("reasoning_content")):
+                ttft = time.perf_counter() - t0
             if piece:
-                ttft = ttft if ttft is not None else time.perf_counter() - t0
                 chunks += 1
                 text.append(piece)
     seconds = time.perf_counter() - t0
