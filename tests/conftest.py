@@ -115,6 +115,10 @@ def cpu_flags() -> set[str]:
     return set(line.partition(":")[2].split())
 
 
+# ggml's AMX kernels run here (AMX tile and int8 instructions): test_cpu_kernels and test_grafts ask
+AMX = {"amx_tile", "amx_int8"} <= cpu_flags()
+
+
 def pytest_report_header(config):
     """Which CPU the suite ran on and which ggml CPU kernels it used: a pass says where it holds."""
     import platform

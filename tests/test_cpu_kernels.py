@@ -16,9 +16,8 @@ import math
 import numpy as np
 import pytest
 
-from conftest import ROOT, cpu_flags, run_with_build
+from conftest import AMX, ROOT, run_with_build
 
-AMX = {"amx_tile", "amx_int8"} <= cpu_flags()
 SMOLLM2 = ROOT / "build" / "models" / "smollm2-135m-instruct-q4_1.gguf"
 PROMPT = "The capital of France is a city on the Seine. Its most famous tower is called"
 

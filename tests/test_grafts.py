@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import loaded_model, run_with_build
+from conftest import AMX, loaded_model, run_with_build
 
 import graft
 
@@ -95,7 +95,6 @@ def test_upstream_build_computes_our_logits(both_builds, extra_bufts):
     test_cpu_kernels.py): there the prompt's greedy token must agree, and a near-tie may then part the
     continuations."""
     from pyllama_ssm import gguf
-    from test_cpu_kernels import AMX
     up, ours = both_builds["upstream"], both_builds["patched"]
     keys = [k for k in ours if k.startswith(f"{extra_bufts}/")]
     assert len(keys) == len(GRAFTS)

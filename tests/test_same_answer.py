@@ -166,8 +166,8 @@ def test_without_invariance_the_kernels_differ(model):
 def test_zoo_concurrent_requests_equal_lone_logprobs(name):
     """Every recurrent and hybrid family: logprobs (not only tokens) equal the lone run.  kimi-linear's
     MLA layers multiply a strided view (q_nope), which ggml counts as contiguous when it holds one token:
-    its lone decode took sgemm and its decode among others vec_dot, 2e-4 apart, until patch 0007 chose by
-    strides."""
+    its lone decode took sgemm and its decode among others vec_dot, 2e-4 apart, until patch 0007 sent every
+    input of whole-element rows to sgemm in invariant mode, whatever its row count."""
     m = zoo_model(name)
     prompts = [LONG + "Q1", "Hello there", LONG + "Q2", "A B C D"]
     want = []
