@@ -63,24 +63,28 @@ class ContextParams:
     n_outputs_max: Optional[int] = None      # logits rows a decode may ask for (0: n_batch)
 
     def __post_init__(self) -> None:
-        enums = {"rope_scaling_type": lib.LLAMA_ROPE_SCALING_TYPE_MAX_VALUE, "pooling_type": lib.LLAMA_POOLING_TYPE_RANK,
-                 "attention_type": lib.LLAMA_ATTENTION_TYPE_NON_CAUSAL}
+        whole = {"rope_scaling_type": (-1, lib.LLAMA_ROPE_SCALING_TYPE_MAX_VALUE),
+                 "pooling_type": (-1, lib.LLAMA_POOLING_TYPE_RANK),
+                 "attention_type": (-1, lib.LLAMA_ATTENTION_TYPE_NON_CAUSAL), "yarn_orig_ctx": (0, MAX_TOKENS),
+                 "type_k": (0, lib.GGML_TYPE_COUNT - 1), "type_v": (0, lib.GGML_TYPE_COUNT - 1),
+                 "n_outputs_max": (0, MAX_TOKENS)}
+        real = {"rope_freq_base", "rope_freq_scale", "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast",
+                "yarn_beta_slow"}
         for f in fields(self):
-            value = getattr(self, f.name)
+            name, value = f.name, getattr(self, f.name)
             if value is None:
                 continue
-            if f.name in enums or f.name in ("yarn_orig_ctx", "n_outputs_max", "type_k", "type_v"):
-                lo, hi = (-1, enums[f.name]) if f.name in enums else \
-                    (0, lib.GGML_TYPE_COUNT - 1) if f.name.startswith("type_") else (0, MAX_TOKENS)
+            if name in whole:
+                lo, hi = whole[name]
                 if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-                    raise ContextError(f"{f.name}={value!r}: must be an integer in {lo}..{hi}")
-            elif "float" in f.type:
+                    raise ContextError(f"{name}={value!r}: must be an integer in {lo}..{hi}")
+            elif name in real:
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                    raise ContextError(f"{f.name}={value!r}: must be a finite number")
-            elif value in (0, 1) and isinstance(value, int):  # as llama-cpp-python (ctypes), 0 and 1 too
-                object.__setattr__(self, f.name, bool(value))
+                    raise ContextError(f"{name}={value!r}: must be a finite number")
+            elif isinstance(value, int) and value in (0, 1):  # as llama-cpp-python (ctypes): 0 and 1 too
+                object.__setattr__(self, name, bool(value))
             else:
-                raise ContextError(f"{f.name}={value!r}: must be True or False")
+                raise ContextError(f"{name}={value!r}: must be True or False")
 
     @classmethod
     def of(cls, values: "ContextParams | Mapping[str, Any] | None") -> "ContextParams":
@@ -93,7 +97,7 @@ class ContextParams:
                             f"(settings: {', '.join(f.name for f in fields(cls))})")
         return cls(**values)
 
-    def fields(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, Any]:
         """The llama_context_params fields to set (those left None keep llama.cpp's default)."""
         return {k: v for k, v in asdict(self).items() if v is not None}
 
@@ -154,7 +158,7 @@ class Context:
         p.embeddings = embeddings
         p.swa_full = swa_full
         # rope, yarn, type_k/v, pooling, ...: the settings, or any field by name
-        set_fields(p, overrides.fields() if isinstance(overrides, ContextParams) else overrides or {},
+        set_fields(p, overrides.as_dict() if isinstance(overrides, ContextParams) else overrides or {},
                    "llama_context_params")
         if 0 < p.n_outputs_max < n_seq_max:  # llama.cpp asserts (aborts) on this at the first decode
             raise ContextError(f"n_outputs_max={p.n_outputs_max}: must be 0 (= n_batch) or >= n_seq_max={n_seq_max}")

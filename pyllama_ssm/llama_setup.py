@@ -161,9 +161,9 @@ def check_arguments(n_parallel, n_ctx: int, n_batch: int, n_ubatch: int, draft_m
 
 def context_params(arguments: dict[str, Any]) -> ContextParams:
     """The context settings among Llama's arguments (by their names there), checked (ContextError naming one)."""
-    rope_scaling_type = arguments["rope_scaling_type"]
+    rope_scaling = arguments["rope_scaling_type"]
     return ContextParams.of({
-        "rope_scaling_type": lib.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED if rope_scaling_type is None else rope_scaling_type,
+        "rope_scaling_type": lib.LLAMA_ROPE_SCALING_TYPE_UNSPECIFIED if rope_scaling is None else rope_scaling,
         **{name: arguments[name] for name in ("pooling_type", "attention_type", "rope_freq_base", "rope_freq_scale",
                                               "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow",
                                               "yarn_orig_ctx", "offload_kqv", "no_perf", "op_offload", "swa_full",

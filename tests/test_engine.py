@@ -405,6 +405,7 @@ def test_configuration_is_checked_once_into_typed_settings():
     from pyllama_ssm.server.settings import ModelSettings
     for bad, match in (({"parallel": 0}, "parallel=0"), ({"n_batch": 0}, "n_batch=0"),
                        ({"flash_attn": "yes"}, "flash_attn='yes'"), ({"draft_max_seqs": -1}, "draft_max_seqs=-1"),
+                       ({"prefix_cache": -1}, "prefix_cache=-1"),
                        ({"context_overrides": {"type_k": 999}}, "type_k=999"),
                        ({"context_overrides": {"rope_freq_base": float("nan")}}, "rope_freq_base=nan")):
         with pytest.raises((ValueError, ps.ContextError), match=match):

@@ -112,6 +112,8 @@ def test_an_inline_engine_continues_a_sequence_and_leaves_its_memory(name):
         assert rest == whole
         with pytest.raises(ValueError, match="continues"):
             engine.submit(prompt, GREEDY, continues=Continuation(len(prompt)))  # all resident needs live logits
+        with pytest.raises(ValueError, match="context: holds 1 sequences, this config needs 2"):
+            Engine(model, EngineConfig(n_ctx=256, parallel=2, prefix_cache=0), context=ctx, inline=True)
     with Model(str(zoo_path(name))) as model, Engine(model, n_ctx=256, parallel=2) as threaded:
         with pytest.raises(ValueError, match="inline Engine of one sequence"):
             threaded.submit([1, 2], GREEDY, continues=Continuation())

@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import memory as memory_mod
 from ..bindings import has, lib
-from ..context import _FLASH_ATTN, MAX_SEQ, MAX_TOKENS, ContextParams
+from ..context import _FLASH_ATTN, MAX_RS_CELLS, MAX_SEQ, MAX_TOKENS, ContextParams
 from ..model import Model
 
 log = logging.getLogger("pyllama_ssm.engine")
@@ -74,7 +74,7 @@ class EngineConfig:
         whole("n_batch", 1, MAX_TOKENS)
         for name in ("n_ubatch", "n_threads", "n_threads_batch"):
             whole(name, 1, MAX_TOKENS, optional=True)
-        whole("prefix_cache", 0, MAX_SEQ * 64, optional=True)
+        whole("prefix_cache", 0, MAX_RS_CELLS - self.parallel, optional=True)  # a pool cell per entry and sequence
         whole("prefix_cache_bytes", 0, 2**62, optional=True)
         whole("n_gpu_layers", -1, 2**31 - 1)
         if self.draft_max_seqs is not None and (not isinstance(self.draft_max_seqs, int) or isinstance(

@@ -270,13 +270,11 @@ class Engine:
                 raise RuntimeError(f"request {req.id}: not queued on this engine")
             try:
                 self._step()
-            except Exception as e:  # noqa: BLE001 - as _loop: no single request to blame
+            except BaseException as e:  # noqa: BLE001 - as _loop: no single request to blame
                 for slot in list(self._running.values()):
                     self._release(slot, "error", e)
-            except BaseException as e:
-                for slot in list(self._running.values()):
-                    self._release(slot, "error", e)
-                raise
+                if not isinstance(e, Exception):
+                    raise
 
     def _shut_down(self) -> None:
         """What is left when the Engine closes: calls answered, requests ended."""
