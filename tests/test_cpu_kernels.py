@@ -1,4 +1,4 @@
-"""The CPU kernels users' machines pick: ggml's AMX path (patches 0008, 0010) and the quantized formats.
+"""The CPU kernels users' machines pick: ggml's AMX path (patches 0008, 0010, 0011) and the quantized formats.
 
 On Sapphire Rapids class CPUs (amx_int8), ggml moves Q4_0, Q4_1, Q8_0 and K-quant weights into an
 AMX buffer: prompts (several rows) run on AMX tiles, single-row steps on its AVX512-VNNI gemv.
@@ -111,6 +111,31 @@ def test_q5_0_weights_run_on_amx():
     amx = run(path, True)["buffer_mib"].get("AMX", 0.0) * (1 << 20)
     assert amx >= q5_0 * 34 / 22, f"AMX buffer {amx / (1 << 20):.1f} MiB, the Q5_0 weights as Q8_0 alone " \
         f"{q5_0 * 34 / 22 / (1 << 20):.1f} MiB"
+
+
+@pytest.mark.skipif(not AMX, reason="ggml's AMX buffer needs a CPU with AMX (amx_int8)")
+@pytest.mark.parametrize("fmt", ["q4_k_m", "q8_0"])
+def test_weights_of_any_width_run_on_amx(fmt):
+    """Patch 0011: every quantized projection goes to ggml's AMX buffer, whatever its out_features.  A
+    Mamba2 in_proj has 2 * d_inner + 2 * n_groups * d_state + n_heads rows (the falcon-h1 graft's 2,450),
+    not a multiple of the kernels' 32-column block: it used to stay in the CPU buffer and run
+    llamafile's AVX sgemm, a quarter of the graft's weights and of its prompt time.  Packed padded with
+    zero blocks, its products are test_fast_cpu_kernels_are_as_accurate_as_the_plain_ones'."""
+    import graft
+    from pyllama_ssm import gguf
+    path = graft.graft_path("falcon-h1", fmt)
+    if not path.exists():
+        pytest.skip(f"{path.name} missing: run `make models`")
+    # every matrix but the token embedding (its rows are looked up, so it stays in the CPU buffer)
+    weights = [t for t in gguf.read(path, check_data=False).tensors
+               if t.type.name in ("q5_0", "q8_0", "q4_k", "q6_k") and t.name != "token_embd.weight"]
+    narrow = [t for t in weights if t.shape[1] % 32]
+    assert narrow, f"{path.name}: no projection whose out_features are not a multiple of 32"
+    as_packed = sum(t.nbytes * (34 / 22 if t.type.name == "q5_0" else 1) * (-(-t.shape[1] // 32) * 32) / t.shape[1]
+                    for t in weights)
+    amx = run(path, True)["buffer_mib"].get("AMX", 0.0) * (1 << 20)
+    assert amx >= 0.99 * as_packed, f"AMX buffer {amx / (1 << 20):.1f} MiB, the model's projections as packed " \
+        f"{as_packed / (1 << 20):.1f} MiB ({len(narrow)} of out_features not a multiple of 32)"
 
 
 def test_pristine_build_runs_the_same_fast_kernels():
