@@ -151,7 +151,8 @@ import pyllama_ssm as ps
 def rss_file():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssFile")) / 1024
 before = rss_file()
-with ps.Model(sys.argv[1]) as m:
+mlock = sys.argv[2] == "1"  # as the server's --use_mlock default (stock's): the mapping locked in RAM
+with ps.Model(sys.argv[1], overrides={"load_mode": 3} if mlock else None) as m:  # LLAMA_LOAD_MODE_MMAP_MLOCK
     after = rss_file()
 sizes = {r.split(" model buffer size")[0].split(":")[-1].strip(): float(r.split("=")[-1].split()[0])
          for r in records if "model buffer size" in r}
@@ -160,17 +161,19 @@ print(json.dumps({"resident_mib": after - before, "buffer_mib": sizes}))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RssFile and MADV_DONTNEED are Linux's")
+@pytest.mark.parametrize("mlock", [False, True], ids=["mmap", "mmap+mlock"])
 @pytest.mark.parametrize("arch,fmt", [("smollm2", "q4_0"), ("falcon-h1", "q4_k_m")])
-def test_weights_copied_out_of_the_mapping_are_not_resident_twice(arch, fmt):
+def test_weights_copied_out_of_the_mapping_are_not_resident_twice(arch, fmt, mlock):
     """Patch 0012: a weight that llama.cpp copies from the file mapping into another buffer (AMX's, or a
-    repacked layout on AVX2) leaves the mapping's resident pages.  Upstream keeps them mapped and
-    resident, so every such weight counted twice in RSS (jamba-small: 279 MiB of the file resident
-    beside its 225 MiB AMX buffer; 55 now)."""
+    repacked layout on AVX2) leaves the mapping's resident pages, right after its copy, or with the
+    mapping locked (--mlock, the server's default as stock's) once loading ends.  Upstream keeps them
+    mapped and resident, so every such weight counted twice in RSS (jamba-small: 279 MiB of the file
+    resident beside its 225 MiB AMX buffer; 55 now)."""
     import graft
     path = graft.graft_path(arch, fmt)
     if not path.exists():
         pytest.skip(f"{path.name} missing: run `make models`")
-    got = json.loads(run_with_build("patched", RESIDENT, str(path)).splitlines()[-1])
+    got = json.loads(run_with_build("patched", RESIDENT, str(path), "1" if mlock else "0").splitlines()[-1])
     mapped = got["buffer_mib"].get("CPU_Mapped", 0.0)
     copied = min(mapped, sum(v for k, v in got["buffer_mib"].items() if k != "CPU_Mapped"))
     if not copied:
