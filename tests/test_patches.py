@@ -63,12 +63,16 @@ def test_edit_then_refresh_reproduces_the_series(tmp_path):
         assert (out / p.name).read_bytes() == p.read_bytes(), f"{p.name} changed on refresh"
 
 
-def test_pristine_fixes_apply_alone_and_share_no_file(tmp_path):
-    """patches/pristine: what the parity reference carries too applies to the pin by itself and touches
-    no file of another patch, so the pristine build differs from upstream by exactly these fixes."""
+def test_pristine_fixes_apply_alone_and_come_before_what_builds_on_them(tmp_path):
+    """patches/pristine: what the parity reference carries too applies to the pin by itself, and any patch
+    that touches its files comes after it in the series (0011 extends the AMX kernels whose crash 0008
+    fixes): the pristine build is the pin plus exactly these fixes, and ours applies the rest on top."""
     fixes = patches.pristine_fixes()
     assert [patches.topic_of(p) for p in fixes] == ["ggml-amx"]
     tree = small_tree(tmp_path)
     assert sorted(patches.apply_series(tree, patches=fixes)) == sorted(f for p in fixes for f in patches.touched_files(p))
-    others = {f for p in patches.series() if p not in fixes for f in patches.touched_files(p)}
-    assert not others & {f for p in fixes for f in patches.touched_files(p)}
+    order = patches.series()
+    for fix in fixes:
+        files = set(patches.touched_files(fix))
+        before = [p.name for p in order[:order.index(fix)] if files & set(patches.touched_files(p))]
+        assert not before, f"{fix.name} touches files of {before}, which come before it: it must apply to the pin alone"

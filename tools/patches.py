@@ -63,7 +63,7 @@ def topic_of(patch: Path) -> str:
 
 def pristine_fixes(patch_dir: Path = PATCHES) -> list[Path]:
     """The patches of the series the pristine build also carries (patches/pristine lists their topics):
-    each must apply to the pin alone and touch no file another patch touches."""
+    each must apply to the pin alone, before any patch that touches its files."""
     listed = patch_dir / "pristine"
     if not listed.exists():
         return []
