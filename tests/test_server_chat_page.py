@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -57,11 +58,13 @@ class Browser:
     def __init__(self, binary: str):
         from websockets.sync.client import connect
 
-        self.profile = tempfile.TemporaryDirectory()
+        # Chromium's helpers (renderer, crashpad) may still write to the profile as the browser exits:
+        # its own process group, ended as a whole, and a leftover temporary file is not a failure
+        self.profile = tempfile.TemporaryDirectory(ignore_cleanup_errors=True)
         self.proc = subprocess.Popen([binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
                                       "--disable-dev-shm-usage", "--remote-debugging-port=0",
                                       f"--user-data-dir={self.profile.name}", "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         port_file = Path(self.profile.name) / "DevToolsActivePort"
         deadline = time.monotonic() + 60
         while not (port_file.exists() and port_file.read_text().strip()):
@@ -106,11 +109,15 @@ class Browser:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._stack.close()
-        self.proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the helpers too, whatever the browser did
+        self.proc.wait()
         self.profile.cleanup()
 
 
