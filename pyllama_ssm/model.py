@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -11,6 +12,30 @@ from typing import Any
 from . import _runtime, gguf, rpc, sizing
 from .bindings import ffi, lib, set_fields
 from .errors import ModelLoadError, TokenError
+
+
+def _load_on_own_thread(path: Path, params: Any) -> tuple[Any, str]:
+    """llama_model_load_from_file on a thread that ends with the load, and the errors it logged.
+
+    Loading runs OpenMP work (ggml's AMX buffer converts weights with `omp parallel`), and libgomp keeps
+    a team of threads for every thread that ran one, for that thread's lifetime.  Once a process's teams
+    hold more threads than it has CPUs, libgomp stops spinning at ggml's barriers (with
+    OMP_WAIT_POLICY=passive it sleeps at once, ~1,000 times a decode step): a team left behind by the
+    loading thread made every decode step of the Engine's thread 3x slower on 2 cores (the falcon-h1
+    graft, one sequence: 51 ms against 16).  A thread that ends takes its team with it."""
+    out: list[Any] = []
+
+    def load() -> None:
+        _runtime.clear_errors()  # llama.cpp logs on the loading thread; its errors are collected there
+        ptr = lib.llama_model_load_from_file(str(path).encode(), params)
+        out.append((ptr, _runtime.take_errors() if ptr == ffi.NULL else ""))
+
+    loader = threading.Thread(target=load, name="pyllama-ssm-load")
+    loader.start()
+    loader.join()
+    if not out:  # the thread died before llama.cpp answered (only a Python-level failure can do this)
+        raise ModelLoadError(f"{path}: the loading thread ended without a result")
+    return out[0]
 
 
 class Model:
@@ -46,12 +71,10 @@ class Model:
                                                              ffi.NULL])
             params.devices = self._devices
         self.params = params
-        _runtime.clear_errors()
-        ptr = lib.llama_model_load_from_file(str(self.path).encode(), params)
+        ptr, errors = _load_on_own_thread(self.path, params)
         if ptr == ffi.NULL:
             rpc.release(self.rpc_servers)
-            raise ModelLoadError(f"{self.path}: llama.cpp could not load the model: "
-                                 f"{_runtime.take_errors() or 'no reason given'}")
+            raise ModelLoadError(f"{self.path}: llama.cpp could not load the model: {errors or 'no reason given'}")
         self._ptr = ptr
         self._contexts: weakref.WeakSet = weakref.WeakSet()  # closed before the weights go
         self.vocab = lib.llama_model_get_vocab(ptr)

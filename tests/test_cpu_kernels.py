@@ -183,6 +183,37 @@ def test_weights_copied_out_of_the_mapping_are_not_resident_twice(arch, fmt, mlo
         f"MiB copied into {got['buffer_mib']}"
 
 
+# Loads a model (AMX: its weights converted with `omp parallel`) through pyllama_ssm's Model and the
+# drop-in Llama, counting the process's threads before and after each load.
+THREADS_AFTER_LOAD = """
+import os, sys
+import pyllama_ssm as ps
+from pyllama_ssm import Llama
+count = lambda: len(os.listdir("/proc/self/task"))
+before = count()
+ps.Model(sys.argv[1]).close()
+model = count()
+Llama(sys.argv[1], n_ctx=512, n_threads=2, verbose=False).close()
+print(before, model, count())
+"""
+
+
+def test_loading_a_model_leaves_no_openmp_threads_behind():
+    """Loading runs on a thread of its own that ends with it (model.py).  ggml's AMX buffer converts
+    weights in an OpenMP team, and libgomp keeps a team for every thread that ran one: the loading
+    thread's stayed beside the Engine thread's, and with more OpenMP threads than CPUs libgomp sleeps
+    at every one of ggml's barriers instead of spinning (passive wait policy): decode steps of the
+    server and of Llama(n_parallel > 1) ran 3x slower on 2 cores (the falcon-h1 graft, one sequence,
+    51 ms against 16).  On a CPU whose load runs no OpenMP work this holds trivially."""
+    import graft
+    path = graft.graft_path("falcon-h1", "q4_k_m")
+    if not path.exists():
+        pytest.skip(f"{path.name} missing: run `make models`")
+    before, model, llama = map(int, run_with_build("patched", THREADS_AFTER_LOAD, str(path)).split())
+    assert model == before, f"ps.Model left {model - before} thread(s) behind"
+    assert llama == before, f"Llama left {llama - before} thread(s) behind"
+
+
 def test_pristine_build_runs_the_same_fast_kernels():
     """The parity reference carries the AMX fix too (patches/pristine): it runs SmolLM2 on the same
     kernels without a fault, bit for bit what the patched build computes for one sequence."""
