@@ -221,7 +221,6 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "logit_bias": {"not-a-token": 1.0}}, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"999999999": 1.0}}, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "n": 3}, "n"),
-    ("/v1/completions", {"prompt": "x", "max_token": 3}, "max_token"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, "messages"),  # the template's
@@ -244,6 +243,27 @@ def test_bad_requests_get_4xx_naming_the_field(qwen, route, body, param):
             error = r.json()["error"]
             assert set(error) == {"message", "type", "param", "code"}
             assert param in (error["param"] or "") or param in error["message"], error
+
+
+def test_fields_the_server_does_not_know_are_ignored_and_logged(qwen):
+    """As llama_cpp.server: a field outside the schema is ignored, not refused.  Clients written for
+    llama-server send its own (cache_prompt, n_predict, id_slot), OpenAI's SDKs newer ones; a 400 failed
+    them all.  The log names each field once."""
+    extra = {"cache_prompt": True, "id_slot": -1, "some_future_field": {"a": 1}}
+    with client(qwen) as c:
+        text = complete(c, "/v1/completions", {"prompt": "x", "max_tokens": 2, **extra})
+        chat = complete(c, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
+                                                    **extra})
+        streamed = stream(c, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                      "max_tokens": 2, "stream": True, **extra})
+    assert text["usage"]["completion_tokens"] <= 2 and chat["usage"]["completion_tokens"] <= 2
+    assert streamed and streamed[-1]["choices"][0]["finish_reason"] in ("length", "stop")
+    deadline = time.monotonic() + 5
+    while not all(any(repr(name) in line for line in qwen.log) for name in extra) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for name in extra:
+        noted = [line for line in qwen.log if repr(name) in line]
+        assert len(noted) == 1 and "not one this server knows" in noted[0], noted
 
 
 def test_numbers_past_what_llama_cpp_accepts_get_400_naming_field_and_range(qwen):

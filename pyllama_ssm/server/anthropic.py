@@ -34,7 +34,7 @@ from .generation import generate, named_event, note_ignored, registry_of
 from .openai import chat_call
 from .parsing import arguments_as_objects
 from .registry import ServedModel
-from .schemas import CreateChatCompletionRequest, NonEmptyStr, StrictBody, ignored_field
+from .schemas import CreateChatCompletionRequest, NonEmptyStr, RequestBody, ignored_field
 
 MESSAGES, COUNT_TOKENS = "/v1/messages", "/v1/messages/count_tokens"
 
@@ -71,7 +71,7 @@ shape_errors((MESSAGES, COUNT_TOKENS), error_body)
 
 # -- the request -------------------------------------------------------------------------------------
 class _Part(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class _Block(_Part):
@@ -136,7 +136,7 @@ class Tool(_Block):
 
 class ToolChoice(_Part):
     # a named tool needs its name: stated in the schema too
-    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+    model_config = ConfigDict(extra="ignore", strict=True, json_schema_extra={
         "if": {"properties": {"type": {"const": "tool"}}},
         "then": {"required": ["name"], "properties": {"name": {"type": "string"}}}})
 
@@ -156,7 +156,7 @@ class OutputConfig(_Part):
                                                                    "schema.")
 
 
-class CountTokensRequest(StrictBody):
+class CountTokensRequest(RequestBody):
     model: Optional[str] = Field(default=None, description="The alias of a configured model (a server of one "
                                                           "model answers under any name).")
     messages: list[Message] = Field(min_length=1, description="The conversation so far.")

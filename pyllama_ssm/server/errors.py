@@ -148,7 +148,7 @@ def _field_path(loc: tuple) -> list[str]:
 
 
 def _reason(problem: dict) -> str:
-    return "unknown field" if problem["type"] == "extra_forbidden" else problem["msg"].removeprefix("Value error, ")
+    return problem["msg"].removeprefix("Value error, ")
 
 
 def install(app: FastAPI) -> None:

@@ -78,12 +78,14 @@ def capped_max_tokens(request: Request, value: int | None, param: str = "max_tok
 
 
 def note_ignored(request: Request, body: Any) -> None:
-    """Log, once per field, the OpenAI fields a client sent that this server accepts and ignores."""
+    """Log, once per field, the fields a client sent that this server ignores: OpenAI's it accepts for
+    compatibility, and those it does not know (as llama_cpp.server, it ignores them)."""
     noted: set[str] = request.app.state.noted
-    for name in ignored_fields(body):
+    for name, why in [(n, "is accepted for OpenAI compatibility") for n in ignored_fields(body)] + \
+            [(n, "is not one this server knows") for n in getattr(body, "unknown_fields", ())]:
         if name not in noted:
             noted.add(name)
-            logger.info("request field %r is accepted for OpenAI compatibility and ignored (noted once)", name)
+            logger.info("request field %r %s and ignored (noted once)", name, why)
 
 
 def generation_kwargs(request: Request, served: ServedModel,

@@ -31,17 +31,17 @@ from ..results import CompletionResult, Usage
 from .chat import MappedStream
 from .errors import ERROR_RESPONSES, bad_request
 from .generation import capped_max_tokens, generate, note_ignored, registry_of
-from .schemas import StrictBody, ignored_field
+from .schemas import RequestBody, ignored_field
 
 router = APIRouter(responses=ERROR_RESPONSES)
 
 
-class ExtraChunk(StrictBody):
+class ExtraChunk(RequestBody):
     filename: str = Field(default="tmp", description="The file the text comes from.")
     text: str = Field(description="Its text (context for the completion).")
 
 
-class InfillRequest(StrictBody):
+class InfillRequest(RequestBody):
     model: Optional[str] = Field(default=None, description="The alias of a configured model (a server of one model "
                                                           "answers under any name).")
     input_prefix: str = Field(description="The code before the cursor.")

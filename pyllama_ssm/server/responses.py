@@ -27,12 +27,12 @@ from ..limits import field as limit
 from ..results import CompletionResult, Usage
 from .chat import MappedStream
 from .parsing import Delta, OutputParser
-from .schemas import NonEmptyStr, StrictBody, ignored_field
+from .schemas import NonEmptyStr, RequestBody, ignored_field
 
 
 # -- the request -------------------------------------------------------------------------------------
 class _Item(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class InputText(_Item):
@@ -106,7 +106,7 @@ class TextOptions(_Item):
     verbosity: Optional[Literal["low", "medium", "high"]] = None
 
 
-class CreateResponseRequest(StrictBody):
+class CreateResponseRequest(RequestBody):
     model: Optional[str] = Field(default=None, description="The alias of a configured model (default: the first; "
                                                            "a server of one model answers under any name).")
     input: Union[NonEmptyStr, Annotated[list[InputItem], Field(min_length=1)]] = Field(

@@ -1,9 +1,12 @@
 """Request bodies of the OpenAI-compatible routes, validated before any model work.
 
-Field names and defaults follow llama_cpp.server's types; unlike it, unknown
-fields are refused (a misspelt `max_token` must not pass silently), and values
-llama_cpp.server ignores or asserts on (n > 1, several prompts, an empty
-prompt) are refused with the field named.  Every number's bounds come from
+Field names and defaults follow llama_cpp.server's types.  As there, fields this
+server does not know are ignored (clients written for llama-server send its own,
+cache_prompt or n_predict; OpenAI's SDKs send newer ones): the log names each
+once.  Values llama_cpp.server ignores or asserts on (n > 1, several prompts, an
+empty prompt) are refused with the field named, and numbers sent as strings are
+refused where llama_cpp.server converts them (the published schema says what is
+accepted, and a fuzzer holds the server to it).  Every number's bounds come from
 pyllama_ssm.limits (what llama.cpp accepts), narrowed where llama_cpp.server
 narrows them; bounds that depend on the loaded models (token ids below n_vocab,
 max_tokens_limit) are marked `x-limit` and filled in by the app's OpenAPI
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from ..limits import field as limit
 
@@ -29,10 +32,26 @@ TokenId = Annotated[int, Field(**limit("token"), json_schema_extra={"x-limit": "
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
-class StrictBody(BaseModel):
-    """A request body: unknown fields and numbers sent as strings are refused."""
+class RequestBody(BaseModel):
+    """A request body: fields it does not name are ignored (unknown_fields lists them), numbers sent as
+    strings are refused."""
     # strict: a number sent as a string ("16") is refused, as the schema's types say
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False, strict=True)
+    model_config = ConfigDict(extra="ignore", protected_namespaces=(), allow_inf_nan=False, strict=True)
+    _unknown: tuple[str, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_unknown_names(cls, data: Any, handler: Any) -> Any:
+        body = handler(data)
+        if isinstance(data, dict) and isinstance(body, RequestBody):
+            known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+            body._unknown = tuple(sorted(str(k) for k in data if k not in known))
+        return body
+
+    @property
+    def unknown_fields(self) -> tuple[str, ...]:
+        """The body's top-level fields this server does not know (ignored)."""
+        return self._unknown
 
     @field_validator("*", mode="before")
     @classmethod
@@ -40,7 +59,7 @@ class StrictBody(BaseModel):
         return _whole(value)
 
 
-class _Sampling(StrictBody):
+class _Sampling(RequestBody):
     """The sampling fields shared by completions and chat completions."""
 
     model: Optional[str] = Field(default=None, description="The alias of a configured model (default: the first; "
@@ -82,7 +101,7 @@ class _Sampling(StrictBody):
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
-class StreamOptions(StrictBody):
+class StreamOptions(RequestBody):
     include_usage: Optional[bool] = Field(default=None, description="A last chunk with `usage` and no choices.")
     include_obfuscation: Optional[bool] = Field(default=None, description="Accepted, ignored (no padding is sent).")
 
@@ -146,7 +165,7 @@ class ChatMessage(BaseModel):
     content: Optional[Union[str, list[dict[str, Any]]]] = None
 
 
-class ResponseFormat(StrictBody):
+class ResponseFormat(RequestBody):
     type: Literal["text", "json_object", "json_schema"]
     schema_: Optional[dict[str, Any]] = Field(default=None, alias="schema")
     json_schema: Optional[dict[str, Any]] = None
@@ -198,7 +217,7 @@ class CreateChatCompletionRequest(_Sampling):
         return self
 
 
-class CreateEmbeddingRequest(StrictBody):
+class CreateEmbeddingRequest(RequestBody):
     model: Optional[str] = Field(default=None)
     input: Union[NonEmptyStr, Annotated[list[NonEmptyStr], Field(min_length=1)]] = Field(
         description="The text (or texts) to embed.")
@@ -214,11 +233,11 @@ class CreateEmbeddingRequest(StrictBody):
         return value
 
 
-class TokenizeInputRequest(StrictBody):
+class TokenizeInputRequest(RequestBody):
     model: Optional[str] = Field(default=None)
     input: str = Field(description="The text to tokenize.")
 
 
-class DetokenizeInputRequest(StrictBody):
+class DetokenizeInputRequest(RequestBody):
     model: Optional[str] = Field(default=None)
     tokens: list[TokenId] = Field(description="The token ids to turn into text.")
