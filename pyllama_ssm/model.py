@@ -26,15 +26,18 @@ def _load_on_own_thread(path: Path, params: Any) -> tuple[Any, str]:
     out: list[Any] = []
 
     def load() -> None:
-        _runtime.clear_errors()  # llama.cpp logs on the loading thread; its errors are collected there
-        ptr = lib.llama_model_load_from_file(str(path).encode(), params)
-        out.append((ptr, _runtime.take_errors() if ptr == ffi.NULL else ""))
+        try:
+            _runtime.clear_errors()  # llama.cpp logs on the loading thread; its errors are collected there
+            ptr = lib.llama_model_load_from_file(str(path).encode(), params)
+            out.append((ptr, _runtime.take_errors() if ptr == ffi.NULL else ""))
+        except BaseException as e:  # noqa: BLE001 - raised on the caller's thread below
+            out.append(e)
 
     loader = threading.Thread(target=load, name="pyllama-ssm-load")
     loader.start()
     loader.join()
-    if not out:  # the thread died before llama.cpp answered (only a Python-level failure can do this)
-        raise ModelLoadError(f"{path}: the loading thread ended without a result")
+    if isinstance(out[0], BaseException):
+        raise out[0]
     return out[0]
 
 
