@@ -64,8 +64,9 @@ for extra in [m == "extra" for m in modes.split(",")]:
         # flash attention off: patch 0009's decode attention is another order of sums (test_cpu_kernels.py)
         with Model(p, overrides={"use_extra_bufts": extra}) as m, \
                 Context(m, n_ctx=256, n_batch=256, flash_attn=False) as ctx:
+            # 113 tokens: several blocks of rows on the AMX buffer's kernels, each weight in panels
             logits = [ctx.decode_tokens(m.tokenize(
-                "The old lighthouse keeper climbed the stairs every evening to light the lamp."))]
+                "The old lighthouse keeper climbed the stairs every evening to light the lamp. " * 8))]
             for _ in range(4):  # then one token at a time, through the recurrent state
                 logits.append(ctx.decode_tokens([int(np.argmax(logits[-1]))]))
         res[f"{extra}/{p.rsplit('/', 1)[-1]}"] = np.stack(logits)
@@ -88,7 +89,7 @@ def both_builds(tmp_path_factory):
 @pytest.mark.parametrize("extra_bufts", [False, True], ids=["plain-kernels", "extra-buffer-types"])
 def test_upstream_build_computes_our_logits(both_builds, extra_bufts):
     """The pristine build loads every graft (f16, Q8_0, Q4_K_M) and computes our logits bit for bit:
-    5 steps, a 15-token prompt then 4 single tokens through the recurrent state; with ggml's plain
+    5 steps, a 113-token prompt then 4 single tokens through the recurrent state; with ggml's plain
     kernels and with its extra buffer types (llama.cpp's default: AMX or repacked weights, the AMX fix
     being in both builds, patches/pristine).  Except, on a CPU with AMX, the weights our series moves onto
     AMX tiles (patch 0010: Q4_K_M's Q5_0 tensors; 0011: the Mamba2 in_proj, 2,450 rows): other sums of
