@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import re
@@ -147,7 +148,10 @@ def script(tok: Tokenizer, users: int, turns: int, system_tokens: int, seed: int
 
 # -- one run: one server, one model, U users ----------------------------------------------------------
 
-async def chat_turn(client: httpx.AsyncClient, messages: list[dict], max_tokens: int, usage_per_turn: bool) -> dict:
+async def chat_turn(client: httpx.AsyncClient, messages: list[dict], max_tokens: int, usage_per_turn: bool,
+                    seen: dict | None = None) -> dict:
+    """One streamed turn; `seen` gets "first_token" (seconds) as soon as it comes, which a request the time
+    cap cuts mid-answer still has."""
     # plain greedy for every server (llama-cpp-python and ours default to a 1.1 repeat penalty)
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "repeat_penalty": 1.0, "stream": True}
     if usage_per_turn:  # ours: the last chunk's usage says how much of the prompt the prefix cache served
@@ -166,6 +170,8 @@ async def chat_turn(client: httpx.AsyncClient, messages: list[dict], max_tokens:
             # token would be timed at the end of the request
             if ttft is None and (piece or delta.get("reasoning_content")):
                 ttft = time.perf_counter() - t0
+                if seen is not None:
+                    seen["first_token"] = ttft
             if piece:
                 chunks += 1
                 text.append(piece)
@@ -206,7 +212,7 @@ async def drive(url: str, conv: dict, tok: Tokenizer, args: argparse.Namespace, 
                        "parted_tokens": max(prompt - common_prefix(reusable, ids, prompt), 1)}
                 records.append(rec)
                 try:
-                    rec.update(await chat_turn(client, history, args.max_tokens, usage_per_turn))
+                    rec.update(await chat_turn(client, history, args.max_tokens, usage_per_turn, seen=rec))
                 except (httpx.HTTPError, BenchError, json.JSONDecodeError) as e:
                     rec["error"] = f"{type(e).__name__}: {e}"[:300]
                     return  # the conversation cannot go on without its answer
@@ -227,11 +233,14 @@ async def drive(url: str, conv: dict, tok: Tokenizer, args: argparse.Namespace, 
     for t in done:
         if t.exception() is not None:
             raise t.exception()
+    seconds = time.perf_counter() - t_start
     for rec in records:  # requests the cap cut short
         if "ttft" not in rec and "error" not in rec:
             rec["error"] = "cut by the time cap"
             rec["cut"] = True
-    return {"records": records, "seconds": time.perf_counter() - t_start, "capped": bool(pending)}
+            if "first_token" not in rec:  # still waiting: its first token comes later than this, if ever
+                rec["ttft_atleast"] = seconds - rec["start"]
+    return {"records": records, "seconds": seconds, "capped": bool(pending)}
 
 
 class RssWatch:
@@ -371,12 +380,30 @@ def run_one(name: str, model: Path, conv: dict, tok: Tokenizer, args: argparse.N
 
 # -- summary ----------------------------------------------------------------------------------------
 
+def waits(recs: list[dict], turns) -> list[tuple[float, bool]]:
+    """The first-token waits of requests in `turns`, each (seconds, censored): the completed requests', those
+    of requests the time cap cut mid-answer, and, censored, the time a request cut before its first token
+    had waited (its wait is at least that).  Leaving the cut ones out would time only the survivors of a
+    capped run, the requests a slow server served first."""
+    out = [(r["ttft"], False) for r in recs if "error" not in r and r["turn"] in turns]
+    out += [(r["first_token"], False) for r in recs if r.get("cut") and "first_token" in r and r["turn"] in turns]
+    return out + [(r["ttft_atleast"], True) for r in recs if r.get("cut") and "ttft_atleast" in r
+                  and r["turn"] in turns]
+
+
+def wait_percentile(values: list[tuple[float, bool]], p: float) -> tuple[float | None, bool]:
+    """(the p-th percentile, whether it is only a lower bound: it rests on a censored wait)."""
+    if not values:
+        return None, False
+    value = percentile([v for v, _ in values], p)
+    return value, percentile([math.inf if c else v for v, c in values], p) != value
+
+
 def pooled(runs: list[dict], args: argparse.Namespace, system_tokens: int) -> dict:
     """One row per server for a model and U: every round's requests pooled."""
     recs = [r for run in runs for r in run["records"]]
     ok = [r for r in recs if "error" not in r]
-    first = [r["ttft"] for r in ok if r["turn"] == 1]
-    rest = [r["ttft"] for r in ok if r["turn"] > 1]
+    first, rest = waits(recs, {1}), waits(recs, range(2, args.turns + 1))
     tokens = sum(r["tokens"] for r in ok)
     seconds = sum(run["seconds"] for run in runs)
     new = sum(r["new_tokens"] for r in ok)
@@ -388,18 +415,17 @@ def pooled(runs: list[dict], args: argparse.Namespace, system_tokens: int) -> di
            "cut": sum(1 for r in recs if r.get("cut")), "capped": any(run["capped"] for run in runs),
            "short": sum(1 for r in ok if r["finish"] != "length"),
            "tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds,
-           "ttft_turn1_p50": percentile(first, 50) if first else None,
-           "ttft_turn1_p95": percentile(first, 95) if first else None,
-           "ttft_rest_p50": percentile(rest, 50) if rest else None,
-           "ttft_rest_p95": percentile(rest, 95) if rest else None,
-           "ttft_by_turn_p50": [percentile(t, 50) if (t := [r["ttft"] for r in ok if r["turn"] == k]) else None
-                                for k in range(1, args.turns + 1)],
+           "ttft_by_turn_p50": [wait_percentile(waits(recs, {k}), 50)[0] for k in range(1, args.turns + 1)],
            "new_tokens": new, "new_tokens_rest": sum(r["new_tokens"] for r in ok if r["turn"] > 1),
            # the least a server can compute: every new token once, the shared system prompt once per run
            "ideal_tokens": new_sent - sum(max(sum(1 for r in run["records"] if r["turn"] == 1) - 1, 0)
                                           for run in runs) * system_tokens,
            "peak_rss": max(run["peak_rss"] for run in runs),
            "cache_bytes": max((run.get("cache_bytes") or 0) for run in runs)}
+    # "_atleast": the figure is a lower bound (a capped run's requests still waiting count as what they waited)
+    for key, values, p in (("ttft_turn1_p50", first, 50), ("ttft_turn1_p95", first, 95), ("ttft_rest_p50", rest, 50),
+                           ("ttft_rest_p95", rest, 95)):
+        row[key], row[f"{key}_atleast"] = wait_percentile(values, p)
     if all("computed" in run for run in runs):
         # a capped run's counters include requests it cut short: the ratio then reads high
         row["computed"] = sum(run["computed"] for run in runs)
@@ -440,6 +466,8 @@ def summarize(runs: list[dict], args: argparse.Namespace, system_tokens: int) ->
         if values and all(v is not None for v in values):
             row["spread"][key] = spread(values)
             row[key] = row["spread"][key]["median"]
+            if any(r.get(f"{key}_atleast") for r in per_round):
+                row[f"{key}_atleast"] = row["spread"][key]["atleast"] = True
     return row
 
 
@@ -458,6 +486,13 @@ def _ratio(ours: dict, other: dict, key: str) -> dict | None:
     if not other.get(key) or ours.get(key) is None:
         return None
     out = {"median": ours[key] / other[key]}
+    # the other's figure a lower bound: the ratio is at most this (ours: at least)
+    if other.get(f"{key}_atleast") and not ours.get(f"{key}_atleast"):
+        out["bound"] = "at most"
+    elif ours.get(f"{key}_atleast") and not other.get(f"{key}_atleast"):
+        out["bound"] = "at least"
+    elif ours.get(f"{key}_atleast"):
+        out["bound"] = "unknown"
     a, b = ours["spread"].get(key), other["spread"].get(key)
     if a and b and len(a["rounds"]) == len(b["rounds"]) and all(b["rounds"]):
         per = [x / y for x, y in zip(a["rounds"], b["rounds"])]
@@ -511,6 +546,11 @@ def checks(rows: list[dict], comparison: list[dict]) -> list[dict]:
             bound, at_least = bounds[c["metric"]]
             add(f"{c['label']} / the better same-U llama-server's ({c['best_same_u']})", c["ratio"]["median"],
                 bound, at_least)
+            if (how := c["ratio"].get("bound")) is not None:  # a lower-is-better wait against a capped run
+                meets = out[-1]["verdict"] == "met"
+                out[-1]["verdict"] = ("met" if meets and how == "at most" else
+                                      "missed" if not meets and how == "at least" else "unknown") + \
+                    f" (the ratio is {how} this: a capped run's waits count the requests still waiting)"
     if (r := by.get("example-server")) is not None:
         if ours["ttft_rest_p50"] and r["ttft_rest_p50"]:
             add("TTFT p50 turns 2..K / example-server's", ours["ttft_rest_p50"] / r["ttft_rest_p50"], 1 / 3, False)
@@ -523,17 +563,24 @@ def _s(v: float | None) -> str:
 
 
 def _cell(r: dict, key: str, fmt: str = "{:.2f}", scale: float = 1.0) -> str:
-    """A row's metric as "median [min-max]" over rounds, or its pooled value (one round, or an old run)."""
+    """A row's metric as "median [min-max]" over rounds, or its pooled value (one round, or an old run);
+    ">= " where it is a lower bound."""
+    at_least = ">= " if r.get(f"{key}_atleast") else ""
     if s := r.get("spread", {}).get(key):
-        return fmt_spread(s, fmt, scale)
-    return "-" if r.get(key) is None else fmt.format(r[key] * scale)
+        return at_least + fmt_spread(s, fmt, scale)
+    return "-" if r.get(key) is None else at_least + fmt.format(r[key] * scale)
+
+
+def _spread_cell(s: dict, fmt: str, scale: float) -> str:
+    return (">= " if s.get("atleast") else "") + fmt_spread(s, fmt, scale)
 
 
 def _ratio_cell(ratio: dict | None) -> str:
     if not ratio:
         return "-"
-    return f"{ratio['median']:.2f}x" + (f" [{ratio['min']:.2f}-{ratio['max']:.2f}]" if len(ratio.get("rounds", ())) > 1
-                                        else "")
+    prefix = {"at most": "<= ", "at least": ">= ", "unknown": "? "}.get(ratio.get("bound"), "")
+    return prefix + f"{ratio['median']:.2f}x" + (f" [{ratio['min']:.2f}-{ratio['max']:.2f}]"
+                                                 if len(ratio.get("rounds", ())) > 1 else "")
 
 
 def _as_run(run: dict) -> str:
@@ -583,7 +630,7 @@ def markdown(tables: list[dict], args: argparse.Namespace) -> str:
         for r in t["rows"]:
             done = f"{r['completed']} / {r['planned']}" + (" (capped)" if r["capped"] else "")
             lines.append(f"| {r['server']} | {done} | {r['failed']} | {r['short']} | {_cell(r, 'ttft_turn1_p50')} "
-                         f"| {_cell(r, 'ttft_rest_p50')} | {_s(r['ttft_rest_p95'])} "
+                         f"| {_cell(r, 'ttft_rest_p50')} | {_cell(r, 'ttft_rest_p95')} "
                          f"| {_cell(r, 'tok_per_s', '{:.1f}')} "
                          f"| {_cell(r, 'computed_per_new_rest')} | {_cell(r, 'computed_per_parted_rest')} "
                          f"| {_cell(r, 'computed_per_new')} | {_s(r.get('computed_per_ideal'))} "
@@ -599,9 +646,9 @@ def markdown(tables: list[dict], args: argparse.Namespace) -> str:
             for c in t["comparison"]:
                 fmt, scale = {"peak_rss": ("{:.0f}", 1 / MiB), "tok_per_s": ("{:.1f}", 1.0)}.get(c["metric"],
                                                                                                ("{:.2f}", 1.0))
-                best = f"{c['best_same_u']} {fmt_spread(c['best'], fmt, scale)}" if c["best_same_u"] else "-"
+                best = f"{c['best_same_u']} {_spread_cell(c['best'], fmt, scale)}" if c["best_same_u"] else "-"
                 others = "; ".join(f"{name} {_ratio_cell(v)}" for name, v in c["others"].items() if v)
-                lines.append(f"| {c['label']}: {fmt_spread(c['ours'], fmt, scale)} | {best} "
+                lines.append(f"| {c['label']}: {_spread_cell(c['ours'], fmt, scale)} | {best} "
                              f"| {_ratio_cell(c['ratio'])} | {others} |")
         if t["checks"]:
             lines += ["", "| target (issues #18, #28) | value | target | |", "|---|---:|---|---|"]

@@ -2,8 +2,8 @@
 
 The bench itself starts five servers and runs for minutes; here, only what its
 figures rest on: the same script for every server, prompts counted through the
-model's chat template, and the log lines it turns into cache bytes and computed
-prompt tokens.
+model's chat template, the log lines it turns into cache bytes and computed
+prompt tokens, and how a capped run's unfinished requests count.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.chat_sessions import MiB, Tokenizer, log_figures, script  # noqa: E402
+from bench.chat_sessions import MiB, Tokenizer, checks, compare, log_figures, script, summarize  # noqa: E402
 
 MODEL = ROOT / "build" / "models" / "qwen35-tiny.gguf"
 
@@ -71,3 +71,37 @@ def test_llama_cpp_python_log_gives_prompt_evals():
            "llama_perf_context_print:        eval time =      50.00 ms /     7 runs\n"
            "llama_perf_context_print: prompt eval time =      99.00 ms /    61 tokens (    1.62 ms per token)\n")
     assert log_figures("llama-cpp-python", log) == {"computed": 489, "prompt_evals": 2, "cache_bytes": 0}
+
+
+def _run(server: str, records: list[dict], seconds: float, capped: bool) -> dict:
+    return {"server": server, "records": records, "seconds": seconds, "capped": capped, "peak_rss": 1 << 30,
+            "cache_bytes": 0}
+
+
+def _done(user: int, turn: int, ttft: float) -> dict:
+    return {"user": user, "turn": turn, "start": 0.0, "new_tokens": 10, "parted_tokens": 10, "ttft": ttft,
+            "seconds": ttft + 1, "tokens": 8, "finish": "length"}
+
+
+def test_a_capped_runs_waiting_requests_count_as_lower_bounds():
+    """A server the time cap stopped served only some requests; timing those alone (the survivors, which it
+    served first) made it look fast.  A request still waiting counts as at least what it had waited, one
+    cut mid-answer as its first token's time, and a figure resting on the former is a lower bound: our
+    ratio to it an upper bound, which meets a lower-is-better target only from below."""
+    import argparse
+    args = argparse.Namespace(users_now=4, turns=2)
+    ours = [_run("pyllama-ssm", [_done(u, k, 1.0 + u) for u in range(4) for k in (1, 2)], 30, False)]
+    waiting = [{"user": u, "turn": 1, "start": 0.0, "new_tokens": 10, "parted_tokens": 10, "error": "cut",
+                "cut": True, "ttft_atleast": 100.0} for u in (2, 3)]
+    mid_answer = {"user": 1, "turn": 1, "start": 0.0, "new_tokens": 10, "parted_tokens": 10, "error": "cut",
+                  "cut": True, "first_token": 50.0}
+    theirs = [_run("llama-server", [_done(0, 1, 20.0), mid_answer] + waiting, 100, True)]
+    rows = [summarize(ours, args, 100), summarize(theirs, args, 100)]
+    slow = rows[1]
+    # turn 1: 20, 50 (cut mid-answer), >= 100, >= 100: the median rests on a wait still going on
+    assert slow["completed"] == 1 and slow["ttft_turn1_p50"] == 75.0 and slow["ttft_turn1_p50_atleast"]
+    assert rows[0]["ttft_turn1_p50"] == 2.5 and not rows[0]["ttft_turn1_p50_atleast"]
+    ratio = next(c for c in compare(rows) if c["metric"] == "ttft_turn1_p50")["ratio"]
+    assert ratio["median"] == 2.5 / 75.0 and ratio["bound"] == "at most"
+    verdict = next(c for c in checks(rows, compare(rows)) if c["target"].startswith("TTFT p50 turn 1"))["verdict"]
+    assert verdict.startswith("met (the ratio is at most this")
