@@ -240,3 +240,48 @@ def test_idle_pool_cells_cost_no_ram():
     in_use = r["n_used"] * r["per_cell"]
     assert r["used"] > 0.5 * in_use, "cells in use are resident"
     assert r["cleared"] > 0.5 * in_use, "clearing the memory returns its pages"
+
+
+UNUSED_KV = """
+import json, sys
+import pyllama_ssm as ps
+
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmRSS"))
+
+model = ps.Model(sys.argv[1])
+with ps.Context(model, n_ctx=256, n_seq_max=1) as probe:
+    per_cell = probe.memory_report().kv_bytes_per_cell
+prompt = model.tokenize("The old lighthouse keeper climbed the stairs every evening to light the lamp. " * 60)
+before = rss()
+with ps.Context(model, n_ctx=(256 << 20) // per_cell // 256 * 256, n_seq_max=1) as ctx:  # 256 MiB of KV
+    created = rss()
+    ctx.decode_tokens(prompt, seq_id=0)
+    used = rss()
+    ctx.clear()
+    cleared = rss()
+    kv = ctx.memory_report().kv_bytes
+print(json.dumps({"kv": kv, "per_cell": per_cell, "n_used": len(prompt), "created": created - before,
+                  "used": used - created, "cleared": used - cleared}))
+"""
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/status")
+def test_unused_kv_cells_cost_no_ram():
+    """Patch 0015: the KV cache's resident memory follows the cells in use, not n_ctx (a server sizes its
+    context for every user's longest conversation; upstream clears it, so all of it is resident at once).
+    On the falcon-h1 graft, attention and Mamba2 in every layer."""
+    import json
+
+    import graft
+    from conftest import run_with_build
+    path = graft.graft_path("falcon-h1", "q4_k_m")
+    if not path.exists():
+        pytest.skip(f"{path.name} missing: make models")
+    r = json.loads(run_with_build("patched", UNUSED_KV, str(path)).splitlines()[-1])
+    assert r["kv"] >= 250 << 20
+    assert r["created"] < 0.25 * r["kv"], "an empty KV cache must not be resident"
+    in_use = r["n_used"] * r["per_cell"]
+    assert r["used"] > 0.5 * in_use, "cells in use are resident"
+    assert r["cleared"] > 0.5 * in_use, "clearing the memory returns its pages"
