@@ -150,8 +150,8 @@ def script(tok: Tokenizer, users: int, turns: int, system_tokens: int, seed: int
 
 async def chat_turn(client: httpx.AsyncClient, messages: list[dict], max_tokens: int, usage_per_turn: bool,
                     seen: dict | None = None) -> dict:
-    """One streamed turn; `seen` gets "first_token" (seconds) as soon as it comes, which a request the time
-    cap cuts mid-answer still has."""
+    """One streamed turn; `seen` gets "first_token" (seconds) as soon as it comes and "streamed" (chunks of
+    text so far), which a request the time cap cuts mid-answer still has."""
     # plain greedy for every server (llama-cpp-python and ours default to a 1.1 repeat penalty)
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "repeat_penalty": 1.0, "stream": True}
     if usage_per_turn:  # ours: the last chunk's usage says how much of the prompt the prefix cache served
@@ -172,6 +172,8 @@ async def chat_turn(client: httpx.AsyncClient, messages: list[dict], max_tokens:
                 ttft = time.perf_counter() - t0
                 if seen is not None:
                     seen["first_token"] = ttft
+            if seen is not None and (piece or delta.get("reasoning_content")):
+                seen["streamed"] = seen.get("streamed", 0) + 1
             if piece:
                 chunks += 1
                 text.append(piece)
@@ -372,7 +374,7 @@ def run_one(name: str, model: Path, conv: dict, tok: Tokenizer, args: argparse.N
     if failed:  # the server's last words say why (a crash, a full context)
         run["log_tail"] = log[-4000:]
         print(f"\n{name}: {len(failed)} failed request(s), first: {failed[0]['error']}", file=sys.stderr)
-    if not ok:
+    if not ok and not (out["capped"] and any(r.get("cut") for r in recs)):  # a capped run's waits still count
         raise BenchError(f"{name} on {model.name}: no request completed; first error: "
                          f"{recs[0].get('error') if recs else 'none sent'}")
     return run
@@ -404,7 +406,8 @@ def pooled(runs: list[dict], args: argparse.Namespace, system_tokens: int) -> di
     recs = [r for run in runs for r in run["records"]]
     ok = [r for r in recs if "error" not in r]
     first, rest = waits(recs, {1}), waits(recs, range(2, args.turns + 1))
-    tokens = sum(r["tokens"] for r in ok)
+    # with what a capped run streamed for the requests it cut mid-answer (a chunk per token)
+    tokens = sum(r["tokens"] for r in ok) + sum(r.get("streamed", 0) for r in recs if r.get("cut"))
     seconds = sum(run["seconds"] for run in runs)
     new = sum(r["new_tokens"] for r in ok)
     # the counters of a run count the requests it cut or lost too: so does the denominator of their ratio

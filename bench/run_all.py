@@ -8,7 +8,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ["memory_footprint.py", "engine_throughput.py", "inplace_decode.py", "openmp_wait.py", "memory_clients.py",
-           "server_throughput.py", "shared_prefix.py"]
+           "server_throughput.py", "shared_prefix.py", "prompt_speed.py"]
 
 if __name__ == "__main__":
     rc = 0

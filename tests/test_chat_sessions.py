@@ -86,20 +86,22 @@ def _done(user: int, turn: int, ttft: float) -> dict:
 def test_a_capped_runs_waiting_requests_count_as_lower_bounds():
     """A server the time cap stopped served only some requests; timing those alone (the survivors, which it
     served first) made it look fast.  A request still waiting counts as at least what it had waited, one
-    cut mid-answer as its first token's time, and a figure resting on the former is a lower bound: our
-    ratio to it an upper bound, which meets a lower-is-better target only from below."""
+    cut mid-answer as its first token's time (and its streamed tokens in tokens/s), and a figure resting
+    on the former is a lower bound: our ratio to it an upper bound, which meets a lower-is-better target
+    only from below."""
     import argparse
     args = argparse.Namespace(users_now=4, turns=2)
     ours = [_run("pyllama-ssm", [_done(u, k, 1.0 + u) for u in range(4) for k in (1, 2)], 30, False)]
     waiting = [{"user": u, "turn": 1, "start": 0.0, "new_tokens": 10, "parted_tokens": 10, "error": "cut",
                 "cut": True, "ttft_atleast": 100.0} for u in (2, 3)]
     mid_answer = {"user": 1, "turn": 1, "start": 0.0, "new_tokens": 10, "parted_tokens": 10, "error": "cut",
-                  "cut": True, "first_token": 50.0}
+                  "cut": True, "first_token": 50.0, "streamed": 5}
     theirs = [_run("llama-server", [_done(0, 1, 20.0), mid_answer] + waiting, 100, True)]
     rows = [summarize(ours, args, 100), summarize(theirs, args, 100)]
     slow = rows[1]
     # turn 1: 20, 50 (cut mid-answer), >= 100, >= 100: the median rests on a wait still going on
     assert slow["completed"] == 1 and slow["ttft_turn1_p50"] == 75.0 and slow["ttft_turn1_p50_atleast"]
+    assert slow["tokens"] == 8 + 5, "what it streamed before the cap counts in its tokens/s"
     assert rows[0]["ttft_turn1_p50"] == 2.5 and not rows[0]["ttft_turn1_p50_atleast"]
     ratio = next(c for c in compare(rows) if c["metric"] == "ttft_turn1_p50")["ratio"]
     assert ratio["median"] == 2.5 / 75.0 and ratio["bound"] == "at most"
