@@ -206,8 +206,7 @@ class Engine:
 
     # -- engine thread ---------------------------------------------------------------------
     def _wake(self) -> None:
-        """A request was cancelled: it is dropped at the start of the next step."""
-        self._cancels = True  # after req.cancelled is set: the step that clears it sees the request
+        self._cancels = True  # req.cancelled is set: it is dropped at the start of the next step
         self._event.set()
 
     def call(self, fn):
@@ -413,9 +412,17 @@ class Engine:
     # -- the step ------------------------------------------------------------------------------
     def _step(self) -> None:
         t0 = time.perf_counter()
-        if self._cancels:  # cleared first: a cancel from now on sets it again for the next step
+        if self._cancels:  # cleared before the scans: a cancel from now on sets it again for the next step
             self._cancels = False
-            self._drop_cancelled()
+            for slot in [s for s in self._running.values() if s.req.cancelled]:
+                self._release(slot, "cancelled")
+            for entry in [e for e in self._preempted if e[0].req.cancelled]:  # swapped out: nothing to free
+                self._preempted.remove(entry)
+                entry[0].sampler.close()
+                entry[0].req._finish("cancelled", gen=entry[0].gen)
+            for req in [r for r in self._pending if r.cancelled]:  # queued: it leaves the queue now
+                self._pending.remove(req)
+                req._finish("cancelled")
         self._admit()
         if not self._running:
             return
@@ -497,17 +504,6 @@ class Engine:
         if verify:
             self._settle([self._running[seq] for seq in verify if seq in self._running])
         self._t_step += time.perf_counter() - t0
-
-    def _drop_cancelled(self) -> None:
-        for slot in [s for s in self._running.values() if s.req.cancelled]:
-            self._release(slot, "cancelled")
-        for entry in [e for e in self._preempted if e[0].req.cancelled]:  # swapped out: nothing to free
-            self._preempted.remove(entry)
-            entry[0].sampler.close()
-            entry[0].req._finish("cancelled", gen=entry[0].gen)
-        for req in [r for r in self._pending if r.cancelled]:  # queued: it leaves the queue now
-            self._pending.remove(req)
-            req._finish("cancelled")
 
     def _settle(self, slots: list[Slot]) -> None:
         """Undo the rejected drafts (Speculator.settle), then carry out the finishes that waited for it."""
