@@ -83,6 +83,7 @@ class Model:
         self.vocab = lib.llama_model_get_vocab(ptr)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self._texts: dict[int, str | None] = {}  # token_text's
+        self._eog: dict[int, bool] = {}  # is_eog's
 
     # -- lifetime ------------------------------------------------------------
     @property
@@ -177,7 +178,10 @@ class Model:
         return lib.llama_vocab_eos(self.vocab)
 
     def is_eog(self, token: int) -> bool:
-        return bool(lib.llama_vocab_is_eog(self.vocab, token))
+        eog = self._eog.get(token)  # asked of every generated token: cached as token_text
+        if eog is None:
+            eog = self._eog[token] = bool(lib.llama_vocab_is_eog(self.vocab, token))
+        return eog
 
     def check_token(self, token: int) -> int:
         if not isinstance(token, int) or isinstance(token, bool):

@@ -6,8 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pyllama_ssm.engine.retention import is_checkpoint
-from pyllama_ssm.engine.scheduler import (AGING, CHECKPOINT_INTERVAL, RIDE_ALONG, SeqFacts, drafts_pay, plan_step,
-                                          preemption_victim, waits_for)
+from pyllama_ssm.engine.scheduler import (AGING, CHECKPOINT_INTERVAL, RIDE_ALONG, SeqFacts, drafts_pay, plan_decode,
+                                          plan_step, preemption_victim, waits_for)
 
 
 def seq(i, prompt_len, cursor=0, decoding=False, admitted=None, score=False, prompt=None):
@@ -22,6 +22,15 @@ def test_decode_tokens_go_first_then_the_shortest_prompt_within_the_budget():
     plan = plan_step([seq(0, 1000), seq(1, 10, cursor=10, decoding=True)], n_batch=512, n_outputs=4,
                      checkpoints=False)
     assert [(c.seq, c.n, c.last) for c in plan.prefill] == [(0, 511, False)] and plan.n_tokens == 512
+
+
+@given(st.permutations(range(12)), st.integers(1, 16), st.integers(1, 16))
+def test_the_common_step_planned_from_ids_alone_is_plan_steps(admitted, n_batch, n_outputs):
+    """Every sequence decoding, none drafting: plan_decode, given the ids oldest first (what the Engine
+    passes without gathering facts), plans what plan_step plans from the facts, limits included."""
+    facts = [seq(i, 5, cursor=5, decoding=True, admitted=a) for i, a in enumerate(admitted)]
+    oldest_first = [f.seq for f in sorted(facts, key=lambda f: f.admitted)]
+    assert plan_decode(oldest_first, n_batch, n_outputs) == plan_step(facts, n_batch, n_outputs, checkpoints=True)
 
 
 def test_chunks_end_on_their_last_checkpoint():

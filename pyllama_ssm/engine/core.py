@@ -53,8 +53,8 @@ from .prefix_cache import HolderStore, PoolStore, PrefixCache
 from .reports import EngineMemory, EngineStats, PrefixEntryView, SlotView
 from .request import Completion, Continuation, Generation, Request, check_submission
 from .runner import Runner
-from .scheduler import drafts_pay, plan_step, preemption_victim, waits_for
-from .sequence import Slot
+from .scheduler import drafts_pay, preemption_victim, waits_for
+from .sequence import Slot, plan_for
 from .speculative import Speculator
 from .trace import Trace
 
@@ -435,9 +435,8 @@ class Engine:
                     speculator.propose(slot, self.n_ctx)
                 except Exception as e:  # noqa: BLE001 - a failing draft model fails its request alone
                     self._release(slot, "error", e)
-        steps = self._counters["steps"]
-        plan = plan_step([s.facts(steps) for s in self._running.values()], self.n_batch, self._n_outputs,
-                         checkpoints=bool(self.n_cache), draft_budget=speculator.draft_max)
+        plan = plan_for(self._running.values(), self._counters["steps"], self.n_batch, self._n_outputs,
+                        checkpoints=bool(self.n_cache), draft_budget=speculator.draft_max)
         outputs, verify, prefill, scored = runner.fill(plan, self._running)
         batch = self._batch
         if batch.n_tokens == 0:

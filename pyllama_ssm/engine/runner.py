@@ -55,9 +55,10 @@ class Runner:
         elif plan.decode:  # the sampled tokens alone: one row each, written at once
             slots = [running[seq] for seq in plan.decode]
             first = batch.add_rows([s.next_token for s in slots], [s.pos for s in slots], plan.decode)
-            outputs = [(slot, first + k) for k, slot in enumerate(slots)]
+            outputs = list(zip(slots, range(first, first + len(slots))))
             for slot in slots:
-                slot.draft = []
+                if slot.draft:  # one not verified this step is proposed again
+                    slot.draft = []
         for chunk in plan.prefill:
             slot = running[chunk.seq]
             tokens = slot.req.prompt[chunk.start:chunk.start + chunk.n]
@@ -86,7 +87,7 @@ class Runner:
             return
         rows = self.batch.output_rows()  # None: row = batch index
         lo, hi = (min(idx), max(idx)) if rows is None else (int(rows[min(idx)]), int(rows[max(idx)]))
-        self._greedy = (self.ctx.all_logits(hi + 1)[lo:].argmax(axis=1), lo, rows)
+        self._greedy = (self.ctx.all_logits(hi + 1)[lo:].argmax(axis=1).tolist(), lo, rows)
 
     def sample(self, slot: Slot, idx: int) -> str | None:
         """Sample slot's next token from the logits of batch row idx and stream its text; the finish
@@ -96,7 +97,7 @@ class Runner:
         raw = None if req.n_logprobs is None else self.ctx.logits(idx, copy=req.params.logits_processor is not None)
         if self._greedy is not None and slot.sampler.greedy:
             best, lo, rows = self._greedy
-            tok = int(best[(idx if rows is None else rows[idx]) - lo])
+            tok = best[(idx if rows is None else rows[idx]) - lo]
         else:
             tok = slot.sampler.sample(self.ctx.ptr, idx)
         if req.continues is not None and req.continues.stop is not None and req.continues.stop(gen.tokens):

@@ -77,11 +77,11 @@ def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoint
     checkpoints.  draft_budget: draft tokens in all, shared evenly by the decoding sequences
     (verifying drafts pays while a step is bound by reading the weights, less as the batch grows)."""
     seqs = sorted(seqs, key=lambda s: s.admitted)
+    if all(s.decoding and not s.draft for s in seqs):
+        return plan_decode([s.seq for s in seqs], n_batch, n_outputs)
     # at most the budget and the rows: with fewer than the sequences, the oldest decode first
     decoding = [s for s in seqs if s.decoding][:min(n_batch, n_outputs)]
     decode = tuple(s.seq for s in decoding)
-    if len(decoding) == len(seqs) and not any(s.draft for s in decoding):
-        return StepPlan(decode, ())  # every sequence decodes, no prompt and no draft (the common step)
     budget, rows = n_batch - len(decode), n_outputs - len(decode)
     # draft tokens next, oldest first: each needs a logits row to be verified (they are few, and an
     # accepted one saves a whole step of its sequence)
@@ -117,6 +117,13 @@ def plan_step(seqs: Iterable[SeqFacts], n_batch: int, n_outputs: int, checkpoint
         budget -= n
         rows -= n if s.score_prompt else int(last)
     return StepPlan(decode, tuple(chunks), tuple(drafts) if any(drafts) else ())
+
+
+def plan_decode(seqs: Sequence[int], n_batch: int, n_outputs: int) -> StepPlan:
+    """plan_step's answer when every sequence decodes and none has a draft (the common step), from
+    the sequence ids alone, oldest admission first: the Engine asks it without gathering the facts.
+    At most the token budget and the logits rows decode, the oldest first."""
+    return StepPlan(tuple(seqs[:min(n_batch, n_outputs)]), ())
 
 
 def drafts_pay(n_decoding: int, max_seqs: int) -> bool:

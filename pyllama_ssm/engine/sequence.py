@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from ..sampling import Sampler
 from .request import Generation, Request
-from .scheduler import SeqFacts
+from .scheduler import SeqFacts, StepPlan, plan_decode, plan_step
 
 
 @dataclass
@@ -45,3 +47,17 @@ class Slot:
         return SeqFacts(self.seq, self.admitted, req.prompt, self.cursor, self.next_token is not None,
                         req.score_prompt or req.keeps_logits, self.share_at, len(self.draft),
                         waited=steps - self.since_step, turns=bool(req.checkpoints))
+
+
+ADMITTED = operator.attrgetter("admitted")
+
+
+def plan_for(slots: Collection[Slot], steps: int, n_batch: int, n_outputs: int, checkpoints: bool,
+             draft_budget: int | None) -> StepPlan:
+    """scheduler.plan_step for the running slots, `steps` being the engine's step count now.  The common
+    step, every slot decoding and none with a draft, is planned from the sequence ids alone: gathering
+    every slot's facts each step was a tenth of the Engine's Python per step at 32 sequences."""
+    if all(s.next_token is not None and not s.draft for s in slots):
+        return plan_decode([s.seq for s in sorted(slots, key=ADMITTED)], n_batch, n_outputs)
+    return plan_step([s.facts(steps) for s in slots], n_batch, n_outputs, checkpoints=checkpoints,
+                     draft_budget=draft_budget)
