@@ -2,16 +2,55 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+LLAMA_SERVER = ROOT / "build" / "upstream" / "bin" / "llama-server"
+
+
+@contextlib.contextmanager
+def llama_server(model: str, *args: str):
+    """The pin's llama-server on model with args (the test skips when it is not built): its URL, once /health
+    answers; stopped after."""
+    import httpx
+    if not LLAMA_SERVER.exists():
+        pytest.skip("the pin's llama-server is not built (make build)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: its log must never block it
+    proc = subprocess.Popen([str(LLAMA_SERVER), "-m", model, "--host", "127.0.0.1", "--port", str(port), "--no-webui",
+                             *args], stdout=log, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                raise RuntimeError(f"llama-server did not start:\n{log.read()[-3000:]}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
 # PYLLAMA_SSM_TEST_INSTALLED=1 (tools/gpu_wheel_check.sh): test the pyllama_ssm installed in this
 # interpreter, not the checkout's: the checkout stays off sys.path and off the children's
 # PYTHONPATH, children run outside it, and the pristine build (a checkout tool) is absent.

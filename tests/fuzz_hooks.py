@@ -50,7 +50,7 @@ def filter_failure(context, failure, case, response) -> bool:
     if param == "grammar" or error.get("code") == "context_length_exceeded" or "exceed context window" in message:
         return False
     path = case.operation.path
-    return not ((path.endswith(("/chat/completions", "/v1/messages", "/v1/messages/count_tokens"))
+    return not ((path.endswith(("/chat/completions", "/v1/messages", "/v1/messages/count_tokens", "/apply-template"))
                  and message.startswith("messages: the chat template cannot render"))
                 or (path.endswith("/responses") and message.startswith("input: the chat template cannot render"))
                 or (path.startswith("/v1/messages") and message.startswith("tool_choice: no tool named")))

@@ -11,31 +11,20 @@ the fields llama.vim sends, and a clear 400 for a model without FIM tokens.
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import tempfile
-import time
 
 import pytest
 
-from conftest import ROOT, zoo_path
+from conftest import llama_server, zoo_path
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from pyllama_ssm.server.process import ServerProcess  # noqa: E402
 
-LLAMA_SERVER = ROOT / "build" / "upstream" / "bin" / "llama-server"
 N_CTX, N_BATCH = 2048, 512
 PREFIX, SUFFIX = "def fibonacci(n):\n    ", "\n    return a\n\nprint(fibonacci(10))\n"
 EXTRA = [{"filename": "util.py", "text": "def square(x):\n    return x * x\n"}, {"text": "VALUE = 3\n"}]
 GREEDY = {"temperature": 0, "n_predict": 8, "return_tokens": True}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,31 +41,8 @@ def ours(model):
 
 @pytest.fixture(scope="module")
 def upstream(model):
-    if not LLAMA_SERVER.exists():
-        pytest.skip("the pin's llama-server is not built (make build)")
-    port = free_port()
-    log = tempfile.TemporaryFile("w+")  # a file, not a pipe: its log must never block it
-    proc = subprocess.Popen([str(LLAMA_SERVER), "-m", model, "--host", "127.0.0.1", "--port", str(port), "-c",
-                             str(N_CTX), "-b", str(N_BATCH), "-np", "1", "-t", "2", "-fa", "off", "--no-webui"],
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise RuntimeError(f"llama-server did not start:\n{log.read()[-3000:]}")
-            time.sleep(0.25)
+    with llama_server(model, "-c", str(N_CTX), "-b", str(N_BATCH), "-np", "1", "-t", "2", "-fa", "off") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
 
 
 def infill(url: str, **body) -> dict:

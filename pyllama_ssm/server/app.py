@@ -26,7 +26,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
 from ..bindings import lib
-from . import anthropic, errors, extras, infill, openai, props, responses, ui
+from . import anthropic, errors, extras, infill, native, openai, props, responses, ui
 from .registry import ModelRegistry, ServedModel
 from .security import ApiKeyMiddleware, BodyLimitMiddleware
 from .settings import ModelSettings, ServerSettings
@@ -52,7 +52,8 @@ def create_app(server_settings: ServerSettings, model_settings: list[ModelSettin
     app.state.noted = set()  # ignored request fields already noted in the log
     app.state.responses = responses.ResponseStore()  # stored responses, for previous_response_id
     errors.install(app)
-    for routes in (openai.router, extras.router, anthropic.router, infill.router, props.router, ui.router):
+    for routes in (openai.router, extras.router, anthropic.router, infill.router, native.router, props.router,
+                   ui.router):
         app.include_router(routes)
     app.openapi = lambda: _openapi(app)
     # the last added runs first: CORS (answers preflights), then the key, then the size limit
@@ -100,6 +101,9 @@ def _add_model_rules(schema: dict[str, Any], models: list[ServedModel], n_vocab:
     """The refusals that depend on the served models, as schema rules."""
     bodies = schema["components"]["schemas"]
     completion, chat = bodies["CreateCompletionRequest"], bodies["CreateChatCompletionRequest"]
+    native = bodies["CompletionRequest"]["properties"]["logit_bias"]  # llama-server's: {"token id": bias}
+    next(form for form in native["anyOf"] if form.get("type") == "object")["propertyNames"] = {
+        "pattern": _numbers_below(n_vocab)}
     for body in (completion, chat):  # logit_bias keys: token ids, or any text with logit_bias_type=tokens
         body.setdefault("allOf", []).append({
             "if": {"required": ["logit_bias_type"], "properties": {"logit_bias_type": {"const": "tokens"}}},

@@ -1,0 +1,152 @@
+"""llama-server's own routes on our server: `POST /completion` (and `/completions`), `/tokenize`,
+`/detokenize`, `/apply-template` (pyllama_ssm.server.native).
+
+Each answer is checked against the pin's own llama-server (build/upstream/bin/llama-server) on the same
+model, the falcon-h1 graft (real text, SmolLM2's tokenizer and chat template): the same tokens and pieces,
+the same text, the same rendered prompt, and for /completion the same prompt tokens and, greedy on one
+sequence with the kernels llama-server runs (batch invariance and flash attention off on both), the same
+answer for each prompt form.  Then what llama-server's clients rely on beyond that: streamed pieces that
+end with the totals, several prompts answered as a list, logit_bias and ignore_eos, and clear 400s.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import llama_server
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+import graft  # noqa: E402
+
+from pyllama_ssm.server.process import ServerProcess  # noqa: E402
+
+N_CTX, N_BATCH = 2048, 512
+GREEDY = {"temperature": 0, "n_predict": 8, "return_tokens": True}
+# a special token written out, an emoji in pieces that are not whole UTF-8, a space-led text
+TEXTS = ["The capital of France is", "<|im_start|>user\nHi 🫠<|im_end|>", " tokens and  spaces"]
+MESSAGES = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Another?"}]
+
+
+@pytest.fixture(scope="module")
+def model():
+    path = graft.graft_path("falcon-h1", "f16")
+    if not path.exists():
+        pytest.skip(f"{path.name} missing: run `make models`")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ours(model):
+    with ServerProcess("--model", model, "--n_ctx", str(N_CTX), "--n_batch", str(N_BATCH), "--n_parallel", "2",
+                       "--n_threads", "2", "--batch_invariant", "false", "--flash_attn", "false",
+                       "--verbose", "false") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def upstream(model):
+    with llama_server(model, "-c", str(N_CTX), "-b", str(N_BATCH), "-np", "1", "-t", "2", "-fa", "off") as url:
+        yield url
+
+
+def post(url: str, route: str, **body) -> dict:
+    r = httpx.post(url + route, json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.parametrize("body", [
+    *({"content": t} for t in TEXTS),
+    {"content": TEXTS[1], "with_pieces": True},
+    {"content": TEXTS[0], "add_special": True, "with_pieces": True},
+    {"content": TEXTS[1], "parse_special": False},
+    {"content": [1, "and then", 2]},
+], ids=["plain", "special", "spaces", "pieces", "bos-pieces", "special-as-text", "mixed"])
+def test_tokenize_as_llama_server(ours, upstream, body):
+    got = post(ours.url, "/tokenize", **body)
+    assert got == post(upstream, "/tokenize", **body)
+    assert got["tokens"]  # not trivially equal
+    if body.get("with_pieces") and "🫠" in body["content"]:
+        assert any(isinstance(t["piece"], list) for t in got["tokens"])  # bytes of a partial character
+
+
+def test_detokenize_as_llama_server(ours, upstream):
+    for text in TEXTS:
+        tokens = post(upstream, "/tokenize", content=text, add_special=True)["tokens"]
+        got = post(ours.url, "/detokenize", tokens=tokens)
+        assert got == post(upstream, "/detokenize", tokens=tokens) and got["content"]
+    r = httpx.post(ours.url + "/detokenize", json={"tokens": [10**9]}, timeout=30)
+    assert r.status_code == 400 and "tokens" in r.json()["error"]["message"]
+
+
+def test_apply_template_as_llama_server(ours, upstream):
+    got = post(ours.url, "/apply-template", messages=MESSAGES)
+    assert got == post(upstream, "/apply-template", messages=MESSAGES)
+    assert got["prompt"].endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("prompt", [
+    "The three primary colours are",
+    [1, 504, 3469],
+    ["The three primary", 8045, " are"],
+], ids=["text", "ids", "mixed"])
+def test_completion_as_llama_server(ours, upstream, prompt):
+    got, want = post(ours.url, "/completion", prompt=prompt, **GREEDY), post(upstream, "/completion", prompt=prompt,
+                                                                             **GREEDY)
+    for key in ("content", "tokens", "prompt", "tokens_evaluated", "tokens_predicted", "stop_type", "stop"):
+        assert got[key] == want[key], key
+    assert len(got["tokens"]) == 8 and got["stop_type"] == "limit"
+    assert got["timings"]["predicted_n"] == 8 and got["generation_settings"]["n_predict"] == 8
+
+
+def test_completion_streams_pieces_then_the_totals(ours):
+    with httpx.stream("POST", ours.url + "/completions", json={"prompt": "Once upon a time", "stream": True,
+                                                                **GREEDY}, timeout=120) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: ")]
+    *pieces, last = events
+    assert pieces and not any(p["stop"] for p in pieces) and last["stop"] is True
+    whole = post(ours.url, "/completion", prompt="Once upon a time", **GREEDY)
+    assert "".join(p["content"] for p in pieces) == whole["content"]
+    assert last["tokens_predicted"] == whole["tokens_predicted"] == 8
+
+
+def test_several_prompts_answer_as_a_list_in_order(ours):
+    prompts = ["The capital of France is", "One, two, three,", "The capital of France is"]
+    answers = post(ours.url, "/completion", prompt=prompts, **GREEDY)
+    assert [a["index"] for a in answers] == [0, 1, 2]
+    alone = [post(ours.url, "/completion", prompt=p, **GREEDY)["content"] for p in prompts[:2]]
+    assert [a["content"] for a in answers] == [*alone, alone[0]]
+
+
+def test_logit_bias_and_ignore_eos(ours):
+    base = post(ours.url, "/completion", prompt="The capital of France is", **GREEDY)
+    first = base["tokens"][0]
+    for bias in ([[first, False]], {str(first): -100}):
+        banned = post(ours.url, "/completion", prompt="The capital of France is", logit_bias=bias, **GREEDY)
+        assert banned["tokens"][0] != first
+    # a chat turn the model ends ("The capital of France is Paris."): ignore_eos makes it run to n_predict
+    chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    ended = post(ours.url, "/completion", prompt=chat, temperature=0, n_predict=64)
+    assert ended["stop_type"] == "eos" and ended["tokens_predicted"] < 64
+    forced = post(ours.url, "/completion", prompt=chat, temperature=0, n_predict=64, ignore_eos=True)
+    assert forced["stop_type"] == "limit" and forced["tokens_predicted"] == 64
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": [1, 10**9]}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": [{"x": 1}, "text"]}, "prompt"),
+    ({"prompt": ["a", "b"], "stream": True}, "stream"),
+    ({"prompt": "a", "n_probs": 3}, "n_probs"),
+    ({"prompt": "a", "logit_bias": [[1, "high"]]}, "logit_bias"),
+], ids=["token-out-of-range", "empty", "not-a-prompt", "stream-several", "n-probs", "bad-bias"])
+def test_bad_requests_name_the_field(ours, body, param):
+    r = httpx.post(ours.url + "/completion", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"].startswith(f"{param}")
