@@ -244,11 +244,6 @@ def _last(stream: NativeStream) -> Optional[dict[str, Any]]:
     return final
 
 
-def _eos_or_none(llama: Any) -> Optional[int]:
-    eos = llama.token_eos()
-    return eos if 0 <= eos < llama.n_vocab() else None
-
-
 async def complete_native(request: Request, served: Any, body: NativeRequest, tokens: list[int], index: int = 0,
                           logit_bias: Optional[dict[int, float]] = None) -> Any:
     """One completion of tokens answered as llama-server answers (/completion, /infill): the final answer, or
@@ -312,17 +307,16 @@ def _is_token(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _mixed(llama: Any, parts: list[Any], param: str) -> list[int]:
-    """llama-server's tokenize_mixed: ids as they are, strings tokenized (special tokens parsed), BOS before
-    the first element when it is a string."""
+def _mixed(llama: Any, parts: list[Union[int, str]], param: str, add_special: bool = True,
+           parse_special: bool = True) -> list[int]:
+    """llama-server's tokenize_mixed: ids as they are (checked against the vocabulary), texts tokenized, BOS
+    (add_special) before the first element when it is a text."""
     out: list[int] = []
     for k, part in enumerate(parts):
         if _is_token(part):
             out.append(part)
-        elif isinstance(part, str):
-            out += llama.tokenize(part.encode("utf-8"), add_bos=k == 0, special=True)
         else:
-            raise bad_request(param, f"element {k} is {type(part).__name__}: expected a token id or a string")
+            out += llama.tokenize(part.encode("utf-8"), add_bos=add_special and k == 0, special=parse_special)
     check_tokens(param, out, llama.n_vocab())
     return out
 
@@ -335,7 +329,7 @@ def prompts_of(llama: Any, prompt: Union[str, list[Any]]) -> list[list[int]]:
         prompts = [_mixed(llama, prompt, "prompt")]  # one prompt of ids, or of ids and strings
     else:  # several: strings, or lists of ids and strings
         prompts = [_mixed(llama, [p] if isinstance(p, str) else p, f"prompt[{k}]") for k, p in enumerate(prompt)]
-    if not prompts or not all(prompts):
+    if not all(prompts):
         raise bad_request("prompt", "empty: nothing to complete")
     return prompts
 
@@ -354,7 +348,7 @@ def logit_bias_of(llama: Any, body: CompletionRequest) -> dict[int, float]:
         for t in ids:
             bias[t] = -math.inf if value is False else float(value)
     check_tokens("logit_bias", list(bias), llama.n_vocab())
-    if body.ignore_eos and (eos := _eos_or_none(llama)) is not None:
+    if body.ignore_eos and 0 <= (eos := llama.token_eos()) < llama.n_vocab():
         bias[eos] = -math.inf
     return bias
 
@@ -414,16 +408,7 @@ async def tokenize(request: Request, body: TokenizeRequest) -> dict[str, Any]:
 
     def work() -> dict[str, Any]:
         parts = [body.content] if isinstance(body.content, str) else body.content
-        tokens: list[int] = []
-        for k, part in enumerate(parts):
-            if _is_token(part):
-                tokens.append(part)
-            elif isinstance(part, str):
-                tokens += llama.tokenize(part.encode("utf-8"), add_bos=body.add_special and k == 0,
-                                         special=body.parse_special)
-            else:
-                raise bad_request("content", f"element {k} is {type(part).__name__}: expected a token id or a text")
-        check_tokens("content", tokens, llama.n_vocab())
+        tokens = _mixed(llama, parts, "content", body.add_special, body.parse_special)
         if not body.with_pieces:
             return {"tokens": tokens}
         return {"tokens": [{"id": t, "piece": _piece(llama, t)} for t in tokens]}
