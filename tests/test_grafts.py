@@ -16,6 +16,9 @@ from conftest import AMX, loaded_model, run_with_build
 import graft
 
 GRAFTS = [(a, f) for a in graft.ARCHS for f in graft.FORMATS]
+# every graft, and SmolLM2's Q4_0: with ggml's plain kernels its products run on llamafile's Q4_0 sgemm
+# (patch 0016's panels on a CPU with VNNI), as the grafts' Q8_0 and Q5_0 weights do
+PARITY = GRAFTS + [("smollm2", "q4_0")]
 QUESTION = "What is the capital of France?"
 
 
@@ -69,6 +72,8 @@ for extra in [m == "extra" for m in modes.split(",")]:
                 "The old lighthouse keeper climbed the stairs every evening to light the lamp. " * 8))]
             for _ in range(4):  # then one token at a time, through the recurrent state
                 logits.append(ctx.decode_tokens([int(np.argmax(logits[-1]))]))
+            for n in (6, 7):  # and short chunks: every width of the last tile of columns
+                logits.append(ctx.decode_tokens(m.tokenize(" and the lamp shone over the sea" * 2)[:n]))
         res[f"{extra}/{p.rsplit('/', 1)[-1]}"] = np.stack(logits)
 np.savez(out, **res)
 """
@@ -76,7 +81,7 @@ np.savez(out, **res)
 
 @pytest.fixture(scope="module")
 def both_builds(tmp_path_factory):
-    paths = [str(need(a, f)) for a, f in GRAFTS]
+    paths = [str(need(a, f)) for a, f in PARITY]
     d = tmp_path_factory.mktemp("parity")
     got = {}
     for build in ("upstream", "patched"):
@@ -88,24 +93,24 @@ def both_builds(tmp_path_factory):
 
 @pytest.mark.parametrize("extra_bufts", [False, True], ids=["plain-kernels", "extra-buffer-types"])
 def test_upstream_build_computes_our_logits(both_builds, extra_bufts):
-    """The pristine build loads every graft (f16, Q8_0, Q4_K_M) and computes our logits bit for bit:
-    5 steps, a 113-token prompt then 4 single tokens through the recurrent state; with ggml's plain
-    kernels and with its extra buffer types (llama.cpp's default: AMX or repacked weights, the AMX fix
-    being in both builds, patches/pristine).  Except, on a CPU with AMX, the weights our series moves onto
-    AMX tiles (patch 0010: Q4_K_M's Q5_0 tensors; 0011: the Mamba2 in_proj, 2,450 rows): other sums of
-    the same products (their accuracy: test_cpu_kernels.py), so there the prompt's greedy token must
-    agree, and a near-tie may then part the continuations."""
+    """The pristine build loads every graft (f16, Q8_0, Q4_K_M) and SmolLM2's Q4_0 and computes our
+    logits bit for bit: a 113-token prompt, 4 single tokens through the recurrent state, 6 and 7 more;
+    with ggml's plain kernels and with its extra buffer types (llama.cpp's default: AMX or repacked
+    weights, the AMX fix being in both builds, patches/pristine). Except, on a CPU with AMX, the weights
+    our series moves onto AMX tiles (patch 0010: Q4_K_M's Q5_0 tensors; 0011: the Mamba2 in_proj, 2,450
+    rows): other sums of the same products (their accuracy: test_cpu_kernels.py), so there the prompt's
+    greedy token must agree, and a near-tie may then part the continuations."""
     from pyllama_ssm import gguf
     up, ours = both_builds["upstream"], both_builds["patched"]
     keys = [k for k in ours if k.startswith(f"{extra_bufts}/")]
-    assert len(keys) == len(GRAFTS)
+    assert len(keys) == len(PARITY)
 
     def moved_to_amx(t) -> bool:
         amx_types = ("q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k", "iq4_xs")
         return t.type.name == "q5_0" or (t.type.name in amx_types and t.shape[1] % 32 != 0)
 
     for k in keys:
-        assert up[k].shape == ours[k].shape == (5, 49152)
+        assert up[k].shape == ours[k].shape == (7, 49152)
         path = graft.DEFAULT_OUT / k.split("/", 1)[1]
         if extra_bufts and AMX and any(moved_to_amx(t) for t in gguf.read(path, check_data=False).tensors):
             assert up[k][0].argmax() == ours[k][0].argmax(), f"{k}: the prompt's greedy token differs"
