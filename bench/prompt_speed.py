@@ -98,6 +98,7 @@ def main() -> int:
     for name in models:
         if not (ZOO / f"{name}.gguf").exists():
             raise BenchError(f"{ZOO / name}.gguf is missing: make models")
+    prov = provenance(args.threads)  # before the runs: the tree they ran
     runs: dict[str, dict[str, list[dict]]] = {m: {c: [] for c in configs} for m in models}
     for r in range(args.rounds + 1):  # round 0 warms up the page cache and the CPU, and is dropped
         order = configs[r % len(configs):] + configs[:r % len(configs)]
@@ -118,7 +119,6 @@ def main() -> int:
                          "prompt_ms_per_token": [x["prompt"] for x in mine],
                          "prompt_ratio": [x["prompt"] / f["prompt"] for x, f in zip(mine, first)],
                          "context_ratio": [x["context"] / f["context"] for x, f in zip(mine, first)]})
-    prov = provenance(args.threads)
     md = [f"Prompt speed, {args.prompt} tokens after {args.context} in one sequence, ms per token: the median of "
           f"{args.rounds} interleaved rounds [min-max], after a warm-up round; ratio: to {configs[0]} in the same "
           f"round.  {args.threads} threads, n_batch 512; commit {(prov.get('commit') or '?')[:12]}"
