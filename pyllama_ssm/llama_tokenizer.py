@@ -38,3 +38,7 @@ class LlamaTokenizer:
 
     def decode(self, tokens: list[int]) -> str:
         return self.detokenize(tokens).decode("utf-8", errors="ignore")
+
+    def eog_tokens(self) -> tuple[int, ...]:
+        """Every end-of-generation token (not stock's: the server's ignore_eos rules them all out)."""
+        return self._model.eog_tokens

@@ -84,6 +84,7 @@ class Model:
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
         self._texts: dict[int, str | None] = {}  # token_text's
         self._eog: dict[int, bool] = {}  # is_eog's
+        self._eog_tokens: tuple[int, ...] | None = None
 
     # -- lifetime ------------------------------------------------------------
     @property
@@ -182,6 +183,13 @@ class Model:
         if eog is None:
             eog = self._eog[token] = bool(lib.llama_vocab_is_eog(self.vocab, token))
         return eog
+
+    @property
+    def eog_tokens(self) -> tuple[int, ...]:
+        """Every end-of-generation token (EOS, EOT, <|im_end|>, <|endoftext|>, ...), found once."""
+        if self._eog_tokens is None:
+            self._eog_tokens = tuple(t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self.vocab, t))
+        return self._eog_tokens
 
     def check_token(self, token: int) -> int:
         if not isinstance(token, int) or isinstance(token, bool):

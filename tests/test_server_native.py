@@ -124,7 +124,7 @@ def test_several_prompts_answer_as_a_list_in_order(ours):
     assert [a["content"] for a in answers] == [*alone, alone[0]]
 
 
-def test_logit_bias_and_ignore_eos(ours):
+def test_logit_bias_and_ignore_eos(ours, upstream):
     base = post(ours.url, "/completion", prompt="The capital of France is", **GREEDY)
     first = base["tokens"][0]
     for bias in ([[first, False]], {str(first): -100}):
@@ -136,6 +136,14 @@ def test_logit_bias_and_ignore_eos(ours):
     assert ended["stop_type"] == "eos" and ended["tokens_predicted"] < 64
     forced = post(ours.url, "/completion", prompt=chat, temperature=0, n_predict=64, ignore_eos=True)
     assert forced["stop_type"] == "limit" and forced["tokens_predicted"] == 64
+    # every end-of-generation token, not EOS (<|im_end|>, 2) alone: <|endoftext|> (0) pushed up still never
+    # comes, as with llama-server (whose ignore_eos biases them all to -inf after the request's own biases)
+    pushed = {"prompt": chat, "logit_bias": [[0, 100]], "ignore_eos": True, **GREEDY}
+    got = post(ours.url, "/completion", **pushed)
+    assert got["stop_type"] == "limit" and not {0, 2, 4} & set(got["tokens"])
+    assert got["tokens"] == post(upstream, "/completion", **pushed)["tokens"]
+    plain = post(ours.url, "/completion", **(pushed | {"ignore_eos": False}))  # without it: ends at once
+    assert plain["stop_type"] == "eos" and plain["tokens"] == []
 
 
 @pytest.mark.parametrize("body, param", [

@@ -12,8 +12,8 @@ generation_settings and timings; with `stream` its pieces as `data:` events, the
 ("timings/prompt_n"); `n_indent` and `t_max_predict_ms` end a completion as llama-server does: at a
 new line indented less than n_indent, or at a new line once generating took longer than
 t_max_predict_ms.  `logit_bias` takes llama-server's pairs ([[id or text, bias or false], ...]) or
-OpenAI's object; `ignore_eos` rules out the model's EOS token (other end-of-generation tokens still
-end it).  `n_probs` above 0 is refused: the probabilities are /v1/completions' `logprobs`.
+OpenAI's object; `ignore_eos` rules out every end-of-generation token (EOS, <|im_end|>,
+<|endoftext|>, ...), as llama-server does.  `n_probs` above 0 is refused: the probabilities are /v1/completions' `logprobs`.
 
 /tokenize and /detokenize use llama-server's names (content, tokens, add_special, parse_special,
 with_pieces: a piece that is not whole UTF-8 comes as its bytes); /apply-template renders OpenAI
@@ -298,7 +298,7 @@ class CompletionRequest(NativeRequest):
     logit_bias: Optional[Union[list[BiasPair], dict[str, float]]] = \
         Field(default=None, description="[[token id or text, bias or false], ...] or {\"token id\": bias}: added "
                                         "to the logits (false: never).")
-    ignore_eos: bool = Field(default=False, description="Never end at the model's EOS token.")
+    ignore_eos: bool = Field(default=False, description="Never end at an end-of-generation token.")
     n_probs: int = Field(default=0, ge=0, le=0, description="0 only: token probabilities are /v1/completions' "
                                                             "logprobs.")
 
@@ -336,7 +336,8 @@ def prompts_of(llama: Any, prompt: Union[str, list[Any]]) -> list[list[int]]:
 
 def logit_bias_of(llama: Any, body: CompletionRequest) -> dict[int, float]:
     """llama-server's logit_bias forms as {token id: bias}: pairs of a token id or a text (each of its tokens)
-    and a bias or false (never), or {"token id": bias}; and ignore_eos as the EOS token's -inf."""
+    and a bias or false (never), or {"token id": bias}; and ignore_eos as -inf for every end-of-generation
+    token (llama-server's logit_bias_eog), whatever else biased them."""
     bias: dict[int, float] = {}
     if isinstance(body.logit_bias, dict):
         for key, value in body.logit_bias.items():
@@ -348,8 +349,8 @@ def logit_bias_of(llama: Any, body: CompletionRequest) -> dict[int, float]:
         for t in ids:
             bias[t] = -math.inf if value is False else float(value)
     check_tokens("logit_bias", list(bias), llama.n_vocab())
-    if body.ignore_eos and 0 <= (eos := llama.token_eos()) < llama.n_vocab():
-        bias[eos] = -math.inf
+    if body.ignore_eos:
+        bias.update((t, -math.inf) for t in llama.tokenizer().eog_tokens())
     return bias
 
 
