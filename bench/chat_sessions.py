@@ -11,7 +11,12 @@ new user message of 50-300 tokens (seeded: the same for every server) to
 /v1/chat/completions on 127.0.0.1 and streams an answer of up to --max-tokens
 tokens (greedy, repeat_penalty 1.0; no ignore_eos, which not every server
 accepts: an answer that ends early is counted as short).  Users start
---stagger seconds apart and think 0.2-1 s between turns (seeded).
+--stagger seconds apart and think 0.2-1 s between turns (seeded).  That loop is closed: a server that
+answers faster is sent the next turns sooner, so it serves more turns per second than a slower one,
+in bursts of users its lockstep decoding keeps together.  --pace S opens it: user u's turn k is due at
+u * stagger + k * S plus its think times so far, and is sent then (or, if its previous answer has not
+come by then, as soon as it does); its TTFT counts from when it was due, so a server that falls behind
+is charged for it.  Every server that keeps up then gets the same arrivals.
 
 Servers (the same model, n_ctx, threads; a fresh process per run, which answers one
 warm-up request before the measured conversations; the order rotates each round):
@@ -197,7 +202,8 @@ async def drive(url: str, conv: dict, tok: Tokenizer, args: argparse.Namespace, 
     t_start = time.perf_counter()
 
     async def user(u: int) -> None:
-        await asyncio.sleep(u * args.stagger)
+        due = u * args.stagger  # --pace: when its next turn is due
+        await asyncio.sleep(due)
         history = [{"role": "system", "content": conv["system"]}]
         prev_prompt = prev_answer = 0
         reusable: list[int] = []  # the previous prompt, and its answer's tokens where the text gives them back
@@ -212,9 +218,12 @@ async def drive(url: str, conv: dict, tok: Tokenizer, args: argparse.Namespace, 
                        # for the previous turn (a template may render the history unlike the generation
                        # prompt; random weights' answers tokenize differently when sent back as text)
                        "parted_tokens": max(prompt - common_prefix(reusable, ids, prompt), 1)}
+                if args.pace:  # the wait counts from when the turn was due
+                    rec["due"], rec["late"] = due, max(rec["start"] - due, 0.0)
                 records.append(rec)
                 try:
                     rec.update(await chat_turn(client, history, args.max_tokens, usage_per_turn, seen=rec))
+                    rec["ttft"] += rec.get("late", 0.0)
                 except (httpx.HTTPError, BenchError, json.JSONDecodeError) as e:
                     rec["error"] = f"{type(e).__name__}: {e}"[:300]
                     return  # the conversation cannot go on without its answer
@@ -224,7 +233,10 @@ async def drive(url: str, conv: dict, tok: Tokenizer, args: argparse.Namespace, 
                 # the answer's tokens are its text's when the counts agree (re-tokenizing merges differently)
                 again = tok.ids(answer)
                 reusable = ids + (again if len(again) == rec["tokens"] else [])
-                if k + 1 < args.turns:
+                if k + 1 < args.turns and args.pace:
+                    due += args.pace + conv["think"][u][k]
+                    await asyncio.sleep(max(due - (time.perf_counter() - t_start), 0.0))
+                elif k + 1 < args.turns:
                     await asyncio.sleep(conv["think"][u][k])
 
     tasks = [asyncio.create_task(user(u)) for u in range(args.users_now)]
@@ -241,7 +253,9 @@ async def drive(url: str, conv: dict, tok: Tokenizer, args: argparse.Namespace, 
             rec["error"] = "cut by the time cap"
             rec["cut"] = True
             if "first_token" not in rec:  # still waiting: its first token comes later than this, if ever
-                rec["ttft_atleast"] = seconds - rec["start"]
+                rec["ttft_atleast"] = seconds - rec.get("due", rec["start"])
+            else:
+                rec["first_token"] += rec.get("late", 0.0)
     return {"records": records, "seconds": seconds, "capped": bool(pending)}
 
 
@@ -610,7 +624,9 @@ def markdown(tables: list[dict], args: argparse.Namespace) -> str:
     warmed = all(run.get("warmup_seconds") is not None for t in tables for runs in t["runs"].values() for run in runs)
     lines = [f"Multi-turn chats: {args.turns} turns per user, system prompt ~{args.system_tokens} tokens, user "
              f"messages 50-300 tokens, answers of up to {args.max_tokens} tokens (greedy), users {args.stagger:g} s "
-             f"apart, 0.2-1 s think time; {args.threads} threads, n_batch {getattr(args, 'n_batch', None) or '-'}, "
+             f"apart, " + (f"open loop: each user's turns due every {args.pace:g} s plus 0.2-1 s, TTFT counted "
+                           f"from then (late turns: {_late(tables)}); " if getattr(args, "pace", 0) else
+                           "0.2-1 s think time; ") + f"{args.threads} threads, n_batch {getattr(args, 'n_batch', None) or '-'}, "
              f"n_ubatch {getattr(args, 'n_ubatch', None) or '-'}, flash attention "
              f"{getattr(args, 'flash_attn', None) or '-'} (all but llama-server-default); {args.rounds} round(s), "
              f"interleaved{', each server warmed up with one request' if warmed else ', no warm-up'}; "
@@ -662,7 +678,19 @@ def markdown(tables: list[dict], args: argparse.Namespace) -> str:
 
 # settings a table's figures depend on: tables merged into one file must share them
 WORKLOAD = ("turns", "system_tokens", "max_tokens", "stagger", "seed", "rounds", "time_cap", "n_batch", "n_ubatch",
-            "flash_attn", "ours_args")
+            "flash_attn", "ours_args", "pace")
+
+
+def _late(tables: list[dict]) -> str:
+    """--pace: per server, how many turns were sent after they were due (the previous answer came late)."""
+    late: dict[str, list[int]] = {}
+    for t in tables:
+        for name, runs in t["runs"].items():
+            recs = [r for run in runs for r in run["records"] if "late" in r]
+            late.setdefault(name, [0, 0])
+            late[name][0] += sum(r["late"] > 0.05 for r in recs)
+            late[name][1] += len(recs)
+    return ", ".join(f"{name} {n} of {total}" for name, (n, total) in late.items())
 
 
 def merge(old: dict, new: list[dict], args: argparse.Namespace, path: Path) -> list[dict]:
@@ -704,6 +732,9 @@ def main() -> int:
     ap.add_argument("--system-tokens", type=int, default=1500)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--stagger", type=float, default=0.3, help="seconds between two users' first turns")
+    ap.add_argument("--pace", type=float, default=0.0,
+                    help="open loop: seconds between a user's turns, TTFT counted from when each is due (0: "
+                         "closed loop, each turn sent its think time after the previous answer)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--n-batch", type=int, default=512,
                     help="every server's logical batch (not llama-server-default's)")

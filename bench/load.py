@@ -353,13 +353,29 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+SSE_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+async def sse_lines(r: httpx.Response) -> AsyncIterator[str]:
+    """A streamed response's lines, ended as server-sent events end them: at CR, LF or CRLF only.  httpx's
+    aiter_lines also ends a line at U+2028, U+0085 or \\x1c (str.splitlines), which llama-server's JSON
+    leaves raw in a token's text: a random model's answer then failed as a cut JSON object."""
+    rest = ""
+    async for text in r.aiter_text():
+        *lines, rest = SSE_LINE_END.split(rest + text)
+        for line in lines:
+            yield line
+    if rest:
+        yield rest
+
+
 async def stream_events(client: httpx.AsyncClient, path: str, body: dict) -> AsyncIterator[dict]:
     """POST body to path, streamed: each server-sent event's JSON object until [DONE]; an HTTP error or
     an error event is a BenchError."""
     async with client.stream("POST", path, json=body) as r:
         if r.status_code != 200:
             raise BenchError(f"POST {path}: HTTP {r.status_code}: {(await r.aread()).decode()[:500]}")
-        async for line in r.aiter_lines():
+        async for line in sse_lines(r):
             if not line.startswith("data: "):
                 continue
             payload = line.removeprefix("data: ")

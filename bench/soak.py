@@ -36,6 +36,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.load import sse_lines  # noqa: E402
+
 MiB = 1 << 20
 TIE_NATS = 0.02  # log-probability gap under which rounding may decide between two tokens
 WORDS = ("state space model recurrent memory attention token sequence batch cache prefix shared pool "
@@ -191,7 +193,7 @@ async def one_request(client: httpx.AsyncClient, v: Variant, mode: str,
         if r.status_code != 200:
             return r.status_code, ((await r.aread()).decode(), ""), 0
         text, finish, n = [], "", 0
-        async for line in r.aiter_lines():
+        async for line in sse_lines(r):
             if not line.startswith("data: "):
                 continue
             payload = line[len("data: "):]
