@@ -107,3 +107,62 @@ def test_a_capped_runs_waiting_requests_count_as_lower_bounds():
     assert ratio["median"] == 2.5 / 75.0 and ratio["bound"] == "at most"
     verdict = next(c for c in checks(rows, compare(rows)) if c["target"].startswith("TTFT p50 turn 1"))["verdict"]
     assert verdict.startswith("met (the ratio is at most this")
+
+
+def test_sse_lines_end_at_cr_and_lf_only():
+    """llama-server's JSON leaves U+2028, U+0085 or \\x1c raw in a token's text; httpx's aiter_lines ends lines
+    there too (str.splitlines), which cut a random model's answer into broken JSON and failed the request."""
+    import asyncio
+
+    from bench.load import sse_lines
+
+    class Response:
+        async def aiter_text(self):
+            for part in ['data: {"a": "x\u2028y\x85"}\r', '\ndata: "p\x1cq', '"\n\ndata: [DONE]']:
+                yield part
+
+    async def lines():
+        return [line async for line in sse_lines(Response()) if line]
+    assert asyncio.run(lines()) == ['data: {"a": "x\u2028y\x85"}', 'data: "p\x1cq"', "data: [DONE]"]
+
+
+def test_paced_turns_are_due_on_a_schedule_and_waits_count_from_then(tok, monkeypatch):
+    """--pace: a turn is sent when due (u * stagger + k * pace + the think times before it), or as soon as the
+    previous answer came when that was later, and its TTFT counts from when it was due: a server that falls
+    behind is charged for it, and one that keeps up gets the same arrivals as any other."""
+    import argparse
+    import asyncio
+    import json
+    import time
+
+    import httpx
+
+    import bench.chat_sessions as cs
+
+    sent = []
+
+    async def app(scope, receive, send):  # an OpenAI chat server whose first answer takes 1 s
+        body = json.loads((await receive())["body"])
+        sent.append(time.perf_counter())
+        await asyncio.sleep(1.0 if len(body["messages"]) == 2 else 0.02)
+        events = [{"choices": [{"delta": {"content": "hi"}, "finish_reason": None}]},
+                  {"choices": [{"delta": {}, "finish_reason": "stop"}]}]
+        payload = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": payload.encode()})
+
+    class Client(httpx.AsyncClient):
+        def __init__(self, **kw):
+            super().__init__(transport=httpx.ASGITransport(app=app), **kw)
+
+    monkeypatch.setattr(cs.httpx, "AsyncClient", Client)
+    conv = {"system": "Be brief.", "messages": [["one", "two", "three"]], "think": [[0.1, 0.1, 0.1]]}
+    args = argparse.Namespace(users_now=1, turns=3, stagger=0.0, pace=0.5, max_tokens=4, request_timeout=30)
+    out = asyncio.run(cs.drive("http://test", conv, tok, args, cap=None))
+    first, second, third = sorted(out["records"], key=lambda r: r["turn"])
+    assert [r["due"] for r in (first, second, third)] == pytest.approx([0.0, 0.6, 1.2])
+    # the first answer came after 1 s: the second turn went then, 0.4 s late, and its wait counts the lateness
+    assert second["start"] == pytest.approx(1.0, abs=0.15) and second["late"] == pytest.approx(0.4, abs=0.15)
+    assert second["ttft"] >= second["late"]
+    # the third was due after the second's answer: sent on time
+    assert third["late"] < 0.05 and sent[2] - sent[0] == pytest.approx(1.2, abs=0.1)
