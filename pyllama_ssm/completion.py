@@ -26,7 +26,7 @@ from .cancellation import Cancellation
 from .llama_callbacks import StopOnTokenIds
 from .llama_types import CompletionLogprobs
 from .model import Model
-from .results import CompletionEvent, CompletionResult, Usage
+from .results import CompletionEvent, CompletionResult, TokenProbs, Usage
 from .sampling import SamplingParams
 
 UNLIMITED = (None, 0, -1)  # max_tokens values meaning "up to the context size" (llama-cpp-python)
@@ -147,14 +147,15 @@ class CompletionRequest:
     detokenize: Callable[..., bytes] = field(default=lambda tokens, **kw: b"", repr=False)  # Llama.detokenize
     bos: int = -1
 
-    def event(self, text: str, logprobs=None, result: Optional[CompletionResult] = None) -> CompletionEvent:
-        return CompletionEvent(*self.head, text, logprobs, result)
+    def event(self, text: str, logprobs=None, result: Optional[CompletionResult] = None,
+              probs: tuple[TokenProbs, ...] = ()) -> CompletionEvent:
+        return CompletionEvent(*self.head, text, logprobs, result, probs)
 
     def result(self, text: str, completion: list[int], finish_reason: str, cached: int,
-               logprobs=None) -> CompletionResult:
-        """The finished completion (`completion`: its tokens without the end-of-generation token)."""
+               logprobs=None, end: Optional[int] = None) -> CompletionResult:
+        """The finished completion (`completion`: its tokens without the end-of-generation token `end`)."""
         return CompletionResult(*self.head, text, tuple(completion), finish_reason,
-                                Usage(len(self.prompt_tokens), len(completion), cached), logprobs, self.echo_text)
+                                Usage(len(self.prompt_tokens), len(completion), cached), logprobs, self.echo_text, end)
 
     def text(self, token: int) -> str:
         return self.detokenize([token]).decode("utf-8", errors="ignore")
@@ -238,33 +239,38 @@ def _engine_responses(engine, model: Model, r: CompletionRequest, params: Sampli
                 if echo:  # the prompt is scored once its prefill ended, before the first token
                     echo = False
                     yield r.event(r.echo_text, _echo_logprobs(r, req))
-                lp = None
+                lp, probs = None, ()
                 if r.logprobs is not None and chunk.logprob is not None:
                     lp = r.stream_logprobs(chunk.token, len(r.prompt) + sent, chunk.logprob,
                                            chunk.top_logprobs.items())
+                    probs = (TokenProbs(chunk.token, chunk.logprob, tuple(chunk.top_logprobs.items())),)
                 if chunk.text or lp is not None:
                     sent += len(chunk.text)
-                    yield r.event(chunk.text, lp)
+                    yield r.event(chunk.text, lp, probs=probs)
             if r.cancellation.is_set:
                 return
             result = req.result()
             if echo:  # no token came (max_tokens=0)
                 yield r.event(r.echo_text, _echo_logprobs(r, req))
-            ended = r.result(result.text, _completion_of(model, result), result.finish_reason,
-                             result.usage.cached_tokens)
-            yield r.event("", result=ended)
+            completion = _completion_of(model, result)
+            end = result.tokens[-1] if len(result.tokens) > len(completion) else None
+            ended = r.result(result.text, completion, result.finish_reason, result.usage.cached_tokens, end=end)
+            scored = ()  # the end-of-generation token, scored like the others but streamed as no piece
+            if r.logprobs is not None and end is not None and result.logprobs:
+                scored = (TokenProbs(end, result.logprobs[-1], tuple(result.top_logprobs[-1].items())),)
+            yield r.event("", result=ended, probs=scored)
             return
         result = req.result()
         completion = _completion_of(model, result)
+        end = result.tokens[-1] if len(result.tokens) > len(completion) else None
         lp = None
         if r.logprobs is not None:
             scored = [(lp_, top.items()) for lp_, top in zip(result.logprobs, result.top_logprobs)]
             if r.echo:
                 scored = [(lp_, top and top.items()) for lp_, top in
                           zip(result.prompt_logprobs, result.prompt_top_logprobs)] + scored
-            end = result.tokens[-1] if len(result.tokens) > len(completion) else None
             lp = r.logprobs_of(completion, scored, end)
-        yield r.result(result.text, completion, result.finish_reason, result.usage.cached_tokens, lp)
+        yield r.result(result.text, completion, result.finish_reason, result.usage.cached_tokens, lp, end)
     finally:
         if not req.done:  # the caller stopped reading: free the sequence
             req.cancel()

@@ -11,7 +11,7 @@ llama-cpp-python's shapes do not carry.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 from .llama_types import CompletionLogprobs
 
@@ -47,6 +47,7 @@ class CompletionResult:
     usage: Usage
     logprobs: Optional[CompletionLogprobs] = None  # OpenAI's layout; streamed: None (the events carry them)
     echo: str = ""              # the prompt's text when echo=True
+    end_token: Optional[int] = None  # the end-of-generation token that ended it (llama-server lists and counts it)
 
     def as_response(self) -> dict[str, Any]:
         """llama-cpp-python's whole (not streamed) response."""
@@ -54,6 +55,16 @@ class CompletionResult:
                 "choices": [{"text": self.echo + self.text, "index": 0, "logprobs": self.logprobs,
                              "finish_reason": self.finish_reason}],
                 "usage": self.usage.as_dict()}
+
+
+class TokenProbs(NamedTuple):
+    """A generated token's log-probability under the model and the most likely tokens', by token id (OpenAI's
+    layout keys them by text, which loses ids): what llama-server's n_probs reports.  Events carry one when
+    logprobs were asked for."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), the most likely first
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,8 @@ class CompletionEvent:
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     result: Optional[CompletionResult] = None
+    # with logprobs: the token this piece came with; on the last event, the end-of-generation token that ended it
+    probs: tuple[TokenProbs, ...] = ()
 
     @property
     def finish_reason(self) -> Optional[str]:

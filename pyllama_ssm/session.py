@@ -42,6 +42,7 @@ from .engine.speculative import rewind, snapshot_or_none
 from .llama_cache import LlamaState, longest_token_prefix
 from .model import Model
 from .output import STOCK, TextStream, log_softmax, top_logprobs
+from .results import TokenProbs
 from .sampling import Sampler, SamplingParams
 
 
@@ -322,15 +323,17 @@ class Session:
             yield r.event(r.echo_text)
         if r.stream:
             yield from self._stream(r, completion, stream)
+            end_probs = () if end is None or r.logprobs is None else \
+                (self._token_probs(r, len(r.prompt_tokens) + len(completion) - 1, end),)
             yield r.event("", result=r.result(stream.text.decode("utf-8", errors="ignore"), completion,
-                                              finish_reason, self.reused))
+                                              finish_reason, self.reused, end=end), probs=end_probs)
         if self.cache is not None:
             self.cache[r.prompt_tokens + completion] = llama.save_state()
         if r.stream:
             return
         text = stream.text.decode("utf-8", errors="ignore")
         yield r.result(text, completion, finish_reason, self.reused,
-                       self._logprobs(r, completion, end) if r.logprobs is not None else None)
+                       self._logprobs(r, completion, end) if r.logprobs is not None else None, end)
 
     def _completion_tokens(self, prompt: list[int], params: SamplingParams, stopping_criteria) -> Iterator[int]:
         """generate(prompt)'s tokens, made by the inline Engine: a request that continues from the prefix the
@@ -410,9 +413,14 @@ class Session:
         # with logprobs, one chunk per token (the last one cut at the end of the final text)
         for i, shown, offset in stream.by_token(completion, lambda token: r.detokenize([token])):
             token = completion[i]
-            row = log_softmax(self.scores[len(r.prompt_tokens) + i - 1, :])
-            yield r.event(shown, r.stream_logprobs(token, len(r.prompt) + offset, row[token],
-                                                   top_logprobs(row, r.logprobs)))
+            probs = self._token_probs(r, len(r.prompt_tokens) + i - 1, token)
+            yield r.event(shown, r.stream_logprobs(token, len(r.prompt) + offset, probs.logprob, probs.top),
+                          probs=(probs,))
+
+    def _token_probs(self, r: CompletionRequest, row: int, token: int) -> TokenProbs:
+        """token scored by the logits of evaluated position `row`, and the r.logprobs most likely there."""
+        logprobs = log_softmax(self.scores[row, :])
+        return TokenProbs(token, float(logprobs[token]), tuple(top_logprobs(logprobs, r.logprobs)))
 
     def _logprobs(self, r: CompletionRequest, completion: list[int], end: Optional[int] = None):
         """The logprobs of a finished completion, from the scores of logits_all: row j holds the logits

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import INSTALLED, ROOT, ZOO, run_with_build, zoo_index, zoo_path
-from parity.test_parity import UPSTREAM_MULTI_SEQ_BUGS, run_driver
+from parity.test_parity import run_driver
 
 
 GPU_DEVICES = """

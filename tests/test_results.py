@@ -21,7 +21,7 @@ SERVER = ROOT / "pyllama_ssm" / "server"
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["session", "engine"])
 def llm(request):
-    with Llama(str(zoo_path("llama")), n_ctx=512, n_parallel=request.param, chat_format="chatml",
+    with Llama(str(zoo_path("llama")), n_ctx=512, n_parallel=request.param, chat_format="chatml", logits_all=True,
                verbose=False) as model:
         yield model
 
@@ -46,6 +46,24 @@ def test_a_streams_result_has_the_tokens_and_text_it_streamed(llm):
     assert result.finish_reason == whole.finish_reason == events[-1].finish_reason
     chunks = list(llm.create_completion(PROMPT, max_tokens=6, temperature=0, stream=True))
     assert [c["choices"] for c in chunks] == [e.as_chunk()["choices"] for e in events]
+
+
+def test_streamed_events_score_their_tokens_by_id(llm):
+    """With logprobs each event carries its token's TokenProbs (ids, which OpenAI's text-keyed layout loses: what
+    /completion's n_probs reports), the last one the end-of-generation token's when one ended the completion."""
+    events = list(llm.complete(PROMPT, max_tokens=6, temperature=0, stream=True, logprobs=3))
+    scored = [p for e in events for p in e.probs]
+    assert [p.token for p in scored] == list(events[-1].result.tokens) and len(scored) == 6  # ended by length
+    for e in events:
+        for p in e.probs:
+            assert len(p.top) == 3 and p.top[0][1] >= p.logprob and e.logprobs["token_logprobs"] == [p.logprob]
+            assert e.logprobs["top_logprobs"][0] == {llm.detokenize([t]).decode("utf-8", errors="ignore"): lp
+                                                     for t, lp in p.top} | {e.logprobs["tokens"][0]: p.logprob}
+    assert not any(e.probs for e in llm.complete(PROMPT, max_tokens=6, temperature=0, stream=True))
+    eos = llm.token_eos()
+    ended = list(llm.complete(PROMPT, max_tokens=6, temperature=0, stream=True, logprobs=2, logit_bias={eos: 100.0}))
+    assert ended[-1].result.tokens == () and [p.token for p in ended[-1].probs] == [eos]
+    assert ended[-1].probs[0].logprob < 0  # the model's, without the bias that chose it
 
 
 def test_a_repeated_prompt_reports_its_cached_tokens(llm):

@@ -6,7 +6,8 @@ model, the falcon-h1 graft (real text, SmolLM2's tokenizer and chat template): t
 the same text, the same rendered prompt, and for /completion the same prompt tokens and, greedy on one
 sequence with the kernels llama-server runs (batch invariance and flash attention off on both), the same
 answer for each prompt form.  Then what llama-server's clients rely on beyond that: streamed pieces that
-end with the totals, several prompts answered as a list, logit_bias and ignore_eos, and clear 400s.
+end with the totals, several prompts answered as a list, logit_bias and ignore_eos, n_probs' token
+probabilities (the same tokens and top tokens as llama-server's), and clear 400s.
 """
 
 from __future__ import annotations
@@ -143,7 +144,64 @@ def test_logit_bias_and_ignore_eos(ours, upstream):
     assert got["stop_type"] == "limit" and not {0, 2, 4} & set(got["tokens"])
     assert got["tokens"] == post(upstream, "/completion", **pushed)["tokens"]
     plain = post(ours.url, "/completion", **(pushed | {"ignore_eos": False}))  # without it: ends at once
-    assert plain["stop_type"] == "eos" and plain["tokens"] == []
+    assert plain["stop_type"] == "eos" and plain["tokens"] == [0]  # the end token listed, as llama-server does
+    assert plain["tokens"] == post(upstream, "/completion", **(pushed | {"ignore_eos": False}))["tokens"]
+
+
+TIE = 0.05  # logprobs: the two builds' f16 products differ in their last bits (by 1e-3 to 1e-2 after 60 tokens)
+
+
+def _same_top(ours: list[dict], theirs: list[dict]) -> bool:
+    """The same top tokens (id, text, bytes) and logprobs, but where two of them tie within TIE, whose order
+    the builds' last bits decide, as does which of them makes the cut."""
+    by_id = {t["id"]: t for t in theirs}
+    for k, t in enumerate(ours):
+        other = by_id.get(t["id"])
+        if other is None:  # only a near-tie with the last one theirs kept may be left out of theirs
+            if abs(t["logprob"] - theirs[-1]["logprob"]) > TIE:
+                return False
+        elif (other["token"], other["bytes"]) != (t["token"], t["bytes"]) or abs(other["logprob"] - t["logprob"]) > TIE:
+            return False
+        elif abs(theirs[k]["logprob"] - t["logprob"]) > TIE:  # out of place beyond a tie
+            return False
+    return len(ours) == len(theirs)
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "The capital of France is", "n_probs": 5},
+    # ended by <|im_end|>: its entry comes last, as llama-server lists it
+    {"prompt": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+     "n_probs": 3, "n_predict": 64},
+    # a stop string: its tokens are not listed; `logprobs` is n_probs' other name
+    {"prompt": "One, two, three,", "stop": [" five"], "logprobs": 2},
+], ids=["limit", "eos", "stop-word"])
+def test_n_probs_as_llama_server(ours, upstream, body):
+    got, want = (post(url, "/completion", **(GREEDY | body)) for url in (ours.url, upstream))
+    assert got["tokens"] == want["tokens"] and got["stop_type"] == want["stop_type"]
+    ours, theirs = got["completion_probabilities"], want["completion_probabilities"]
+    assert [(p["id"], p["token"], p["bytes"]) for p in ours] == [(p["id"], p["token"], p["bytes"]) for p in theirs]
+    n_top = body.get("n_probs") or body["logprobs"]
+    for g, w in zip(ours, theirs):
+        # the model's logprobs, not the sampler's (logit_bias, ignore_eos) nor another row's, which differ by far more
+        assert g["logprob"] == pytest.approx(w["logprob"], abs=TIE) and g["logprob"] <= 0
+        assert len(g["top_logprobs"]) == n_top and _same_top(g["top_logprobs"], w["top_logprobs"]), (g, w)
+        assert g["top_logprobs"][0]["logprob"] >= g["logprob"]
+    if body.get("n_predict") == 64:
+        assert got["stop_type"] == "eos" and got["completion_probabilities"][-1]["id"] == got["tokens"][-1] == 2
+        assert len(got["completion_probabilities"]) == len(got["tokens"]) == got["tokens_predicted"]
+    if "stop" in body:
+        assert got["stop_type"] == "word" and len(got["completion_probabilities"]) < len(got["tokens"])
+
+
+def test_n_probs_streamed_one_token_per_piece(ours):
+    body = {"prompt": "The capital of France is", "n_probs": 4, "stream": True, **GREEDY}
+    with httpx.stream("POST", ours.url + "/completion", json=body, timeout=120) as r:
+        assert r.status_code == 200
+        *pieces, last = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert [len(p["completion_probabilities"]) for p in pieces] == [1] * 8 and "completion_probabilities" not in last
+    whole = post(ours.url, "/completion", **(body | {"stream": False}))
+    assert [p["completion_probabilities"][0] for p in pieces] == whole["completion_probabilities"]
+    assert "".join(p["content"] for p in pieces) == whole["content"]
 
 
 @pytest.mark.parametrize("body, param", [
@@ -151,9 +209,11 @@ def test_logit_bias_and_ignore_eos(ours, upstream):
     ({"prompt": ""}, "prompt"),
     ({"prompt": [{"x": 1}, "text"]}, "prompt"),
     ({"prompt": ["a", "b"], "stream": True}, "stream"),
-    ({"prompt": "a", "n_probs": 3}, "n_probs"),
+    ({"prompt": "a", "n_probs": -1}, "n_probs"),
+    ({"prompt": "a", "n_probs": 3, "post_sampling_probs": True}, "post_sampling_probs"),
     ({"prompt": "a", "logit_bias": [[1, "high"]]}, "logit_bias"),
-], ids=["token-out-of-range", "empty", "not-a-prompt", "stream-several", "n-probs", "bad-bias"])
+], ids=["token-out-of-range", "empty", "not-a-prompt", "stream-several", "n-probs", "post-sampling-probs",
+        "bad-bias"])
 def test_bad_requests_name_the_field(ours, body, param):
     r = httpx.post(ours.url + "/completion", json=body, timeout=30)
     assert r.status_code == 400, r.text

@@ -13,7 +13,11 @@ generation_settings and timings; with `stream` its pieces as `data:` events, the
 new line indented less than n_indent, or at a new line once generating took longer than
 t_max_predict_ms.  `logit_bias` takes llama-server's pairs ([[id or text, bias or false], ...]) or
 OpenAI's object; `ignore_eos` rules out every end-of-generation token (EOS, <|im_end|>,
-<|endoftext|>, ...), as llama-server does.  `n_probs` above 0 is refused: the probabilities are /v1/completions' `logprobs`.
+<|endoftext|>, ...), as llama-server does.  `n_probs` (or `logprobs`) > 0 adds llama-server's
+completion_probabilities: per generated token (the end-of-generation token that ended it included, a stop
+string's tokens not) its id, the text sent with it, its bytes and logprob under the model, and the n_probs
+most likely tokens'; streamed, each token's piece carries its own.  `post_sampling_probs` (the
+probabilities after the sampling chain) is refused: these are the model's.
 
 /tokenize and /detokenize use llama-server's names (content, tokens, add_special, parse_special,
 with_pieces: a piece that is not whole UTF-8 comes as its bytes); /apply-template renders OpenAI
@@ -35,10 +39,10 @@ from fastapi import APIRouter, Request
 from pydantic import BeforeValidator, Field
 
 from ..chat_templates import TEMPLATE_REFUSED
-from ..limits import INT32_MAX
+from ..limits import FLOAT_MAX, INT32_MAX
 from ..limits import field as limit
 from ..llama import LlamaGrammar, LogitsProcessorList
-from ..results import CompletionResult, Usage
+from ..results import CompletionResult, TokenProbs, Usage
 from .chat import MappedStream
 from .errors import ERROR_RESPONSES, ApiError, bad_request
 from .generation import capped_max_tokens, check_tokens, generate, note_ignored, registry_of
@@ -80,6 +84,12 @@ class NativeRequest(RequestBody):
                                   description="Stop at a new line once generating took longer (0: no limit).")
     return_tokens: bool = Field(default=False, description="The generated token ids in `tokens` (of the final "
                                                            "answer; streamed pieces carry none).")
+    n_probs: int = Field(default=0, **limit("logprobs"), description="Report each generated token's logprob and the "
+                         "n_probs most likely tokens' (the model's, before sampling): completion_probabilities.")
+    logprobs: Optional[int] = Field(default=None, **limit("logprobs"), description="n_probs' other name, used when "
+                                                                                     "n_probs is not sent.")
+    post_sampling_probs: bool = Field(default=False, description="Not supported with n_probs > 0 (the "
+                                                                 "probabilities after the sampling chain).")
     response_fields: Optional[list[str]] = Field(default=None, description="Only these fields, by path "
                                                                            "(\"timings/prompt_n\").")
     # sent by llama-server's clients; nothing to do here (every sequence keeps its prompt's cache)
@@ -112,10 +122,11 @@ class _Halt:
 class NativeRun:
     """One completion of llama-server's API (/completion, /infill): its pieces as llama-server's chunks, the early stops, and the final answer."""
 
-    def __init__(self, body: "NativeRequest", alias: str, prompt: str, n_prompt: int, halt: _Halt, detokenize,
+    def __init__(self, body: "NativeRequest", alias: str, prompt: str, n_prompt: int, halt: _Halt, llama: Any,
                  index: int = 0):
         self.body, self.alias, self.prompt, self.n_prompt, self.index = body, alias, prompt, n_prompt, index
-        self.halt, self.detokenize = halt, detokenize
+        self.halt, self.llama = halt, llama
+        self.probs: list[dict[str, Any]] = []  # completion_probabilities so far
         self.text = ""          # generated so far (cut at an early stop)
         self.scan = 0           # where the next new line to check for n_indent is looked for
         self.early = False      # ended by n_indent or t_max_predict_ms
@@ -155,20 +166,35 @@ class NativeRun:
             self.scan = start
         return None
 
-    def piece(self, content: str, n_predicted: int) -> dict[str, Any]:
-        return {"index": self.index, "content": content, "tokens": [], "stop": False, "id_slot": -1,
-                "tokens_predicted": n_predicted, "tokens_evaluated": self.n_prompt}
+    def piece(self, content: str, n_predicted: int, probs: list[dict[str, Any]]) -> dict[str, Any]:
+        out = {"index": self.index, "content": content, "tokens": [], "stop": False, "id_slot": -1,
+               "tokens_predicted": n_predicted, "tokens_evaluated": self.n_prompt}
+        if probs:
+            out["completion_probabilities"] = probs
+        return out
+
+    def score(self, probs: tuple[TokenProbs, ...], sent: str) -> list[dict[str, Any]]:
+        """llama-server's completion_probabilities entries of these tokens (the first sent `sent` out)."""
+        entries = []
+        for k, p in enumerate(probs):
+            text = sent.encode("utf-8") if k == 0 else b""
+            entries.append(_entry(p.token, text, p.logprob) |
+                           {"top_logprobs": [_entry(t, self.llama.detokenize([t]), lp) for t, lp in p.top]})
+        self.probs += entries
+        return entries
 
     def final(self, finish_reason: str, result: Optional[CompletionResult], content: str) -> dict[str, Any]:
         t_end = time.perf_counter()
         t_first = self.t_first or t_end
         counted = result.usage if result is not None else Usage(self.n_prompt, 0)
-        tokens = list(result.tokens) if result is not None else []
+        # llama-server lists and counts the end-of-generation token that ended it (not after an early stop)
+        end = [result.end_token] if result is not None and result.end_token is not None and not self.early else []
+        tokens = list(result.tokens) + end if result is not None else []
         cached = min(counted.cached_tokens, counted.prompt_tokens)
-        n_gen = counted.completion_tokens
+        n_gen = counted.completion_tokens + len(end)
         stop_type, word = "limit", ""
         if finish_reason == "stop" and not self.early:
-            full = self.detokenize(tokens)
+            full = self.llama.detokenize(tokens).decode("utf-8", errors="ignore")
             found = [(full.find(s), s) for s in self.body.stop if s and s in full]
             stop_type, word = ("word", min(found)[1]) if found else ("eos", "")
         prompt_ms, predicted_ms = (t_first - self.t_start) * 1000, (t_end - t_first) * 1000
@@ -185,14 +211,31 @@ class NativeRun:
                 "mirostat_eta": b.mirostat_eta, "stop": b.stop, "n_indent": b.n_indent,
                 "t_max_predict_ms": b.t_max_predict_ms, "stream": b.stream, "grammar": b.grammar or ""},
             "prompt": self.prompt, "has_new_line": "\n" in self.text, "truncated": False, "stop_type": stop_type,
-            "stopping_word": word, "tokens_cached": counted.prompt_tokens + n_gen,
+            "stopping_word": word, "tokens_cached": counted.prompt_tokens + counted.completion_tokens,
             "timings": {"cache_n": cached, "prompt_n": n_prompt, "prompt_ms": prompt_ms,
                         "prompt_per_token_ms": prompt_ms / n_prompt if n_prompt else 0.0,
                         "prompt_per_second": n_prompt / prompt_ms * 1000 if prompt_ms > 0 else 0.0,
                         "predicted_n": n_gen, "predicted_ms": predicted_ms,
                         "predicted_per_token_ms": predicted_ms / n_gen if n_gen else 0.0,
                         "predicted_per_second": n_gen / predicted_ms * 1000 if predicted_ms > 0 else 0.0}}
+        if self.probs and not b.stream:  # less a stop string's tokens, as llama-server counts them
+            cut = len(self.llama.tokenize(word.encode("utf-8"), add_bos=False, special=False)) if word else 0
+            answer["completion_probabilities"] = self.probs[:len(self.probs) - min(cut, len(self.probs))]
         return answer if b.response_fields is None else _fields(answer, b.response_fields)
+
+
+def _entry(token: int, piece: bytes, logprob: float) -> dict[str, Any]:
+    """One token of llama-server's completion_probabilities: its text cut before a character its bytes do not
+    finish, the bytes whole, the logprob at least the lowest float (JSON has no -inf)."""
+    end = len(piece)
+    while end > max(len(piece) - 3, 0):
+        try:
+            piece[:end].decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            end -= 1
+    return {"id": token, "token": piece[:end].decode("utf-8", errors="replace"), "bytes": list(piece),
+            "logprob": max(logprob, -FLOAT_MAX)}
 
 
 def _fields(answer: dict[str, Any], paths: list[str]) -> dict[str, Any]:
@@ -219,11 +262,13 @@ class NativeStream(MappedStream):
     def _map(self) -> Iterator[dict[str, Any]]:
         run, reason, n = self._run, "stop", 0
         for event in self._chunks:
-            if event.text:
+            early, out = run.early, ""
+            if event.text or (event.probs and event.result is None):
                 n += 1
-                out = run.take(event.text)
-                if out and run.body.stream:
-                    yield run.piece(out, n)
+                out = run.take(event.text) if event.text else ""
+            probs = run.score(event.probs, out) if event.probs and not early else []
+            if (out or probs) and run.body.stream:
+                yield run.piece(out, n, probs)
             if event.finish_reason is not None:
                 reason = event.finish_reason
         if self._chunks.cancelled:
@@ -269,13 +314,16 @@ async def complete_native(request: Request, served: Any, body: NativeRequest, to
             raise bad_request("grammar", str(e).removeprefix("grammar: ")) from None
     if body.n_indent > 0 or body.t_max_predict_ms > 0:
         kwargs["logits_processor"] = LogitsProcessorList([halt])
+    n_probs = body.n_probs if "n_probs" in body.model_fields_set or body.logprobs is None else body.logprobs
+    if n_probs > 0:
+        if body.post_sampling_probs:
+            raise bad_request("post_sampling_probs", "not supported: n_probs reports the model's probabilities, "
+                                                     "before the sampling chain (send it without post_sampling_probs)")
+        kwargs["logprobs"] = min(n_probs, llama.n_vocab())  # as llama-server, at most the vocabulary
     prompt = llama.detokenize(tokens, special=True).decode("utf-8", errors="replace")
 
-    def detokenize(ids: list[int]) -> str:
-        return llama.detokenize(ids).decode("utf-8", errors="ignore")
-
     def run(**kw: Any) -> NativeStream:
-        return NativeStream(llama.complete(**kw), NativeRun(body, served.alias, prompt, len(tokens), halt, detokenize,
+        return NativeStream(llama.complete(**kw), NativeRun(body, served.alias, prompt, len(tokens), halt, llama,
                                                             index))
 
     if body.stream:
@@ -299,8 +347,6 @@ class CompletionRequest(NativeRequest):
         Field(default=None, description="[[token id or text, bias or false], ...] or {\"token id\": bias}: added "
                                         "to the logits (false: never).")
     ignore_eos: bool = Field(default=False, description="Never end at an end-of-generation token.")
-    n_probs: int = Field(default=0, ge=0, le=0, description="0 only: token probabilities are /v1/completions' "
-                                                            "logprobs.")
 
 
 def _is_token(x: Any) -> bool:
