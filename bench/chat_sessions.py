@@ -209,6 +209,7 @@ async def drive(url: str, conv: dict, tok: Tokenizer, args: argparse.Namespace, 
         reusable: list[int] = []  # the previous prompt, and its answer's tokens where the text gives them back
         async with httpx.AsyncClient(base_url=url, timeout=args.request_timeout) as client:
             for k in range(args.turns):
+                ready = time.perf_counter() - t_start  # --pace: late past this is the server's, not the driver's
                 history.append({"role": "user", "content": conv["messages"][u][k]})
                 ids = tok.prompt_ids(history)
                 prompt = len(ids)
@@ -219,7 +220,7 @@ async def drive(url: str, conv: dict, tok: Tokenizer, args: argparse.Namespace, 
                        # prompt; random weights' answers tokenize differently when sent back as text)
                        "parted_tokens": max(prompt - common_prefix(reusable, ids, prompt), 1)}
                 if args.pace:  # the wait counts from when the turn was due
-                    rec["due"], rec["late"] = due, max(rec["start"] - due, 0.0)
+                    rec["due"], rec["late"] = due, max(ready - due, 0.0)
                 records.append(rec)
                 try:
                     rec.update(await chat_turn(client, history, args.max_tokens, usage_per_turn, seen=rec))
