@@ -629,7 +629,7 @@ def markdown(tables: list[dict], args: argparse.Namespace) -> str:
     lines = [f"Multi-turn chats: {args.turns} turns per user, system prompt ~{args.system_tokens} tokens, user "
              f"messages 50-300 tokens, answers of up to {args.max_tokens} tokens (greedy), users {args.stagger:g} s "
              f"apart, " + (f"open loop: each user's turns due every {args.pace:g} s plus 0.2-1 s, TTFT counted "
-                           f"from then (late turns: {_late(tables)}); " if getattr(args, "pace", 0) else
+                           f"from then (turns sent over {LATE:g} s late: {_late(tables)}); " if getattr(args, "pace", 0) else
                            "0.2-1 s think time; ") +
              f"{args.threads} threads, n_batch {getattr(args, 'n_batch', None) or '-'}, "
              f"n_ubatch {getattr(args, 'n_ubatch', None) or '-'}, flash attention "
@@ -686,14 +686,18 @@ WORKLOAD = ("turns", "system_tokens", "max_tokens", "stagger", "seed", "rounds",
             "flash_attn", "ours_args", "pace")
 
 
+LATE = 0.25  # seconds
+
+
 def _late(tables: list[dict]) -> str:
-    """--pace: per server, how many turns were sent after they were due (the previous answer came late)."""
+    """--pace: per server, how many turns were sent more than LATE s after they were due (the previous answer came
+    late; less is the driver's own event loop on these shared cores)."""
     late: dict[str, list[int]] = {}
     for t in tables:
         for name, runs in t["runs"].items():
             recs = [r for run in runs for r in run["records"] if "late" in r]
             late.setdefault(name, [0, 0])
-            late[name][0] += sum(r["late"] > 0.05 for r in recs)
+            late[name][0] += sum(r["late"] > LATE for r in recs)
             late[name][1] += len(recs)
     return ", ".join(f"{name} {n} of {total}" for name, (n, total) in late.items())
 
