@@ -74,6 +74,7 @@ LIMITS: dict[str, Range] = {
     "mirostat_tau": _number(0.0),
     "mirostat_eta": _number(0.0),
     "logit_bias": _number(),              # each bias; -inf (bans the token) is allowed on top
+    "n_probs": _int(0, 1024),             # llama-server's /completion: a JSON entry per top token and generated token
     "seed": Range(-2**63, 2**64 - 1, integer=True),  # taken modulo 2**32, as llama.cpp's uint32_t
     # per request
     "max_tokens": _int(0),

@@ -210,9 +210,10 @@ def test_n_probs_streamed_one_token_per_piece(ours):
     ({"prompt": [{"x": 1}, "text"]}, "prompt"),
     ({"prompt": ["a", "b"], "stream": True}, "stream"),
     ({"prompt": "a", "n_probs": -1}, "n_probs"),
+    ({"prompt": "a", "n_probs": 2**31 - 2}, "n_probs"),  # an entry per top token and generated token: at most 1024
     ({"prompt": "a", "n_probs": 3, "post_sampling_probs": True}, "post_sampling_probs"),
     ({"prompt": "a", "logit_bias": [[1, "high"]]}, "logit_bias"),
-], ids=["token-out-of-range", "empty", "not-a-prompt", "stream-several", "n-probs", "post-sampling-probs",
+], ids=["token-out-of-range", "empty", "not-a-prompt", "stream-several", "n-probs", "n-probs-huge", "post-sampling-probs",
         "bad-bias"])
 def test_bad_requests_name_the_field(ours, body, param):
     r = httpx.post(ours.url + "/completion", json=body, timeout=30)

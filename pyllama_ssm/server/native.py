@@ -84,9 +84,9 @@ class NativeRequest(RequestBody):
                                   description="Stop at a new line once generating took longer (0: no limit).")
     return_tokens: bool = Field(default=False, description="The generated token ids in `tokens` (of the final "
                                                            "answer; streamed pieces carry none).")
-    n_probs: int = Field(default=0, **limit("logprobs"), description="Report each generated token's logprob and the "
+    n_probs: int = Field(default=0, **limit("n_probs"), description="Report each generated token's logprob and the "
                          "n_probs most likely tokens' (the model's, before sampling): completion_probabilities.")
-    logprobs: Optional[int] = Field(default=None, **limit("logprobs"), description="n_probs' other name, used when "
+    logprobs: Optional[int] = Field(default=None, **limit("n_probs"), description="n_probs' other name, used when "
                                                                                      "n_probs is not sent.")
     post_sampling_probs: bool = Field(default=False, description="Not supported with n_probs > 0 (the "
                                                                  "probabilities after the sampling chain).")
@@ -336,14 +336,15 @@ async def complete_native(request: Request, served: Any, body: NativeRequest, to
 
 Mixed = Annotated[list[Union[TokenId, str]], Field(min_length=1)]  # token ids and texts, one prompt
 # [token id or text, bias or false]: a JSON array, a tuple in the schema (strict mode takes no list for one)
-BiasPair = Annotated[tuple[Union[TokenId, str], Union[float, Literal[False]]],
+Bias = Annotated[float, Field(**limit("logit_bias"))]
+BiasPair = Annotated[tuple[Union[TokenId, str], Union[Bias, Literal[False]]],
                      BeforeValidator(lambda v: tuple(v) if isinstance(v, list) else v)]
 
 
 class CompletionRequest(NativeRequest):
     prompt: Union[str, Mixed, Annotated[list[Union[str, Mixed]], Field(min_length=1)]] = Field(
         description="A string, token ids, ids and strings mixed, or a list of such prompts (answered as a list).")
-    logit_bias: Optional[Union[list[BiasPair], dict[str, float]]] = \
+    logit_bias: Optional[Union[list[BiasPair], dict[str, Bias]]] = \
         Field(default=None, description="[[token id or text, bias or false], ...] or {\"token id\": bias}: added "
                                         "to the logits (false: never).")
     ignore_eos: bool = Field(default=False, description="Never end at an end-of-generation token.")
