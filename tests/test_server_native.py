@@ -219,3 +219,14 @@ def test_bad_requests_name_the_field(ours, body, param):
     r = httpx.post(ours.url + "/completion", json=body, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["message"].startswith(f"{param}")
+
+
+def test_a_probability_entrys_text_stops_before_an_unfinished_character():
+    """llama-server's validate_utf8: a piece ending inside a character (byte-level tokens of an emoji) shows the
+    text before it and keeps every byte; -inf (a banned token) is the lowest float, as JSON has no infinity."""
+    from pyllama_ssm.server.native import _entry
+    emoji = "🫠".encode()
+    assert _entry(7, b"ab" + emoji[:3], -1.5) == {"id": 7, "token": "ab", "bytes": list(b"ab" + emoji[:3]),
+                                                  "logprob": -1.5}
+    assert _entry(8, emoji, float("-inf"))["token"] == "🫠"
+    assert _entry(8, emoji, float("-inf"))["logprob"] == -3.4028234663852886e38

@@ -27,6 +27,7 @@ messages with the model's chat template, as /v1/chat/completions does, and answe
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import math
 import time
@@ -226,16 +227,10 @@ class NativeRun:
 
 def _entry(token: int, piece: bytes, logprob: float) -> dict[str, Any]:
     """One token of llama-server's completion_probabilities: its text cut before a character its bytes do not
-    finish, the bytes whole, the logprob at least the lowest float (JSON has no -inf)."""
-    end = len(piece)
-    while end > max(len(piece) - 3, 0):
-        try:
-            piece[:end].decode("utf-8")
-            break
-        except UnicodeDecodeError:
-            end -= 1
-    return {"id": token, "token": piece[:end].decode("utf-8", errors="replace"), "bytes": list(piece),
-            "logprob": max(logprob, -FLOAT_MAX)}
+    finish (an incremental decoder holds those back), the bytes whole, the logprob at least the lowest float
+    (JSON has no -inf)."""
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(piece)
+    return {"id": token, "token": text, "bytes": list(piece), "logprob": max(logprob, -FLOAT_MAX)}
 
 
 def _fields(answer: dict[str, Any], paths: list[str]) -> dict[str, Any]:
