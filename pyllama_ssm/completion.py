@@ -23,6 +23,7 @@ import numpy as np
 from . import fim, llama_grammar
 from .bindings import lib
 from .cancellation import Cancellation
+from .engine.request import NO_TOKEN
 from .llama_callbacks import StopOnTokenIds
 from .llama_types import CompletionLogprobs
 from .model import Model
@@ -148,8 +149,8 @@ class CompletionRequest:
     bos: int = -1
 
     def event(self, text: str, logprobs=None, result: Optional[CompletionResult] = None,
-              probs: tuple[TokenProbs, ...] = ()) -> CompletionEvent:
-        return CompletionEvent(*self.head, text, logprobs, result, probs)
+              probs: tuple[TokenProbs, ...] = (), tokens: tuple[int, ...] = ()) -> CompletionEvent:
+        return CompletionEvent(*self.head, text, logprobs, result, probs, tokens)
 
     def result(self, text: str, completion: list[int], finish_reason: str, cached: int,
                logprobs=None, end: Optional[int] = None) -> CompletionResult:
@@ -233,9 +234,12 @@ def _engine_responses(engine, model: Model, r: CompletionRequest, params: Sampli
         if r.stream:
             sent = 0  # characters of text streamed (the Engine's stream holds back and cuts stop strings)
             echo = r.echo
+            ids: list[int] = []  # tokens since the last event
             for chunk in req:
                 if r.cancellation.is_set:
                     return
+                if chunk.token != NO_TOKEN:
+                    ids.append(chunk.token)
                 if echo:  # the prompt is scored once its prefill ended, before the first token
                     echo = False
                     yield r.event(r.echo_text, _echo_logprobs(r, req))
@@ -246,7 +250,8 @@ def _engine_responses(engine, model: Model, r: CompletionRequest, params: Sampli
                     probs = (TokenProbs(chunk.token, chunk.logprob, tuple(chunk.top_logprobs.items())),)
                 if chunk.text or lp is not None:
                     sent += len(chunk.text)
-                    yield r.event(chunk.text, lp, probs=probs)
+                    yield r.event(chunk.text, lp, probs=probs, tokens=tuple(ids))
+                    ids.clear()
             if r.cancellation.is_set:
                 return
             result = req.result()
@@ -258,7 +263,7 @@ def _engine_responses(engine, model: Model, r: CompletionRequest, params: Sampli
             scored = ()  # the end-of-generation token, scored like the others but streamed as no piece
             if r.logprobs is not None and end is not None and result.logprobs:
                 scored = (TokenProbs(end, result.logprobs[-1], tuple(result.top_logprobs[-1].items())),)
-            yield r.event("", result=ended, probs=scored)
+            yield r.event("", result=ended, probs=scored, tokens=(*ids, *([] if end is None else [end])))
             return
         result = req.result()
         completion = _completion_of(model, result)

@@ -106,7 +106,7 @@ class TextStream:
         self.stopped = False    # a stop string cut the text
         self.pending = b""      # ENGINE: the bytes of a character the next token completes
         self.waits = 0          # STOCK: tokens stock still skips for an incomplete character
-        self.tokens_sent = 0    # STOCK, by_token: tokens whose pieces were sent
+        self.tokens_sent = 0    # STOCK: tokens whose pieces were sent (by_token's, and the caller's otherwise)
 
     # -- ENGINE ----------------------------------------------------------------------------
     def add(self, token: int, vocab) -> str:

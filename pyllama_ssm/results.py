@@ -79,6 +79,9 @@ class CompletionEvent:
     result: Optional[CompletionResult] = None
     # with logprobs: the token this piece came with; on the last event, the end-of-generation token that ended it
     probs: tuple[TokenProbs, ...] = ()
+    # the generated tokens since the previous event (a piece held back for a stop string or a character comes
+    # with a later token's); on the last event the rest, then the end-of-generation token that ended it
+    tokens: tuple[int, ...] = ()
 
     @property
     def finish_reason(self) -> Optional[str]:

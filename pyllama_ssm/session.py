@@ -326,7 +326,8 @@ class Session:
             end_probs = () if end is None or r.logprobs is None else \
                 (self._token_probs(r, len(r.prompt_tokens) + len(completion) - 1, end),)
             yield r.event("", result=r.result(stream.text.decode("utf-8", errors="ignore"), completion,
-                                              finish_reason, self.reused, end=end), probs=end_probs)
+                                              finish_reason, self.reused, end=end), probs=end_probs,
+                          tokens=(*completion[stream.tokens_sent:], *([] if end is None else [end])))
         if self.cache is not None:
             self.cache[r.prompt_tokens + completion] = llama.save_state()
         if r.stream:
@@ -408,14 +409,15 @@ class Session:
         if r.logprobs is None:
             piece = stream.take()
             if piece:
-                yield r.event(piece)
+                yield r.event(piece, tokens=tuple(completion[stream.tokens_sent:]))
+                stream.tokens_sent = len(completion)
             return
         # with logprobs, one chunk per token (the last one cut at the end of the final text)
         for i, shown, offset in stream.by_token(completion, lambda token: r.detokenize([token])):
             token = completion[i]
             probs = self._token_probs(r, len(r.prompt_tokens) + i - 1, token)
             yield r.event(shown, r.stream_logprobs(token, len(r.prompt) + offset, probs.logprob, probs.top),
-                          probs=(probs,))
+                          probs=(probs,), tokens=(token,))
 
     def _token_probs(self, r: CompletionRequest, row: int, token: int) -> TokenProbs:
         """token scored by the logits of evaluated position `row`, and the r.logprobs most likely there."""

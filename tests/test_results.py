@@ -66,6 +66,23 @@ def test_streamed_events_score_their_tokens_by_id(llm):
     assert ended[-1].probs[0].logprob < 0  # the model's, without the bias that chose it
 
 
+@pytest.mark.parametrize("logprobs", [None, 2], ids=["text", "logprobs"])
+def test_streamed_events_carry_each_generated_token_once(llm, logprobs):
+    """The events' tokens are the completion's, in order, then the end-of-generation token that ended it (what
+    /completion's streamed pieces list, as llama-server's do): a piece held back for a stop string or an
+    unfinished character brings its tokens with a later one."""
+    whole = llm.complete(PROMPT, max_tokens=8, temperature=0)
+    stop = llm.detokenize(list(whole.tokens[5:7])).decode("utf-8", errors="ignore")
+    eos = llm.token_eos()
+    for kwargs, reason in (({}, "length"), ({"stop": [stop]}, "stop"), ({"logit_bias": {eos: 100.0}}, "stop")):
+        events = list(llm.complete(PROMPT, max_tokens=8, temperature=0, stream=True, logprobs=logprobs, **kwargs))
+        result = events[-1].result
+        end = (result.end_token,) if result.end_token is not None else ()
+        assert [t for e in events for t in e.tokens] == [*result.tokens, *end] and result.finish_reason == reason
+        assert all(e.tokens for e in events if e.text)
+    assert end == (eos,) and result.tokens == ()  # the last case: ended at once by the end-of-generation token
+
+
 def test_a_repeated_prompt_reports_its_cached_tokens(llm):
     llm.complete(PROMPT, max_tokens=2, temperature=0)
     again = llm.complete(PROMPT, max_tokens=2, temperature=0)

@@ -12,6 +12,7 @@ probabilities (the same tokens and top tokens as llama-server's), and clear 400s
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -202,6 +203,31 @@ def test_n_probs_streamed_one_token_per_piece(ours):
     whole = post(ours.url, "/completion", **(body | {"stream": False}))
     assert [p["completion_probabilities"][0] for p in pieces] == whole["completion_probabilities"]
     assert "".join(p["content"] for p in pieces) == whole["content"]
+
+
+def _stream(url: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", url + "/completion", json=body | {"stream": True}, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        return [json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "The capital of France is"},
+    {"prompt": "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+     "n_predict": 64},
+    {"prompt": "One, two, three,", "stop": [" five"]},
+], ids=["limit", "eos", "stop-word"])
+def test_streamed_pieces_carry_their_tokens_as_llama_server(ours, upstream, body):
+    """Streamed, each piece lists the tokens it came with, the end-of-generation token and a stop string's
+    included (llama-server sends one piece per token; a piece held back for a stop string comes with a later
+    one of ours), and the totals list none, as llama-server's do."""
+    (*pieces, last), (*theirs, their_last) = (_stream(url, GREEDY | body) for url in (ours.url, upstream))
+    got = [t for p in pieces for t in p["tokens"]]
+    assert got == [t for p in theirs for t in p["tokens"]] and last["tokens"] == their_last["tokens"] == []
+    assert got == post(ours.url, "/completion", **(GREEDY | body))["tokens"] and len(got) == last["tokens_predicted"]
+    assert [p["tokens_predicted"] for p in pieces] == list(itertools.accumulate(len(p["tokens"]) for p in pieces))
+    if body.get("n_predict") == 64:
+        assert last["stop_type"] == "eos" and pieces[-1]["tokens"][-1] == 2 and pieces[-1]["content"] == ""
 
 
 @pytest.mark.parametrize("body, param", [

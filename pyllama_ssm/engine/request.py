@@ -24,8 +24,13 @@ if TYPE_CHECKING:
     from .core import Engine
 
 
+NO_TOKEN = -1  # LLAMA_TOKEN_NULL: a Chunk's token when it brings no new one
+
+
 class Chunk(NamedTuple):  # a tuple: one is made per token and sequence, on the engine thread
-    """One generated token and the text it completes (may be empty while a stop string is possible)."""
+    """One generated token and the text it completes (may be empty while a stop string is possible).  The
+    text held back for a possible stop string comes, when the request ends without one, in a last Chunk
+    whose token is NO_TOKEN."""
 
     token: int
     text: str

@@ -13,7 +13,7 @@ from ..batch import Batch
 from ..context import Context
 from ..model import Model
 from ..output import token_logprobs
-from .request import Chunk
+from .request import NO_TOKEN, Chunk
 from .scheduler import StepPlan
 from .sequence import Slot
 from .speculative import Speculator
@@ -154,4 +154,4 @@ class Runner:
         stream = slot.gen.stream
         stream.finish()
         if text := stream.take():
-            slot.req._push(Chunk(slot.gen.tokens[-1] if slot.gen.tokens else -1, text))
+            slot.req._push(Chunk(NO_TOKEN, text))

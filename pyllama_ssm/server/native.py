@@ -128,6 +128,7 @@ class NativeRun:
         self.body, self.alias, self.prompt, self.n_prompt, self.index = body, alias, prompt, n_prompt, index
         self.halt, self.llama = halt, llama
         self.probs: list[dict[str, Any]] = []  # completion_probabilities so far
+        self.ids: list[int] = []  # streamed: generated tokens not yet sent with a piece
         self.text = ""          # generated so far (cut at an early stop)
         self.scan = 0           # where the next new line to check for n_indent is looked for
         self.early = False      # ended by n_indent or t_max_predict_ms
@@ -168,7 +169,10 @@ class NativeRun:
         return None
 
     def piece(self, content: str, n_predicted: int, probs: list[dict[str, Any]]) -> dict[str, Any]:
-        out = {"index": self.index, "content": content, "tokens": [], "stop": False, "id_slot": -1,
+        """A streamed piece, with the tokens generated since the previous one (llama-server sends a piece per
+        token, its text empty while held back; ours come with the next piece sent)."""
+        tokens, self.ids = self.ids, []
+        out = {"index": self.index, "content": content, "tokens": tokens, "stop": False, "id_slot": -1,
                "tokens_predicted": n_predicted, "tokens_evaluated": self.n_prompt}
         if probs:
             out["completion_probabilities"] = probs
@@ -202,7 +206,9 @@ class NativeRun:
         n_prompt = counted.prompt_tokens - cached
         b = self.body
         answer = {
-            "index": self.index, "content": content, "tokens": tokens if b.return_tokens else [], "id_slot": -1,
+            # streamed, the pieces carried the tokens (llama-server's last chunk has none)
+            "index": self.index, "content": content, "tokens": tokens if b.return_tokens and not b.stream else [],
+            "id_slot": -1,
             "stop": True, "model": self.alias, "tokens_predicted": n_gen, "tokens_evaluated": counted.prompt_tokens,
             "generation_settings": {
                 "n_predict": b.n_predict, "seed": b.seed if b.seed is not None else -1, "temperature": b.temperature,
@@ -257,12 +263,13 @@ class NativeStream(MappedStream):
     def _map(self) -> Iterator[dict[str, Any]]:
         run, reason, n = self._run, "stop", 0
         for event in self._chunks:
-            early, out = run.early, ""
-            if event.text or (event.probs and event.result is None):
-                n += 1
-                out = run.take(event.text) if event.text else ""
+            early = run.early
+            out = run.take(event.text) if event.text else ""
             probs = run.score(event.probs, out) if event.probs and not early else []
-            if (out or probs) and run.body.stream:
+            if not early:
+                run.ids += event.tokens
+                n += len(event.tokens)
+            if (out or probs or (run.ids and event.result is not None)) and run.body.stream:
                 yield run.piece(out, n, probs)
             if event.finish_reason is not None:
                 reason = event.finish_reason
