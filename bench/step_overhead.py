@@ -7,7 +7,9 @@ On a GPU a decode step takes milliseconds and what the Engine does around it in 
 batch, sampling the rows, text and streaming) is what bounds the step rate; on tiny models the CPU
 shows it too.  For each model and each count N, N greedy requests (short prompts, --n-gen tokens each)
 run at once on one Engine of --parallel sequences; the figure is the Engine's step time less its time in
-llama_decode, per step, over the whole run (EngineStats.step_seconds, decode_seconds, steps).
+llama_decode, per step, over the whole run (EngineStats.step_seconds, decode_seconds, steps).  On a GPU
+llama_decode returns once the work is queued: the Engine waits for it right after (llama_synchronize),
+inside decode_seconds, so the device's compute is not counted as Python.
 
 --baseline REV measures the code of commit REV in a git worktree (build/step-overhead/REV, using this
 checkout's compiled bindings: REV must have the same patch series and bindings sources, or

@@ -274,6 +274,11 @@ class Context:
         view.flags.writeable = False
         return view
 
+    def synchronize(self) -> None:
+        """Wait for the last decode's work: llama_decode returns once it is queued on a GPU backend (reading
+        an output waits as well); on the CPU it has finished already."""
+        lib.llama_synchronize(self.ptr)
+
     def all_logits(self, n_rows: int) -> np.ndarray:
         """The first n_rows outputs' logits, [n_rows, n_vocab], in batch order (llama_get_logits): a
         view of the context's buffer, valid until the next decode, for reading (writable only because

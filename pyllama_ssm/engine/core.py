@@ -450,6 +450,7 @@ class Engine:
             self._relieve_memory()
             self._t_step += time.perf_counter() - t0
             return
+        self.ctx.synchronize()  # on a GPU decode returns once queued: its compute is decode time, not Python's
         t2 = time.perf_counter()
         self._t_decode += t2 - t1
         runner.decoded(outputs, verify)

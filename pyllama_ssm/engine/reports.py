@@ -21,7 +21,7 @@ class EngineStats:
     tokens_decoded: int
     tokens_generated: int
     tokens_per_second: float
-    decode_seconds: float
+    decode_seconds: float     # in llama_decode and waiting for the device to finish it
     step_seconds: float
     prefix_hits: int
     prefix_misses: int
@@ -35,7 +35,7 @@ class EngineStats:
 
     @property
     def python_overhead(self) -> float:
-        """Share of step time spent outside llama_decode."""
+        """Share of step time spent outside llama_decode (and the device's work for it)."""
         return 0.0 if self.step_seconds == 0 else 1.0 - self.decode_seconds / self.step_seconds
 
 
