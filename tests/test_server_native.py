@@ -239,8 +239,8 @@ def test_streamed_pieces_carry_their_tokens_as_llama_server(ours, upstream, body
     ({"prompt": "a", "n_probs": 2**31 - 2}, "n_probs"),  # an entry per top token and generated token: at most 1024
     ({"prompt": "a", "n_probs": 3, "post_sampling_probs": True}, "post_sampling_probs"),
     ({"prompt": "a", "logit_bias": [[1, "high"]]}, "logit_bias"),
-], ids=["token-out-of-range", "empty", "not-a-prompt", "stream-several", "n-probs", "n-probs-huge", "post-sampling-probs",
-        "bad-bias"])
+], ids=["token-out-of-range", "empty", "not-a-prompt", "stream-several", "n-probs", "n-probs-huge",
+        "post-sampling-probs", "bad-bias"])
 def test_bad_requests_name_the_field(ours, body, param):
     r = httpx.post(ours.url + "/completion", json=body, timeout=30)
     assert r.status_code == 400, r.text

@@ -83,8 +83,8 @@ class NativeRequest(RequestBody):
                           description="Stop at a new line indented less than this (spaces and tabs).")
     t_max_predict_ms: int = Field(default=0, ge=0, le=INT32_MAX,
                                   description="Stop at a new line once generating took longer (0: no limit).")
-    return_tokens: bool = Field(default=False, description="The generated token ids in `tokens` (of the final "
-                                                           "answer; streamed pieces carry none).")
+    return_tokens: bool = Field(default=False, description="The generated token ids in the final answer's "
+                                                           "`tokens` (streamed, each piece lists its own).")
     n_probs: int = Field(default=0, **limit("n_probs"), description="Report each generated token's logprob and the "
                          "n_probs most likely tokens' (the model's, before sampling): completion_probabilities.")
     logprobs: Optional[int] = Field(default=None, **limit("n_probs"), description="n_probs' other name, used when "
